@@ -1,0 +1,55 @@
+# make demo | make test | make bench  -- each sets up .venv on first use, then runs.
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+EXTRAS      ?= test,bench,demo
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+CSRC        := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: all test demo bench build cuda-check sanitize clean help
+
+all: test
+
+help:
+	@echo "make test   - build (first time) and run the test suite"
+	@echo "make demo   - train the baseline and the fast recipe, print the table"
+	@echo "make bench  - run the op benchmarks (pytest-benchmark)"
+
+# torch and the build tools, once per venv (TORCH_SPEC picks another torch)
+$(VENV)/.deps:
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)" numpy pybind11 ninja "setuptools>=64" wheel
+	@touch $@
+
+# the package, editable, with the extension; rebuilt incrementally when csrc/ changes
+$(VENV)/.installed: $(VENV)/.deps pyproject.toml
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	@touch $@ $(VENV)/.built
+
+$(VENV)/.built: $(VENV)/.installed setup.py $(CSRC)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: build
+	$(VENV)/bin/fastcore-train demo
+
+bench: build
+	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,ops --benchmark-sort=name $(PYTEST_ARGS)
+
+# compile-check the CUDA sources without a GPU (torch CUDA build from TORCH_CUDA_SPEC)
+cuda-check:
+	bash .ci/cuda_check.sh
+
+# ASan/UBSan run of the CPU kernels, built with CMakeLists.txt
+sanitize: $(VENV)/.deps
+	bash .ci/sanitize.sh
+
+clean:
+	rm -rf build fastcore_train/*.so *.egg-info $(VENV)/.built

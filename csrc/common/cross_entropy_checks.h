@@ -1,0 +1,51 @@
+// Input checks of the cross-entropy op shared by the CPU and CUDA implementations.
+// The messages match fastcore_train/ops/cross_entropy.py, so both backends say the same.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+namespace fastcore_train {
+
+inline void check_cross_entropy_inputs(const at::Tensor& logits, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& target_b,
+                                       const std::optional<at::Tensor>& lam, double lam_scalar,
+                                       double label_smoothing) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "cross_entropy: logits must be 2-D (batch, classes), got ",
+              logits.dim(), "-D");
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              "cross_entropy: logits must be float32, float16, bfloat16 or float64, got ", dt);
+  const int64_t B = logits.size(0);
+  auto check_target = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "cross_entropy: ", name,
+                " must be int64 (torch.long), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, "cross_entropy: ", name, " must have shape (",
+                B, ",) to match logits, got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == logits.device(), "cross_entropy: ", name, " is on ", t.device(),
+                " but logits is on ", logits.device());
+  };
+  check_target(target, "target");
+  TORCH_CHECK_VALUE(!lam.has_value() || target_b.has_value(),
+              "cross_entropy: target_b and lam must be given together");
+  if (target_b.has_value()) check_target(*target_b, "target_b");
+  if (lam.has_value()) {
+    TORCH_CHECK_TYPE(lam->is_floating_point(), "cross_entropy: lam must be a float tensor, got ",
+                lam->scalar_type());
+    TORCH_CHECK_VALUE(lam->dim() == 1 && lam->size(0) == B, "cross_entropy: lam must have shape (", B,
+                ",) to match logits, got ", lam->sizes());
+    TORCH_CHECK_VALUE(lam->device() == logits.device(), "cross_entropy: lam is on ", lam->device(),
+                " but logits is on ", logits.device());
+  }
+  TORCH_CHECK_VALUE(lam_scalar >= 0.0 && lam_scalar <= 1.0, "cross_entropy: lam must be in [0, 1], got ",
+              lam_scalar);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+inline at::ScalarType cross_entropy_acc_type(at::ScalarType logits_type) {
+  return logits_type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace fastcore_train

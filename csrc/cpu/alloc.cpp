@@ -1,0 +1,46 @@
+#include "cpu/alloc.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace fastcore_train::cpu {
+namespace {
+
+constexpr size_t kHugePage = size_t(2) << 20;
+// Below this, the caching behaviour of malloc makes huge pages pointless.
+constexpr size_t kThreshold = size_t(8) << 20;
+
+bool enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTCORE_TRAIN_HUGEPAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+}  // namespace
+
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__)
+  size_t numel = 1;
+  for (auto s : sizes) numel *= static_cast<size_t>(s);
+  const size_t nbytes = numel * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (enabled() && nbytes >= kThreshold) {
+    const size_t bytes = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHugePage, bytes) == 0) {
+      madvise(p, bytes, MADV_HUGEPAGE);  // advisory: failure just means 4 KiB pages
+      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
+}  // namespace fastcore_train::cpu

@@ -1,0 +1,15 @@
+// Large CPU output buffers backed by transparent huge pages.
+//
+// A fresh multi-GB output costs one page fault per 4 KiB page on first touch (glibc hands
+// big blocks back to the OS on free, so every step pays again); for a (8192, 32000) float
+// gradient the faults cost more than the kernel itself. Asking for 2 MiB pages cuts the
+// number of faults 512-fold. Set FASTCORE_TRAIN_HUGEPAGES=0 to use torch's allocator.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace fastcore_train::cpu {
+
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+}  // namespace fastcore_train::cpu

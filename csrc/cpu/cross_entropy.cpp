@@ -1,0 +1,130 @@
+// CPU implementation of fastcore_train::cross_entropy{,_backward}: checks, layout, dispatch
+// to the per-ISA kernel (cpu/kernels/cross_entropy_kernel.cpp).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/cross_entropy_checks.h"
+#include "cpu/alloc.h"
+#include "cpu/isa.h"
+#include "cpu/kernels/cross_entropy_kernel.h"
+
+namespace fastcore_train {
+namespace {
+
+// The kernels need unit stride along classes; rows may be strided (e.g. a slice).
+at::Tensor rows_with_unit_stride(const at::Tensor& logits) {
+  return (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
+}
+
+// Value checks that need the data: cheap next to the (B, C) pass.
+void check_values(const at::Tensor& target, const std::optional<at::Tensor>& target_b,
+                  const at::Tensor& lam, int64_t classes, int64_t ignore_index) {
+  auto check_range = [&](const at::Tensor& t) {
+    const int64_t* p = t.data_ptr<int64_t>();
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) {
+      const int64_t v = p[i];
+      TORCH_CHECK_INDEX(v == ignore_index || (v >= 0 && v < classes), "cross_entropy: target ", v,
+                  " is out of range for ", classes, " classes (row ", i, ")");
+    }
+  };
+  check_range(target);
+  if (target_b.has_value()) check_range(*target_b);
+  if (lam.defined()) {
+    AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "cross_entropy_lam", [&] {
+      const scalar_t* p = lam.data_ptr<scalar_t>();
+      for (int64_t i = 0, n = lam.numel(); i < n; ++i) {
+        TORCH_CHECK_VALUE(p[i] >= 0 && p[i] <= 1, "cross_entropy: lam must be in [0, 1], got ",
+                    static_cast<double>(p[i]), " (row ", i, ")");
+      }
+    });
+  }
+}
+
+cpu::CrossEntropyParams make_params(const at::Tensor& x, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& target_b,
+                                    const at::Tensor& lam, double lam_scalar, double smoothing,
+                                    int64_t ignore_index) {
+  cpu::CrossEntropyParams p;
+  p.logits = x.const_data_ptr();
+  p.row_stride = x.stride(0);
+  p.rows = x.size(0);
+  p.classes = x.size(1);
+  p.dtype = x.scalar_type();
+  p.target = target.const_data_ptr<int64_t>();
+  p.target_b = target_b.has_value() ? target_b->const_data_ptr<int64_t>() : nullptr;
+  p.lam = lam.defined() ? lam.const_data_ptr() : nullptr;
+  p.lam_scalar = lam_scalar;
+  p.smoothing = smoothing;
+  p.ignore_index = ignore_index;
+  return p;
+}
+
+struct Prepared {
+  at::Tensor x, target, lam;
+  std::optional<at::Tensor> target_b;
+};
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
+                 const std::optional<at::Tensor>& target_b, const std::optional<at::Tensor>& lam,
+                 double lam_scalar, double smoothing, int64_t ignore_index) {
+  check_cross_entropy_inputs(logits, target, target_b, lam, lam_scalar, smoothing);
+  Prepared r;
+  r.x = rows_with_unit_stride(logits);
+  r.target = target.contiguous();
+  if (target_b.has_value()) r.target_b = target_b->contiguous();
+  if (lam.has_value()) r.lam = lam->to(cross_entropy_acc_type(logits.scalar_type())).contiguous();
+  check_values(r.target, r.target_b, r.lam, logits.size(1), ignore_index);
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& target_b,
+    const std::optional<at::Tensor>& lam, double lam_scalar, double label_smoothing,
+    int64_t ignore_index) {
+  Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index);
+  const auto acc = cross_entropy_acc_type(logits.scalar_type());
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  if (logits.size(0) == 0) return {loss, lse};
+  auto p = make_params(in.x, in.target, in.target_b, in.lam, lam_scalar, label_smoothing,
+                       ignore_index);
+  p.loss = loss.data_ptr();
+  p.lse = lse.data_ptr();
+  FT_ISA_CALL(cross_entropy_forward_kernel, p);
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                      const at::Tensor& target,
+                                      const std::optional<at::Tensor>& target_b,
+                                      const std::optional<at::Tensor>& lam, double lam_scalar,
+                                      const at::Tensor& lse, double label_smoothing,
+                                      int64_t ignore_index) {
+  Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index);
+  const int64_t B = logits.size(0);
+  const auto acc = cross_entropy_acc_type(logits.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B && lse.dim() == 1 &&
+                  lse.size(0) == B,
+              "cross_entropy_backward: grad_loss and lse must have shape (", B, ",)");
+  at::Tensor grad = cpu::empty_large({B, logits.size(1)}, logits.options());
+  if (grad.numel() == 0) return grad;
+  at::Tensor g = grad_loss.to(acc);  // keeps stride 0 of an expanded grad (mean/sum)
+  at::Tensor l = lse.to(acc).contiguous();
+  auto p = make_params(in.x, in.target, in.target_b, in.lam, lam_scalar, label_smoothing,
+                       ignore_index);
+  p.lse_in = l.const_data_ptr();
+  p.grad_loss = g.const_data_ptr();
+  p.grad_loss_stride = g.stride(0);
+  p.grad_logits = grad.data_ptr();
+  FT_ISA_CALL(cross_entropy_backward_kernel, p);
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcore_train, CPU, m) {
+  m.impl("cross_entropy", &cross_entropy_cpu);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+}
+
+}  // namespace fastcore_train

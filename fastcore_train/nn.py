@@ -1,0 +1,51 @@
+"""Modules over the fused ops."""
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+import torch
+
+from fastcore_train import ops
+
+__all__ = ["LabelSmoothingCrossEntropy", "MixedTarget"]
+
+
+class MixedTarget(NamedTuple):
+    """The targets of a mixed batch: the loss is ``lam * loss(y_a) + (1 - lam) * loss(y_b)``.
+
+    ``lam`` is a float (one weight for the batch) or a (B,) tensor (per-sample mixing).
+    """
+    y_a: torch.Tensor
+    y_b: torch.Tensor
+    lam: Union[float, torch.Tensor]
+
+
+class LabelSmoothingCrossEntropy(torch.nn.Module):
+    """Drop-in for ``nn.CrossEntropyLoss(label_smoothing=...)`` on (B, C) logits, fused.
+
+    The target is either class indices (B,) or a :class:`MixedTarget` from
+    :class:`fastcore_train.Mixup`; the latter takes the two-target kernel, so mixup with label
+    smoothing never builds (B, C) soft targets.
+    """
+
+    def __init__(self, smoothing: float = 0.1, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.smoothing = float(smoothing)
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target) -> torch.Tensor:
+        if isinstance(target, MixedTarget):
+            return ops.cross_entropy(logits, target.y_a, target_b=target.y_b, lam=target.lam,
+                                     label_smoothing=self.smoothing,
+                                     ignore_index=self.ignore_index, reduction=self.reduction)
+        return ops.cross_entropy(logits, target, label_smoothing=self.smoothing,
+                                 ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}")

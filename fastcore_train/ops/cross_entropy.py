@@ -1,0 +1,218 @@
+"""Label-smoothed cross-entropy, one or two targets (mixup), fused forward and backward.
+
+Definitions (torch's, for one target; ``q`` are the soft targets, never materialised)::
+
+    q(y)    = (1 - eps) * onehot(y) + eps / C
+    q       = lam * q(target) + (1 - lam) * q(target_b)          # two-target (mixup) form
+    loss_i  = lse_i - (1 - eps) * (lam * z[i, a] + (1 - lam) * z[i, b]) - eps / C * sum_j z[i, j]
+    dloss_i / dz[i, j] = softmax(z_i)_j - q_ij
+
+The compiled kernel saves only the per-row log-sum-exp; backward recomputes the softmax.
+A row is ignored (zero loss and gradient, left out of the mean) when ``target`` or ``target_b``
+equals ``ignore_index``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from fastcore_train import _backend
+
+__all__ = ["cross_entropy", "cross_entropy_reference"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+Lam = Union[None, float, torch.Tensor]
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, label_smoothing: float = 0.0,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  target_b: Optional[torch.Tensor] = None, lam: Lam = None) -> torch.Tensor:
+    """Cross-entropy of ``logits`` (B, C) against class indices, with label smoothing.
+
+    Equals ``F.cross_entropy(logits, target, label_smoothing=..., ignore_index=...,
+    reduction=...)`` for one target. With ``target_b`` and ``lam`` (a float or a (B,) tensor of
+    per-sample weights) it is the soft-target cross-entropy against
+    ``lam * q(target) + (1 - lam) * q(target_b)`` -- mixup's loss -- without building a (B, C)
+    target. The loss is float32 (float64 for float64 logits) whatever the logits dtype; the
+    gradient has the logits dtype.
+    """
+    lam_t, lam_s = _check_args(logits, target, target_b, lam, label_smoothing, reduction)
+    if _backend.use_extension("cross_entropy", logits):
+        rows, _ = torch.ops.fastcore_train.cross_entropy(
+            logits, target, target_b, lam_t, lam_s, float(label_smoothing), int(ignore_index))
+    else:
+        rows = _reference_rows(logits, target, target_b, lam_t, lam_s, float(label_smoothing),
+                               int(ignore_index))
+    return _reduce(rows, target, target_b, ignore_index, reduction)
+
+
+def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, *,
+                            label_smoothing: float = 0.0, ignore_index: int = -100,
+                            reduction: str = "mean", target_b: Optional[torch.Tensor] = None,
+                            lam: Lam = None) -> torch.Tensor:
+    """The pure-torch definition of :func:`cross_entropy`: test oracle, fallback, baseline."""
+    lam_t, lam_s = _check_args(logits, target, target_b, lam, label_smoothing, reduction)
+    rows = _reference_rows(logits, target, target_b, lam_t, lam_s, float(label_smoothing),
+                           int(ignore_index))
+    return _reduce(rows, target, target_b, ignore_index, reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks: the same messages as csrc/common/cross_entropy_checks.h
+
+def _check_args(logits, target, target_b, lam, label_smoothing, reduction):
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("cross_entropy: logits and target must be tensors")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if logits.dim() != 2:
+        raise ValueError(f"cross_entropy: logits must be 2-D (batch, classes), got {logits.dim()}-D")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError("cross_entropy: logits must be float32, float16, bfloat16 or float64, "
+                        f"got {logits.dtype}")
+    B = logits.shape[0]
+    for name, t in (("target", target), ("target_b", target_b)):
+        if t is None:
+            continue
+        if t.dtype != torch.long:
+            raise TypeError(f"cross_entropy: {name} must be int64 (torch.long), got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != B:
+            raise ValueError(f"cross_entropy: {name} must have shape ({B},) to match logits, "
+                             f"got {list(t.shape)}")
+        if t.device != logits.device:
+            raise ValueError(f"cross_entropy: {name} is on {t.device} but logits is on "
+                             f"{logits.device}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if (target_b is None) != (lam is None):
+        raise ValueError("cross_entropy: target_b and lam must be given together")
+    if lam is None:
+        return None, 1.0
+    if isinstance(lam, torch.Tensor):
+        if not lam.is_floating_point():
+            raise TypeError(f"cross_entropy: lam must be a float tensor, got {lam.dtype}")
+        if lam.device != logits.device:
+            raise ValueError(f"cross_entropy: lam is on {lam.device} but logits is on "
+                             f"{logits.device}")
+        if lam.dim() == 0:
+            lam = lam.expand(B)
+        if lam.dim() != 1 or lam.shape[0] != B:
+            raise ValueError(f"cross_entropy: lam must have shape ({B},) to match logits, "
+                             f"got {list(lam.shape)}")
+        return lam, 1.0
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"cross_entropy: lam must be in [0, 1], got {lam}")
+    return None, lam
+
+
+def _check_values(target, target_b, lam_t, classes, ignore_index):
+    """Data-dependent checks of the reference (the kernels do theirs in C++)."""
+    if torch.compiler.is_compiling():
+        return
+    for t in (target, target_b):
+        if t is None or t.numel() == 0:
+            continue
+        bad = (t != ignore_index) & ((t < 0) | (t >= classes))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise IndexError(f"cross_entropy: target {int(t[i])} is out of range for {classes} "
+                             f"classes (row {i})")
+    if lam_t is not None and lam_t.numel() > 0:
+        bad = ~((lam_t >= 0) & (lam_t <= 1))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"cross_entropy: lam must be in [0, 1], got {float(lam_t[i])} "
+                             f"(row {i})")
+
+
+def _ignored(target, target_b, ignore_index):
+    ignored = target == ignore_index
+    if target_b is not None:
+        ignored = ignored | (target_b == ignore_index)
+    return ignored
+
+
+def _reduce(rows, target, target_b, ignore_index, reduction):
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    # torch's mean: over the rows that are not ignored (NaN when there are none)
+    valid = (~_ignored(target, target_b, ignore_index)).sum()
+    return rows.sum() / valid
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference
+
+def _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index):
+    C = logits.shape[1]
+    _check_values(target, target_b, lam_t, C, ignore_index)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(acc)
+    ignored = _ignored(target, target_b, ignore_index)
+    a = target.masked_fill(ignored, 0)
+    za = z.gather(1, a[:, None])[:, 0] if C > 0 else z.new_zeros(z.shape[0])
+    if target_b is None:
+        zt = za
+    else:
+        b = target_b.masked_fill(ignored, 0)
+        zb = z.gather(1, b[:, None])[:, 0]
+        lam = lam_t.to(acc) if lam_t is not None else lam_s
+        zt = lam * za + (1.0 - lam) * zb
+    rows = torch.logsumexp(z, dim=1) - (1.0 - eps) * zt - (eps / C) * z.sum(dim=1)
+    return rows.masked_fill(ignored, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registrations for the compiled op: fake kernel (torch.compile) and autograd.
+# Only when the extension loaded; a failure here must never break `import fastcore_train`.
+
+def _register():
+    lib = "fastcore_train::cross_entropy"
+
+    @torch.library.register_fake(lib)
+    def _(logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index):
+        torch._check(logits.dim() == 2, lambda: "cross_entropy: logits must be 2-D")
+        torch._check(target.shape[0] == logits.shape[0],
+                     lambda: "cross_entropy: target must match logits' batch")
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        B = logits.shape[0]
+        return logits.new_empty((B,), dtype=acc), logits.new_empty((B,), dtype=acc)
+
+    @torch.library.register_fake("fastcore_train::cross_entropy_backward")
+    def _(grad_loss, logits, target, target_b, lam, lam_scalar, lse, label_smoothing,
+          ignore_index):
+        return logits.new_empty(logits.shape, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index = inputs
+        _, lse = output
+        ctx.save_for_backward(logits, target, target_b, lam, lse)
+        ctx.lam_scalar = lam_scalar
+        ctx.label_smoothing = label_smoothing
+        ctx.ignore_index = ignore_index
+
+    def backward(ctx, grad_loss, _grad_lse):
+        logits, target, target_b, lam, lse = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.fastcore_train.cross_entropy_backward(
+                grad_loss, logits, target, target_b, lam, ctx.lam_scalar, lse,
+                ctx.label_smoothing, ctx.ignore_index)
+        return grad, None, None, None, None, None, None
+
+    torch.library.register_autograd(lib, backward, setup_context=setup_context)
+
+
+if _backend.extension_loaded():
+    try:
+        _register()
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        import warnings
+        warnings.warn(f"fastcore_train: could not register cross_entropy with torch.library: {e}",
+                      RuntimeWarning)

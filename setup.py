@@ -1,0 +1,88 @@
+"""Builds fastcore_train._C from csrc/.
+
+CPU kernels under csrc/cpu/kernels/ are compiled once per instruction set (DEFAULT, AVX2,
+AVX512) and the best one the CPU supports is picked at run time (csrc/cpu/isa.cpp): at::vec
+only emits SIMD code in a translation unit built with the matching CPU_CAPABILITY macro and
+-m flags. CUDA sources are added when torch has CUDA and nvcc is found.
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Order matters: DEFAULT is linked first so that the linker keeps its copies of inline
+# functions shared through torch headers (never an AVX-512 encoding on a CPU without it).
+ISA_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr"]
+
+
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda():
+    if os.environ.get("FASTCORE_TRAIN_NO_CUDA") == "1":
+        return False
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+class BuildISAExtension(BuildExtension):
+    """Compiles csrc/cpu/kernels/*.cpp once per ISA into their own folder, then links them all."""
+
+    def build_extension(self, ext):
+        kernels = getattr(ext, "isa_sources", [])
+        cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) \
+            else ext.extra_compile_args
+        objects = []
+        for isa, flags in ISA_FLAGS.items():
+            macros = [("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)]
+            objects += self.compiler.compile(
+                kernels,
+                output_dir=os.path.join(self.build_temp, f"isa_{isa}"),
+                macros=macros,
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": cxx + flags, "nvcc": []},
+                depends=ext.depends,
+            )
+        ext.extra_objects = objects + [o for o in ext.extra_objects if o not in objects]
+        super().build_extension(ext)
+
+
+def make_extension():
+    sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
+    depends = _rel("csrc/**/*.h")
+    with_cuda = _want_cuda()
+    cls = CppExtension
+    args = {"cxx": list(CXX_FLAGS)}
+    if with_cuda:
+        cls = CUDAExtension
+        sources += _rel("csrc/cuda/*.cu")
+        args["cxx"].append("-DFASTCORE_TRAIN_WITH_CUDA")
+        args["nvcc"] = NVCC_FLAGS + ["-DFASTCORE_TRAIN_WITH_CUDA"]
+    ext = cls(
+        name="fastcore_train._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        depends=depends,
+        extra_compile_args=args,
+        extra_link_args=["-fopenmp"],
+    )
+    ext.isa_sources = _rel("csrc/cpu/kernels/*.cpp")
+    return ext
+
+
+setup(
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildISAExtension.with_options(no_python_abi_suffix=False)},
+)

@@ -29,6 +29,20 @@ def _rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _cuda_include_dirs():
+    """Headers of the pip CUDA packages (cuBLAS, cuSPARSE, ...) that torch's CUDA headers
+    include; a bare toolkit (CUDA_HOME) may lack them."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for root in spec.submodule_search_locations:
+        dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
+    return dirs
+
+
 def _want_cuda():
     if os.environ.get("FASTCORE_TRAIN_NO_CUDA") == "1":
         return False
@@ -70,10 +84,13 @@ def make_extension():
         sources += _rel("csrc/cuda/*.cu")
         args["cxx"].append("-DFASTCORE_TRAIN_WITH_CUDA")
         args["nvcc"] = NVCC_FLAGS + ["-DFASTCORE_TRAIN_WITH_CUDA"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        include_dirs += _cuda_include_dirs()
     ext = cls(
         name="fastcore_train._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=include_dirs,
         depends=depends,
         extra_compile_args=args,
         extra_link_args=["-fopenmp"],

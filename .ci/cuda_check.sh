@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Compile-checks csrc/cuda/*.cu without a GPU: a separate venv with a CUDA build of torch,
+# a build of the extension with nvcc for sm_90 (H100), an import, and a check that every
+# operator has a CUDA kernel registered. A .cu that does not compile fails this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${CUDA_VENV:-.venv-cuda}
+TORCH_CUDA_SPEC=${TORCH_CUDA_SPEC:-torch==2.14.1}
+BUILD=${CUDA_BUILD_DIR:-build/cuda}
+
+# The nvcc on PATH may be a wrapper script whose folder is not the toolkit root; CUDA_HOME must
+# be the root (it holds lib64/libcudart and include/).
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  nvcc_path=$(command -v nvcc || true)
+  if [[ -z "$nvcc_path" ]]; then echo "cuda_check: nvcc not found" >&2; exit 1; fi
+  real=$(grep -o '/[^ ]*/bin/nvcc' "$nvcc_path" | head -1 || true)
+  [[ -n "$real" ]] || real=$(readlink -f "$nvcc_path")
+  CUDA_HOME=$(dirname "$(dirname "$real")")
+fi
+export CUDA_HOME
+echo "cuda_check: CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -1))"
+
+if [[ ! -f "$VENV/.deps" ]]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "$TORCH_CUDA_SPEC" numpy pybind11 ninja "setuptools>=64" wheel
+  touch "$VENV/.deps"
+fi
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-2}
+rm -rf "$BUILD/lib"
+"$VENV/bin/python" setup.py -q build --build-base "$BUILD" --build-lib "$BUILD/lib"
+
+# Import the CUDA build (no GPU needed) from outside the source tree.
+cd "$BUILD/lib"
+"$OLDPWD/$VENV/bin/python" - <<'PY'
+import torch, fastcore_train
+from fastcore_train import _backend
+assert _backend.extension_loaded(), _backend.backend_reason()
+assert _backend._C.compiled_with_cuda(), "extension built without CUDA"
+ops = [name for name in dir(torch.ops.fastcore_train) if not name.startswith("_")]
+missing = [op for op in ops
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcore_train::{op}", "CUDA")]
+assert ops, "no fastcore_train operators registered"
+assert not missing, f"operators without a CUDA kernel: {missing}"
+print(f"cuda_check: OK, CUDA kernels registered for {sorted(ops)}")
+PY

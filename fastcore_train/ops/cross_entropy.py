@@ -187,7 +187,7 @@ def _register():
     @torch.library.register_fake("fastcore_train::cross_entropy_backward")
     def _(grad_loss, logits, target, target_b, lam, lam_scalar, lse, label_smoothing,
           ignore_index):
-        return logits.new_empty(logits.shape, memory_format=torch.contiguous_format)
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
     def setup_context(ctx, inputs, output):
         logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index = inputs

@@ -1,0 +1,317 @@
+"""Fused label-smoothed cross-entropy: parity with torch and with the reference, gradients,
+the two-target (mixup) form, bad input, torch.library and torch.compile integration."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcore_train as ft
+from fastcore_train import _backend
+from fastcore_train.ops.cross_entropy import cross_entropy_reference
+
+from conftest import TOL
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [(0, 5), (1, 1), (1, 7), (5, 1), (7, 33), (16, 1000), (3, 4099), (2, 10007)]
+
+
+def _logits(B, C, dtype, layout="contiguous", seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "transposed":  # classes not unit-stride
+        x = torch.randn(C, B, generator=g).mul_(scale).to(dtype).t()
+    elif layout == "row_slice":  # rows strided (a view into a wider tensor)
+        x = torch.randn(B, C + 3, generator=g).mul_(scale).to(dtype)[:, 1:C + 1]
+    else:
+        x = torch.randn(B, C, generator=g).mul_(scale).to(dtype)
+    return x
+
+
+def _targets(B, C, seed=1, ignore_every=0, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, C, (B,), generator=g)
+    if ignore_every and B:
+        y[::ignore_every] = ignore_index
+    return y
+
+
+def _torch_ce(x, y, **kw):
+    """torch's own op, computed in float64 so it serves as the ground truth for every dtype."""
+    return F.cross_entropy(x.double(), y, **kw)
+
+
+def _loss_and_grad(fn, x, *args, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x, *args, **kw)
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach(), x.grad
+
+
+def _assert_close(actual, expected, dtype, scale=1.0):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_torch(backend, dtype, shape, reduction):
+    B, C = shape
+    x = _logits(B, C, dtype)
+    y = _targets(B, C, ignore_every=3)
+    kw = dict(label_smoothing=0.1, reduction=reduction)
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, **kw)
+    ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype and grad.shape == x.shape
+    if B and reduction == "mean" and bool((y == -100).all()):
+        assert torch.isnan(loss) and torch.isnan(ref_loss)
+        return
+    _assert_close(loss, ref_loss, dtype, scale=max(1.0, B if reduction == "sum" else 1.0))
+    _assert_close(grad, ref_grad.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "row_slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous(backend, layout, dtype):
+    x = _logits(9, 515, dtype, layout=layout)
+    assert not x.is_contiguous()
+    y = _targets(9, 515)
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.2)
+    ref_loss, ref_grad = _loss_and_grad(_torch_ce, x.contiguous(), y, label_smoothing=0.2)
+    _assert_close(loss, ref_loss, dtype)
+    _assert_close(grad, ref_grad.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_smoothing_and_ignore_index(backend, smoothing, ignore_index):
+    x = _logits(20, 50, torch.float32)
+    y = _targets(20, 50, ignore_every=4, ignore_index=ignore_index)
+    kw = dict(label_smoothing=smoothing, ignore_index=ignore_index)
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, **kw)
+    ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, **kw)
+    _assert_close(loss, ref_loss, torch.float32)
+    _assert_close(grad, ref_grad.float(), torch.float32)
+    assert grad[y == ignore_index].abs().max() == 0
+
+
+def test_extension_matches_reference_exactly_enough(extension):
+    """The kernel and the reference agree far tighter than either does with bf16 rounding."""
+    x = _logits(64, 32000, torch.float32)
+    y = _targets(64, 32000, ignore_every=7)
+    with _backend.use_backend("extension"):
+        a, ga = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.1, reduction="none")
+    b, gb = _loss_and_grad(cross_entropy_reference, x, y, label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(ga, gb, atol=1e-7, rtol=1e-5)
+
+
+def test_long_rows_online_softmax(backend):
+    """C = 262144 takes several online-softmax chunks; large offsets test the rescaling."""
+    C = 262144
+    x = _logits(2, C, torch.float32)
+    x[0, : C // 2] += 40.0  # the max moves between chunks
+    x[1, C // 2:] -= 40.0
+    y = torch.tensor([5, C - 1])
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.05)
+    ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, label_smoothing=0.05)
+    _assert_close(loss, ref_loss, torch.float32)
+    _assert_close(grad, ref_grad.float(), torch.float32)
+
+
+def _soft_target_ce(x, y_a, y_b, lam, eps):
+    """Mixup + label smoothing the way timm does it: dense soft targets, then soft CE."""
+    C = x.shape[1]
+    off, on = eps / C, 1.0 - eps + eps / C
+    q_a = torch.full((x.shape[0], C), off, dtype=torch.float64).scatter_(1, y_a[:, None], on)
+    q_b = torch.full((x.shape[0], C), off, dtype=torch.float64).scatter_(1, y_b[:, None], on)
+    lam = lam[:, None].double() if isinstance(lam, torch.Tensor) else lam
+    q = lam * q_a + (1 - lam) * q_b
+    return -(q * torch.log_softmax(x.double(), dim=1)).sum(1).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("lam_kind", ["float", "tensor", "same_targets"])
+def test_two_target_equals_soft_targets(backend, dtype, lam_kind):
+    B, C = 13, 301
+    x = _logits(B, C, dtype)
+    y_a = _targets(B, C, seed=2)
+    y_b = y_a.flip(0) if lam_kind != "same_targets" else y_a.clone()
+    lam = torch.rand(B, generator=torch.Generator().manual_seed(3)) if lam_kind == "tensor" else 0.37
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y_a, target_b=y_b, lam=lam,
+                                label_smoothing=0.1)
+    ref_loss, ref_grad = _loss_and_grad(_soft_target_ce, x, y_a, y_b, lam, 0.1)
+    _assert_close(loss, ref_loss, dtype)
+    _assert_close(grad, ref_grad.to(dtype), dtype)
+
+
+def test_module_accepts_mixed_target(backend):
+    B, C = 8, 10
+    x = _logits(B, C, torch.float32)
+    y_a, y_b = _targets(B, C, seed=4), _targets(B, C, seed=5)
+    crit = ft.nn.LabelSmoothingCrossEntropy(smoothing=0.1)
+    got = crit(x, ft.MixedTarget(y_a, y_b, 0.7))
+    want = _soft_target_ce(x, y_a, y_b, 0.7, 0.1)
+    _assert_close(got, want, torch.float32)
+    assert "smoothing=0.1" in repr(crit)
+    _assert_close(crit(x, y_a), _torch_ce(x, y_a, label_smoothing=0.1), torch.float32)
+
+
+@pytest.mark.parametrize("ignore_in", ["a", "b"])
+def test_two_target_ignore(backend, ignore_in):
+    x = _logits(6, 9, torch.float32)
+    y_a, y_b = _targets(6, 9, seed=1), _targets(6, 9, seed=2)
+    (y_a if ignore_in == "a" else y_b)[2] = -100
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y_a, target_b=y_b, lam=0.5,
+                                reduction="none")
+    assert loss[2] == 0 and grad[2].abs().max() == 0
+    mean = ft.ops.cross_entropy(x, y_a, target_b=y_b, lam=0.5)
+    _assert_close(mean, loss.sum() / 5, torch.float32)
+
+
+def test_nan_and_inf_propagate_like_torch(backend):
+    x = _logits(4, 40, torch.float32)
+    x[1, 3] = float("nan")
+    x[2, 7] = float("inf")
+    x[3, :] = float("-inf")
+    y = torch.tensor([0, 1, 2, 3])
+    loss = ft.ops.cross_entropy(x, y, reduction="none")
+    ref = F.cross_entropy(x, y, reduction="none")
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+
+
+def test_gradcheck_float64(backend):
+    x = _logits(5, 7, torch.float64).requires_grad_(True)
+    y = _targets(5, 7, ignore_every=4)
+    y_b = _targets(5, 7, seed=9)
+    lam = torch.rand(5, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda t: ft.ops.cross_entropy(t, y, label_smoothing=0.3), (x,))
+    torch.autograd.gradcheck(
+        lambda t: ft.ops.cross_entropy(t, y, target_b=y_b, lam=lam, label_smoothing=0.2,
+                                       reduction="none"), (x,))
+    torch.autograd.gradgradcheck  # noqa: B018 - double backward is not supported, on purpose
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: the same exception type and message from both backends
+
+BAD = [
+    (lambda: (torch.randn(3, 4, 5), torch.zeros(3, dtype=torch.long)), {}, ValueError, "2-D"),
+    (lambda: (torch.randn(3, 4).int(), torch.zeros(3, dtype=torch.long)), {}, TypeError,
+     "logits must be float32"),
+    (lambda: (torch.randn(3, 4), torch.zeros(3, dtype=torch.int32)), {}, TypeError, "int64"),
+    (lambda: (torch.randn(3, 4), torch.zeros(2, dtype=torch.long)), {}, ValueError,
+     r"shape \(3,\)"),
+    (lambda: (torch.randn(3, 4), torch.tensor([0, 4, 1])), {}, IndexError,
+     "target 4 is out of range for 4 classes"),
+    (lambda: (torch.randn(3, 4), torch.tensor([0, -3, 1])), {}, IndexError, "target -3"),
+    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])), {"label_smoothing": 1.5}, ValueError,
+     "label_smoothing must be in"),
+    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
+     {"target_b": torch.tensor([1, 2, 3]), "lam": 1.2}, ValueError, "lam must be in"),
+    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
+     {"target_b": torch.tensor([1, 2, 3]), "lam": torch.tensor([0.5, -0.1, 0.2])}, ValueError,
+     "lam must be in"),
+    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])), {"target_b": torch.tensor([1, 2, 3])},
+     ValueError, "given together"),
+    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
+     {"target_b": torch.tensor([1, 9, 3]), "lam": 0.5}, IndexError, "target 9"),
+    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])), {"reduction": "avg"}, ValueError,
+     "reduction"),
+]
+
+
+@pytest.mark.parametrize("make,kw,exc,msg", BAD)
+def test_bad_input(backend, make, kw, exc, msg):
+    x, y = make()
+    with pytest.raises(exc, match=msg):
+        ft.ops.cross_entropy(x, y, **kw)
+
+
+def test_op_checks_direct_call(extension):
+    """The C++ op checks its inputs itself too (for users of torch.ops directly)."""
+    with pytest.raises(IndexError, match="target 7 is out of range"):
+        torch.ops.fastcore_train.cross_entropy(torch.randn(2, 5), torch.tensor([1, 7]), None,
+                                               None, 1.0, 0.0, -100)
+    with pytest.raises(ValueError, match="lam must be in"):
+        torch.ops.fastcore_train.cross_entropy(torch.randn(2, 5), torch.tensor([1, 2]),
+                                               torch.tensor([0, 0]), torch.tensor([0.5, 2.0]),
+                                               1.0, 0.0, -100)
+
+
+# ---------------------------------------------------------------------------------------------
+# integration with torch.library and torch.compile
+
+def test_opcheck(extension):
+    x = _logits(6, 37, torch.float32).requires_grad_(True)
+    y = _targets(6, 37, ignore_every=5)
+    y_b = _targets(6, 37, seed=3)
+    lam = torch.rand(6)
+    torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
+                          (x, y, None, None, 1.0, 0.1, -100))
+    torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
+                          (x, y, y_b, lam, 1.0, 0.1, -100))
+    lse = torch.logsumexp(x.detach(), 1)
+    torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
+                          (torch.rand(6), x.detach(), y, y_b, None, 0.3, lse, 0.1, -100))
+
+
+def test_torch_compile_fullgraph(extension):
+    model = torch.nn.Linear(16, 11)
+
+    def step(inp, y, y_b, lam):
+        return ft.ops.cross_entropy(model(inp), y, target_b=y_b, lam=lam, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    inp = torch.randn(8, 16)
+    y, y_b, lam = _targets(8, 11), _targets(8, 11, seed=7), torch.rand(8)
+    got = compiled(inp, y, y_b, lam)
+    got.backward()
+    g_compiled = model.weight.grad.clone()
+    model.weight.grad = None
+    want = step(inp, y, y_b, lam)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_compiled, model.weight.grad)
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_every_cpu_build(extension, isa):
+    """Each per-ISA build of the kernel gives the same answer (the CPU may lack some)."""
+    C_ = _backend._C
+    order = ["default", "avx2", "avx512"]
+    if order.index(isa) > order.index(C_.best_cpu_capability()):
+        pytest.skip(f"CPU lacks {isa}")
+    x = _logits(5, 3001, torch.bfloat16)
+    y = _targets(5, 3001)
+    try:
+        C_._set_cpu_capability(isa)
+        assert C_.cpu_capability() == isa
+        loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.1)
+    finally:
+        C_._set_cpu_capability("")
+    ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, label_smoothing=0.1)
+    _assert_close(loss, ref_loss, torch.bfloat16)
+    _assert_close(grad, ref_grad.bfloat16(), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 10), (1, 1), (7, 33), (64, 1000), (3, 40000), (2, 262144)])
+def test_cuda_matches_torch(extension, dtype, shape):
+    B, C = shape
+    x = _logits(B, C, dtype).cuda()
+    y = _targets(B, C, ignore_every=3).cuda()
+    y_b = _targets(B, C, seed=4).cuda()
+    lam = torch.rand(B, device="cuda")
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.1)
+    ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, label_smoothing=0.1)
+    if B:
+        _assert_close(loss, ref_loss, dtype)
+    _assert_close(grad, ref_grad.to(dtype), dtype)
+    loss2, grad2 = _loss_and_grad(ft.ops.cross_entropy, x, y, target_b=y_b, lam=lam,
+                                  label_smoothing=0.1, reduction="sum")
+    ref2, rgrad2 = _loss_and_grad(cross_entropy_reference, x.cpu(), y.cpu(), target_b=y_b.cpu(),
+                                  lam=lam.cpu(), label_smoothing=0.1, reduction="sum")
+    _assert_close(loss2.cpu(), ref2, dtype, scale=max(B, 1))
+    _assert_close(grad2.cpu(), rgrad2, dtype)

@@ -29,7 +29,7 @@ $(VENV)/.installed: $(VENV)/.deps pyproject.toml
 	@touch $@ $(VENV)/.built
 
 $(VENV)/.built: $(VENV)/.installed setup.py $(CSRC)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace --build-temp build/temp
 	@touch $@
 
 build: $(VENV)/.built

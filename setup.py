@@ -21,8 +21,8 @@ ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
-CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr"]
+CXX_FLAGS = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for (17 or 20)
+NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr"]
 
 
 def _rel(pattern):

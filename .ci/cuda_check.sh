@@ -29,12 +29,15 @@ fi
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
+PY=$(cd "$VENV" && pwd)/bin/python
 rm -rf "$BUILD/lib"
-"$VENV/bin/python" setup.py -q build --build-base "$BUILD" --build-lib "$BUILD/lib"
+# Its own build-temp: objects built against this torch must never meet the CPU build's.
+"$PY" setup.py -q build --build-base "$BUILD" --build-lib "$BUILD/lib" \
+  build_ext --build-temp "$BUILD/temp"
 
 # Import the CUDA build (no GPU needed) from outside the source tree.
 cd "$BUILD/lib"
-"$OLDPWD/$VENV/bin/python" - <<'PY'
+"$PY" - <<'PY'
 import torch, fastcore_train
 from fastcore_train import _backend
 assert _backend.extension_loaded(), _backend.backend_reason()

@@ -1,0 +1,110 @@
+"""Shared machinery of the op benchmarks (pytest-benchmark).
+
+Every benchmark records its median with :func:`record`; at the end of the session one table per
+op is printed and written to ``benchmarks/results/<op>.md`` with, per case, fastcore_train's time,
+the ratios against torch eager and ``torch.compile`` measured in the same process, and the
+achieved GB/s as a share of the copy bandwidth measured in the same process.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+
+import pytest
+import torch
+
+import fastcore_train as ft
+
+RESULTS: list = []
+_COPY_BW: dict = {}
+OUT_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+
+def measure_copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
+    """GB/s of ``dst.copy_(src)`` (bytes read + bytes written), preallocated, warmed up."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src).fill_(0.0)
+    for _ in range(2):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+@pytest.fixture(scope="session")
+def copy_bw():
+    if "gbps" not in _COPY_BW:
+        _COPY_BW["gbps"] = measure_copy_bandwidth()
+    return _COPY_BW["gbps"]
+
+
+def run(benchmark, fn, *, rounds: int = 5, warmup: int = 2):
+    """Times ``fn`` (which must finish its work before returning) with warm-up rounds."""
+    return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
+
+
+def record(benchmark, *, op: str, case: str, impl: str, nbytes: int = 0):
+    """Adds the benchmark just run to the session table."""
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(op=op, case=case, impl=impl, nbytes=nbytes)
+    RESULTS.append(dict(op=op, case=case, impl=impl, median=median, nbytes=nbytes))
+
+
+def _fmt_ms(s):
+    return f"{s * 1e3:.2f}" if s < 1 else f"{s * 1e3:.0f}"
+
+
+def _tables():
+    by_op = defaultdict(lambda: defaultdict(dict))
+    for r in RESULTS:
+        by_op[r["op"]][r["case"]][r["impl"]] = r
+    bw = _COPY_BW.get("gbps")
+    out = {}
+    for op, cases in by_op.items():
+        lines = [
+            f"| case | fastcore_train ms | eager ms | compile ms | × eager | × compile | GB/s | % copy BW |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for case, impls in cases.items():
+            ours = impls.get("fastcore_train")
+            if ours is None:
+                continue
+            eager, comp = impls.get("eager"), impls.get("compile")
+            gbps = ours["nbytes"] / ours["median"] / 1e9 if ours["nbytes"] else None
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                case, _fmt_ms(ours["median"]),
+                _fmt_ms(eager["median"]) if eager else "-",
+                _fmt_ms(comp["median"]) if comp else "-",
+                f"{eager['median'] / ours['median']:.2f}" if eager else "-",
+                f"{comp['median'] / ours['median']:.2f}" if comp else "-",
+                f"{gbps:.1f}" if gbps else "-",
+                f"{100 * gbps / bw:.0f}%" if gbps and bw else "-"))
+        out[op] = "\n".join(lines)
+    return out
+
+
+def _header():
+    info = ft._backend.info()
+    bw = _COPY_BW.get("gbps")
+    return (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads; torch {torch.__version__}; "
+            f"backend {info['backend']} (cpu kernels: {info.get('cpu_kernels', '-')}); "
+            f"copy bandwidth {bw:.1f} GB/s (same run)" if bw else "")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not RESULTS:
+        return
+    os.makedirs(OUT_DIR, exist_ok=True)
+    header = _header()
+    for op, table in _tables().items():
+        text = f"## {op}\n\n{header}\n\n{table}\n"
+        with open(os.path.join(OUT_DIR, f"{op}.md"), "w") as f:
+            f.write(text)
+        print("\n" + text)

@@ -1,0 +1,328 @@
+// CUDA implementation of fastcore_train::cross_entropy{,_backward}. Same maths as
+// cpu/kernels/cross_entropy_kernel.cpp: one block per row; forward is a single read of the row
+// with a per-thread online log-sum-exp merged across the block, backward one read and one write.
+// Memory-bound by design: 16-byte vector accesses when the rows are aligned.
+//
+// Out-of-range targets and lam outside [0, 1] trigger a device-side assert, as torch's own
+// CUDA losses do: naming the bad value would need a host sync on every call.
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <limits>
+
+#include "common/cross_entropy_checks.h"
+
+namespace fastcore_train {
+namespace {
+
+constexpr int kMaxThreads = 512;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename acc_t>
+struct LseState {
+  acc_t m;  // running max
+  acc_t s;  // sum of exp(z - m)
+  acc_t z;  // sum of z (label smoothing term)
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void lse_add(LseState<acc_t>& st, acc_t v) {
+  st.z += v;
+  if (v > st.m) {
+    st.s = st.s * exp(st.m - v) + acc_t(1);
+    st.m = v;
+  } else if (!(v == -std::numeric_limits<acc_t>::infinity())) {
+    st.s += exp(v - st.m);  // NaN propagates through s
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ LseState<acc_t> lse_merge(const LseState<acc_t>& a,
+                                                     const LseState<acc_t>& b) {
+  LseState<acc_t> r;
+  r.z = a.z + b.z;
+  r.m = a.m > b.m ? a.m : b.m;
+  if (r.m == -std::numeric_limits<acc_t>::infinity()) {
+    r.s = a.s + b.s;  // both empty so far
+  } else {
+    r.s = a.s * exp(a.m - r.m) + b.s * exp(b.m - r.m);
+  }
+  return r;
+}
+
+template <typename acc_t>
+__device__ LseState<acc_t> block_reduce(LseState<acc_t> st) {
+  __shared__ acc_t sm[32], ss[32], sz[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int o = 16; o > 0; o /= 2) {
+    LseState<acc_t> other{__shfl_down_sync(0xffffffff, st.m, o),
+                          __shfl_down_sync(0xffffffff, st.s, o),
+                          __shfl_down_sync(0xffffffff, st.z, o)};
+    st = lse_merge(st, other);
+  }
+  if (lane == 0) {
+    sm[warp] = st.m;
+    ss[warp] = st.s;
+    sz[warp] = st.z;
+  }
+  __syncthreads();
+  const int nwarps = (blockDim.x + 31) / 32;
+  if (warp == 0) {
+    st = lane < nwarps ? LseState<acc_t>{sm[lane], ss[lane], sz[lane]}
+                       : LseState<acc_t>{-std::numeric_limits<acc_t>::infinity(), 0, 0};
+    for (int o = 16; o > 0; o /= 2) {
+      LseState<acc_t> other{__shfl_down_sync(0xffffffff, st.m, o),
+                            __shfl_down_sync(0xffffffff, st.s, o),
+                            __shfl_down_sync(0xffffffff, st.z, o)};
+      st = lse_merge(st, other);
+    }
+  }
+  return st;  // valid in thread 0
+}
+
+struct RowTarget {
+  int64_t a, b;
+  bool ignored;
+};
+
+__device__ __forceinline__ RowTarget load_targets(const int64_t* target, const int64_t* target_b,
+                                                  int64_t r, int64_t C, int64_t ignore_index) {
+  RowTarget t;
+  t.a = target[r];
+  t.b = target_b ? target_b[r] : t.a;
+  t.ignored = t.a == ignore_index || t.b == ignore_index;
+  CUDA_KERNEL_ASSERT(t.ignored || (t.a >= 0 && t.a < C && t.b >= 0 && t.b < C));
+  return t;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_lam(const acc_t* lam, acc_t lam_scalar, int64_t r) {
+  const acc_t l = lam ? lam[r] : lam_scalar;
+  CUDA_KERNEL_ASSERT(l >= acc_t(0) && l <= acc_t(1));
+  return l;
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void ce_forward_kernel(const scalar_t* __restrict__ logits, int64_t row_stride,
+                                  int64_t C, const int64_t* __restrict__ target,
+                                  const int64_t* __restrict__ target_b,
+                                  const acc_t* __restrict__ lam, acc_t lam_scalar, acc_t eps,
+                                  int64_t ignore_index, acc_t* __restrict__ loss,
+                                  acc_t* __restrict__ lse) {
+  const int64_t r = blockIdx.x;
+  const RowTarget t = load_targets(target, target_b, r, C, ignore_index);
+  if (t.ignored) {  // uniform across the block
+    if (threadIdx.x == 0) {
+      loss[r] = 0;
+      lse[r] = 0;
+    }
+    return;
+  }
+  const scalar_t* x = logits + r * row_stride;
+  LseState<acc_t> st{-std::numeric_limits<acc_t>::infinity(), 0, 0};
+  const int64_t nvec = C / VEC;
+  const auto* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x);
+  for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const Pack<scalar_t, VEC> p = xv[i];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) lse_add(st, static_cast<acc_t>(p.v[k]));
+  }
+  for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) {
+    lse_add(st, static_cast<acc_t>(x[j]));
+  }
+  st = block_reduce(st);
+  if (threadIdx.x == 0) {
+    const acc_t l = st.m + log(st.s);
+    const acc_t lm = load_lam(lam, lam_scalar, r);
+    const acc_t za = static_cast<acc_t>(x[t.a]);
+    const acc_t zb = static_cast<acc_t>(x[t.b]);
+    lse[r] = l;
+    loss[r] = l - (acc_t(1) - eps) * (lm * za + (acc_t(1) - lm) * zb) -
+              eps / static_cast<acc_t>(C) * st.z;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss, int64_t grad_loss_stride,
+                                   const scalar_t* __restrict__ logits, int64_t row_stride,
+                                   int64_t C, const int64_t* __restrict__ target,
+                                   const int64_t* __restrict__ target_b,
+                                   const acc_t* __restrict__ lam, acc_t lam_scalar,
+                                   const acc_t* __restrict__ lse, acc_t eps,
+                                   int64_t ignore_index, scalar_t* __restrict__ grad) {
+  const int64_t r = blockIdx.x;
+  const RowTarget t = load_targets(target, target_b, r, C, ignore_index);
+  scalar_t* out = grad + r * C;
+  const scalar_t* x = logits + r * row_stride;
+  const int64_t nvec = C / VEC;
+  auto* outv = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
+  if (t.ignored) {
+    Pack<scalar_t, VEC> zero;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) zero.v[k] = scalar_t(0);
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) outv[i] = zero;
+    for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) out[j] = scalar_t(0);
+    return;
+  }
+  const acc_t g = grad_loss[r * grad_loss_stride];
+  const acc_t l = lse[r];
+  const acc_t lm = load_lam(lam, lam_scalar, r);
+  const acc_t off = g * eps / static_cast<acc_t>(C);
+  // q's one-hot part, folded in as each column is written (no second pass, no race).
+  const acc_t ga = g * (acc_t(1) - eps) * (t.a == t.b ? acc_t(1) : lm);
+  const acc_t gb = g * (acc_t(1) - eps) * (acc_t(1) - lm);
+  auto value = [&](acc_t z, int64_t j) {
+    acc_t v = g * exp(z - l) - off;
+    if (j == t.a) v -= ga;
+    if (j == t.b && t.b != t.a) v -= gb;
+    return static_cast<scalar_t>(v);
+  };
+  const auto* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x);
+  for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const Pack<scalar_t, VEC> p = xv[i];
+    Pack<scalar_t, VEC> o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o.v[k] = value(static_cast<acc_t>(p.v[k]), i * VEC + k);
+    outv[i] = o;
+  }
+  for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) {
+    out[j] = value(static_cast<acc_t>(x[j]), j);
+  }
+}
+
+int threads_for(int64_t C, int vec) {
+  int64_t want = (C + vec - 1) / vec;
+  int threads = 32;
+  while (threads < kMaxThreads && threads < want) threads *= 2;
+  return threads;
+}
+
+// 16-byte vectors when every row of every pointer is 16-byte aligned, else scalar accesses.
+template <typename scalar_t>
+bool rows_aligned(const void* p, int64_t row_stride) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_stride * sizeof(scalar_t)) % 16 == 0;
+}
+
+struct Prepared {
+  at::Tensor x, target, target_b, lam;
+};
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
+                 const std::optional<at::Tensor>& target_b, const std::optional<at::Tensor>& lam,
+                 double lam_scalar, double smoothing) {
+  check_cross_entropy_inputs(logits, target, target_b, lam, lam_scalar, smoothing);
+  Prepared p;
+  p.x = (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
+  p.target = target.contiguous();
+  if (target_b.has_value()) p.target_b = target_b->contiguous();
+  if (lam.has_value()) {
+    p.lam = lam->to(cross_entropy_acc_type(logits.scalar_type())).contiguous();
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& target_b,
+    const std::optional<at::Tensor>& lam, double lam_scalar, double label_smoothing,
+    int64_t ignore_index) {
+  Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const auto acc = cross_entropy_acc_type(logits.scalar_type());
+  at::Tensor loss = at::empty({B}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({B}, logits.options().dtype(acc));
+  if (B == 0) return {loss, lse};
+  TORCH_CHECK(C > 0, "cross_entropy: logits must have at least one class");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "cross_entropy_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    const auto* x = in.x.const_data_ptr<scalar_t>();
+    const int64_t* tb = in.target_b.defined() ? in.target_b.const_data_ptr<int64_t>() : nullptr;
+    const acc_t* lm = in.lam.defined() ? in.lam.const_data_ptr<acc_t>() : nullptr;
+    const bool vec = rows_aligned<scalar_t>(x, in.x.stride(0));
+    const int threads = threads_for(C, vec ? VEC : 1);
+    auto launch = [&](auto kernel) {
+      kernel<<<B, threads, 0, stream>>>(x, in.x.stride(0), C, in.target.const_data_ptr<int64_t>(),
+                                        tb, lm, static_cast<acc_t>(lam_scalar),
+                                        static_cast<acc_t>(label_smoothing), ignore_index,
+                                        loss.mutable_data_ptr<acc_t>(),
+                                        lse.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec) {
+      launch(ce_forward_kernel<scalar_t, acc_t, VEC>);
+    } else {
+      launch(ce_forward_kernel<scalar_t, acc_t, 1>);
+    }
+  });
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                       const at::Tensor& target,
+                                       const std::optional<at::Tensor>& target_b,
+                                       const std::optional<at::Tensor>& lam, double lam_scalar,
+                                       const at::Tensor& lse, double label_smoothing,
+                                       int64_t ignore_index) {
+  Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), C = logits.size(1);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B && lse.dim() == 1 &&
+                  lse.size(0) == B,
+              "cross_entropy_backward: grad_loss and lse must have shape (", B, ",)");
+  const auto acc = cross_entropy_acc_type(logits.scalar_type());
+  at::Tensor grad = at::empty({B, C}, logits.options());
+  if (grad.numel() == 0) return grad;
+  at::Tensor g = grad_loss.to(acc);  // may be expanded (stride 0) from a mean or sum
+  at::Tensor l = lse.to(acc).contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "cross_entropy_backward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    const auto* x = in.x.const_data_ptr<scalar_t>();
+    auto* out = grad.mutable_data_ptr<scalar_t>();
+    const int64_t* tb = in.target_b.defined() ? in.target_b.const_data_ptr<int64_t>() : nullptr;
+    const acc_t* lm = in.lam.defined() ? in.lam.const_data_ptr<acc_t>() : nullptr;
+    const bool vec = rows_aligned<scalar_t>(x, in.x.stride(0)) && rows_aligned<scalar_t>(out, C);
+    const int threads = threads_for(C, vec ? VEC : 1);
+    auto launch = [&](auto kernel) {
+      kernel<<<B, threads, 0, stream>>>(g.const_data_ptr<acc_t>(), g.stride(0), x,
+                                        in.x.stride(0), C, in.target.const_data_ptr<int64_t>(),
+                                        tb, lm, static_cast<acc_t>(lam_scalar),
+                                        l.const_data_ptr<acc_t>(),
+                                        static_cast<acc_t>(label_smoothing), ignore_index, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec) {
+      launch(ce_backward_kernel<scalar_t, acc_t, VEC>);
+    } else {
+      launch(ce_backward_kernel<scalar_t, acc_t, 1>);
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcore_train, CUDA, m) {
+  m.impl("cross_entropy", &cross_entropy_cuda);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
+}
+
+}  // namespace fastcore_train

@@ -2,7 +2,14 @@
 from fastcore_train._backend import backend, backend_reason
 from fastcore_train import ops, nn
 from fastcore_train.nn import MixedTarget
+from fastcore_train import transfer, callbacks, distributed, train
+from fastcore_train.train import fit
+from fastcore_train.callbacks import EarlyStopping
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "backend_reason", "ops", "nn", "MixedTarget", "__version__"]
+__all__ = [
+    "backend", "backend_reason", "ops", "nn", "MixedTarget",
+    "transfer", "callbacks", "distributed", "train", "fit", "EarlyStopping",
+    "__version__",
+]

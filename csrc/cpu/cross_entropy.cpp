@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common/cross_entropy_checks.h"
 #include "cpu/alloc.h"
 #include "cpu/isa.h"
@@ -57,6 +60,14 @@ cpu::CrossEntropyParams make_params(const at::Tensor& x, const at::Tensor& targe
   p.smoothing = smoothing;
   p.ignore_index = ignore_index;
   return p;
+}
+
+// Non-temporal stores pay off once the output is far larger than the last-level cache, where a
+// normal store's read-for-ownership doubles the traffic. FASTCORE_TRAIN_NT_STORES=0 disables.
+bool stream_stores_for(size_t nbytes) {
+  constexpr size_t kMinBytes = size_t(64) << 20;
+  const char* env = std::getenv("FASTCORE_TRAIN_NT_STORES");
+  return nbytes >= kMinBytes && (env == nullptr || std::strcmp(env, "0") != 0);
 }
 
 struct Prepared {
@@ -116,6 +127,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   p.grad_loss = g.const_data_ptr();
   p.grad_loss_stride = g.stride(0);
   p.grad_logits = grad.data_ptr();
+  p.stream_stores = stream_stores_for(grad.nbytes());
   FT_ISA_CALL(cross_entropy_backward_kernel, p);
   return grad;
 }

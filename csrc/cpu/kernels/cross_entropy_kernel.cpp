@@ -54,6 +54,46 @@ inline void store2(T* p, const Vec& a, const Vec& b) {
   }
 }
 
+// Non-temporal store of one step for outputs far larger than the caches: skips the read for
+// ownership a normal store does on a line not in cache, so writing costs one pass, not two.
+// `p` must be aligned to the vector width (kStreamAlign bytes).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kStreamAlign = 64;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kStreamAlign = 32;
+#else
+constexpr int64_t kStreamAlign = 1;
+#endif
+
+template <typename T>
+inline void stream2(T* p, const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, a);
+    _mm512_stream_ps(p + kV, b);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p),
+                        static_cast<__m512i>(at::vec::convert_from_float<T>(a, b)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, a);
+    _mm256_stream_ps(p + kV, b);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
+                        static_cast<__m256i>(at::vec::convert_from_float<T>(a, b)));
+  }
+#else
+  store2(p, a, b);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // max that propagates NaN, like torch's max reduction.
 template <typename acc_t>
 inline acc_t nan_max(acc_t a, acc_t b) {
@@ -189,13 +229,27 @@ void backward_vec(const CrossEntropyParams& p) {
       const float off = g * eps / static_cast<float>(C);
       // grad = g*softmax - g*eps/C everywhere; the target columns are fixed up below.
       const Vec vl(l), vg(g), voff(off);
-      for (int64_t j = 0; j < nv; j += kStep) {
-        Vec a, b;
-        load2(x + j, a, b);
-        store2(out + j, (a - vl).exp_u20() * vg - voff, (b - vl).exp_u20() * vg - voff);
-      }
-      for (int64_t j = nv; j < C; ++j) {
+      auto scalar = [&](int64_t j) {
         out[j] = static_cast<T>(g * std::exp(static_cast<float>(x[j]) - l) - off);
+      };
+      if (p.stream_stores) {
+        const int64_t mis = reinterpret_cast<uintptr_t>(out) % kStreamAlign;
+        const int64_t head = std::min<int64_t>(C, mis ? (kStreamAlign - mis) / sizeof(T) : 0);
+        int64_t j = 0;
+        for (; j < head; ++j) scalar(j);
+        for (; j + kStep <= C; j += kStep) {
+          Vec a, b;
+          load2(x + j, a, b);
+          stream2(out + j, (a - vl).exp_u20() * vg - voff, (b - vl).exp_u20() * vg - voff);
+        }
+        for (; j < C; ++j) scalar(j);
+      } else {
+        for (int64_t j = 0; j < nv; j += kStep) {
+          Vec a, b;
+          load2(x + j, a, b);
+          store2(out + j, (a - vl).exp_u20() * vg - voff, (b - vl).exp_u20() * vg - voff);
+        }
+        for (int64_t j = nv; j < C; ++j) scalar(j);
       }
       // Target columns, recomputed in float so each is rounded once.
       const float lam = static_cast<float>(t.lam);
@@ -207,6 +261,7 @@ void backward_vec(const CrossEntropyParams& p) {
                                   g * (1.f - eps) * (1.f - lam));
       }
     }
+    if (p.stream_stores) stream_fence();  // publish before another thread reads
   });
 }
 

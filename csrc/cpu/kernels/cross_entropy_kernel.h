@@ -30,6 +30,7 @@ struct CrossEntropyParams {
   const void* grad_loss = nullptr;  // acc dtype, (rows,), stride grad_loss_stride (0 allowed)
   int64_t grad_loss_stride = 1;
   void* grad_logits = nullptr;      // (rows, classes) contiguous, logits dtype
+  bool stream_stores = false;       // write grad_logits with non-temporal stores
 };
 
 }  // namespace fastcore_train::cpu

@@ -42,7 +42,8 @@ import torch, fastcore_train
 from fastcore_train import _backend
 assert _backend.extension_loaded(), _backend.backend_reason()
 assert _backend._C.compiled_with_cuda(), "extension built without CUDA"
-ops = [name for name in dir(torch.ops.fastcore_train) if not name.startswith("_")]
+ops = sorted({n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+              if n.startswith("fastcore_train::")})
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcore_train::{op}", "CUDA")]
 assert ops, "no fastcore_train operators registered"

@@ -3,9 +3,9 @@
 # against it (extension backend only). Any sanitizer report fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+PY=${PY:-$PWD/.venv/bin/python}
 BUILD=build/asan
-cmake -S . -B "$BUILD" -DPython3_EXECUTABLE="$PY" -DFT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake -S . -B "$BUILD" -DFT_PYTHON="$PY" -DFT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$BUILD" -j "${MAX_JOBS:-2}"
 
 # A copy of the package whose _C is the sanitized build.

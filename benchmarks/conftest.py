@@ -9,39 +9,36 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
-import time
 from collections import defaultdict
 
 import pytest
 import torch
 
 import fastcore_train as ft
+from fastcore_train import bench
 
 RESULTS: list = []
 _COPY_BW: dict = {}
 OUT_DIR = os.path.join(os.path.dirname(__file__), "results")
 
 
-def measure_copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
-    """GB/s of ``dst.copy_(src)`` (bytes read + bytes written), preallocated, warmed up."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src).fill_(0.0)
-    for _ in range(2):
-        dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times) / 1e9
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def copy_bw():
+    """Copy bandwidth of this machine, measured once per run (the GB/s roofline)."""
     if "gbps" not in _COPY_BW:
-        _COPY_BW["gbps"] = measure_copy_bandwidth()
+        _COPY_BW["gbps"] = bench.copy_bandwidth("cpu")
     return _COPY_BW["gbps"]
+
+
+_LAST_CASE: dict = {}
+
+
+def step_for(case, impl):
+    """The step of one implementation of a bench.Case; inputs are built once per case."""
+    if _LAST_CASE.get("name") != (case.op, case.name):
+        _LAST_CASE.clear()  # free the previous case's tensors first
+        _LAST_CASE.update(name=(case.op, case.name), steps=case.make())
+    return _LAST_CASE["steps"][impl]
 
 
 def run(benchmark, fn, *, rounds: int = 5, warmup: int = 2):

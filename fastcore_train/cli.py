@@ -77,7 +77,48 @@ def _add_launch(sub) -> None:
     ).set_defaults(func=_launch)
 
 
-_SUBCOMMANDS = (_add_info, _add_launch)
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastcore_train import bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    case_list = bench.cases(args.op, device=device, size="quick" if args.quick else "full")
+    bandwidth = bench.copy_bandwidth(device)
+    if not args.json:
+        print(f"fastcore-train bench on {device}: {len(case_list)} cases, "
+              f"copy bandwidth {bandwidth:.1f} GB/s (measured now)", flush=True)
+
+    def progress(row):
+        if not args.json:
+            print(f"  {row['op']} {row['case']}: {row['ms']:.2f} ms, "
+                  + ", ".join(f"{v:.2f}x {k}" for k, v in row["speedup"].items()), flush=True)
+
+    rows = bench.run(case_list, bandwidth=bandwidth, progress=progress)
+    if args.json:
+        print(json.dumps({"device": device, "copy_gbps": bandwidth, "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    else:
+        print()
+        print(bench.format_table(rows, bandwidth))
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from fastcore_train import bench
+    p = sub.add_parser(
+        "bench", help="time the fused ops against torch eager and torch.compile",
+        description="Time the fused ops against torch eager and torch.compile in this process "
+                    "and print one table: time, speed-up ratios, GB/s and the share of the copy "
+                    "bandwidth measured in the same run. On a GPU the CUDA kernels are timed.")
+    p.add_argument("--op", choices=sorted(bench.OPS), help="only this op (default: all)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_bench)
+
+
+_SUBCOMMANDS = (_add_info, _add_launch, _add_bench)
 
 
 def _parser() -> argparse.ArgumentParser:

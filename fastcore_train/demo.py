@@ -1,0 +1,348 @@
+"""`fastcore-train demo`: the same model, data, seed and hardware trained twice.
+
+1. the baseline a typical user writes: Adam at a constant lr, plain cross-entropy, fp32;
+2. the fast recipe: LR finder -> one-cycle at the suggested lr, label smoothing + mixup through
+   the fused ops, FusedAdamW, bf16 autocast where the hardware has it, early stopping.
+
+The table reports the epochs and wall time each run took to reach the target validation
+accuracy (the recipe's time includes its LR finder), the final accuracy and the time per step,
+whatever the outcome. Plots go to the output folder: lr_find.png, schedule.png, curves.png.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastcore_train as ft
+from fastcore_train import _backend
+from fastcore_train.callbacks import Callback
+
+__all__ = ["SmallCNN", "load_data", "run_demo", "demo_lr_find", "RunResult"]
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks, global pooling and a linear head; ~100k parameters."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(*block(in_channels, width), *block(width, 2 * width),
+                                      nn.MaxPool2d(2), *block(2 * width, 4 * width),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int = 0):
+    """A fixed, stratified train/validation split (independent of the run's seed)."""
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        val_idx += list(idx[: int(round(len(idx) * val_fraction))])
+    val = np.zeros(len(y), dtype=bool)
+    val[val_idx] = True
+    return (x[~val], y[~val]), (x[val], y[val])
+
+
+def _load_digits():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the digits demo needs scikit-learn: pip install "
+                          "'fastcore_train[demo]' (or scikit-learn)") from e
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
+    return _split(x[:, None], d.target.astype(np.int64), val_fraction=0.2)
+
+
+def _read_cifar_batch(path):
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return data, np.asarray(d[b"labels"], dtype=np.int64)
+
+
+def _load_cifar10(root: str):
+    """CIFAR-10 from the standard python-pickle batches (data_batch_1..5, test_batch)."""
+    if root is None:
+        raise ValueError("--data cifar10 needs --root, the folder of the python batches")
+    folder = root
+    if not os.path.exists(os.path.join(folder, "test_batch")):
+        folder = os.path.join(root, "cifar-10-batches-py")
+    train_files = sorted(f for f in os.listdir(folder) if f.startswith("data_batch_")) \
+        if os.path.isdir(folder) else []
+    if not train_files or not os.path.exists(os.path.join(folder, "test_batch")):
+        raise FileNotFoundError(f"no CIFAR-10 python batches (data_batch_*, test_batch) in {root}")
+    parts = [_read_cifar_batch(os.path.join(folder, f)) for f in train_files]
+    xtr = np.concatenate([p[0] for p in parts])
+    ytr = np.concatenate([p[1] for p in parts])
+    xva, yva = _read_cifar_batch(os.path.join(folder, "test_batch"))
+    mean = xtr.reshape(-1, 3, 1024).mean(axis=(0, 2)).reshape(1, 3, 1, 1) / 255.0
+    std = xtr.reshape(-1, 3, 1024).std(axis=(0, 2)).reshape(1, 3, 1, 1) / 255.0
+
+    def norm(a):
+        return ((a.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    return (norm(xtr), ytr), (norm(xva), yva)
+
+
+def load_data(name: str = "digits", root: Optional[str] = None):
+    """((x_train, y_train), (x_val, y_val), num_classes) as tensors."""
+    if name == "digits":
+        (xtr, ytr), (xva, yva) = _load_digits()
+    elif name == "cifar10":
+        (xtr, ytr), (xva, yva) = _load_cifar10(root)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; expected 'digits' or 'cifar10'")
+    t = torch.from_numpy
+    return (t(xtr), t(ytr)), (t(xva), t(yva)), int(max(ytr.max(), yva.max()) + 1)
+
+
+def _loader(x, y, batch_size, shuffle, seed):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=g,
+                      drop_last=shuffle)
+
+
+# ---------------------------------------------------------------------------------------------
+# the two runs
+
+@dataclass
+class RunResult:
+    name: str
+    history: list
+    setup_s: float = 0.0            # time before the first epoch (the recipe's LR finder)
+    lrs: List[float] = field(default_factory=list)
+
+    def wall_times(self) -> List[float]:
+        """Cumulative wall time at the end of each epoch, set-up included."""
+        out, t = [], self.setup_s
+        for row in self.history:
+            t += row["epoch_time_s"]
+            out.append(t)
+        return out
+
+    def reached(self, target: float) -> Tuple[Optional[int], Optional[float]]:
+        """(epochs, seconds) to the first epoch with val accuracy >= target, else (None, None)."""
+        for i, (row, t) in enumerate(zip(self.history, self.wall_times())):
+            if row.get("val_accuracy", 0.0) >= target:
+                return i + 1, t
+        return None, None
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.history[-1]["val_accuracy"] if self.history else math.nan
+
+    @property
+    def ms_per_step(self) -> float:
+        v = [r["ms_per_step"] for r in self.history]
+        return float(np.median(v)) if v else math.nan
+
+
+class _RecordLR(Callback):
+    def __init__(self, optimizer):
+        super().__init__()
+        self.optimizer, self.lrs = optimizer, []
+
+    def on_step_end(self, step, loss):
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
+
+
+def _bf16_helps(device: torch.device) -> bool:
+    """bf16 autocast pays off only where the hardware computes in bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
+    return "AMX" in str(cap).upper()
+
+
+def run_baseline(model, data, *, epochs, batch_size, seed, device, progress) -> RunResult:
+    (xtr, ytr), (xva, yva) = data
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    hist = ft.fit(model, _loader(xtr, ytr, batch_size, True, seed), epochs=epochs,
+                  loss_fn=nn.CrossEntropyLoss(), optimizer=opt,
+                  val_loader=_loader(xva, yva, 512, False, seed), device=device,
+                  progress=progress)
+    return RunResult("baseline", list(hist))
+
+
+def run_recipe(model, data, *, epochs, batch_size, seed, device, progress, out=None,
+               lr_find_iters=100) -> Tuple[RunResult, "ft.LRFinderResult"]:
+    (xtr, ytr), (xva, yva) = data
+    torch.manual_seed(seed)
+    train = _loader(xtr, ytr, batch_size, True, seed)
+    val = _loader(xva, yva, 512, False, seed)
+    loss_fn = ft.nn.LabelSmoothingCrossEntropy(smoothing=0.1)
+    mixup = ft.Mixup(alpha=0.2, generator=torch.Generator().manual_seed(seed))
+    opt = ft.optim.FusedAdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    amp = torch.bfloat16 if _bf16_helps(device) else None
+
+    t0 = time.perf_counter()
+    finder = ft.lr_find(model, train, lambda out_, y: loss_fn(out_, y), opt,
+                        start_lr=1e-5, end_lr=1.0, num_iter=lr_find_iters, progress=progress)
+    setup_s = time.perf_counter() - t0
+    max_lr = finder.suggestion or 1e-3
+    sched = ft.schedules.OneCycleLR(opt, max_lr=max_lr, total_steps=epochs * len(train),
+                                    preset="fastai")
+    rec = _RecordLR(opt)
+    stop = ft.EarlyStopping(monitor="val_loss", patience=3, restore_best=False)
+    hist = ft.fit(model, train, epochs=epochs, loss_fn=loss_fn, optimizer=opt, scheduler=sched,
+                  val_loader=val, mixup=mixup, amp_dtype=amp, callbacks=[rec, stop],
+                  device=device, progress=progress)
+    res = RunResult("fast recipe", list(hist), setup_s=setup_s, lrs=rec.lrs)
+    res.max_lr, res.amp = max_lr, amp
+    return res, finder
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+def _table(runs: List[RunResult], target: float) -> str:
+    head = ["run", f"epochs to {target:.0%}", f"time to {target:.0%}", "final val acc",
+            "ms/step", "epochs run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        ep, t = r.reached(target)
+        lines.append("| " + " | ".join([
+            r.name, str(ep) if ep else "not reached", f"{t:.2f} s" if t else "-",
+            f"{r.final_accuracy:.2%}", f"{r.ms_per_step:.2f}", str(len(r.history))]) + " |")
+    return "\n".join(lines)
+
+
+def _plots(out: str, runs: List[RunResult], finder, target: float) -> List[str]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'fastcore_train[demo]')")
+        return []
+    paths = [finder.plot(os.path.join(out, "lr_find.png"))]
+
+    recipe = runs[-1]
+    fig = Figure(figsize=(7, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(range(1, len(recipe.lrs) + 1), recipe.lrs, color="C3")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"one-cycle schedule (max lr {recipe.max_lr:.2e} from the LR finder)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    paths.append(os.path.join(out, "schedule.png"))
+    fig.savefig(paths[-1])
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, r in enumerate(runs):
+        t = r.wall_times()
+        ax1.plot(t, [h["val_loss"] for h in r.history], marker=".", color=f"C{i}", label=r.name)
+        ax2.plot(t, [h["val_accuracy"] for h in r.history], marker=".", color=f"C{i}",
+                 label=r.name)
+    ax2.axhline(target, color="0.5", linestyle="--", linewidth=0.8, label=f"target {target:.0%}")
+    for ax, name in ((ax1, "validation loss"), (ax2, "validation accuracy")):
+        ax.set_xlabel("wall time (s), LR finder included")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    paths.append(os.path.join(out, "curves.png"))
+    fig.savefig(paths[-1])
+    return paths
+
+
+DEFAULTS = {"digits": dict(baseline_epochs=30, recipe_epochs=10, baseline_batch=64,
+                           recipe_batch=64),
+            "cifar10": dict(baseline_epochs=20, recipe_epochs=8, baseline_batch=128,
+                            recipe_batch=256)}
+
+
+def run_demo(*, data: str = "digits", root: Optional[str] = None, epochs: Optional[int] = None,
+             target: float = 0.97, out: str = "demo_out", seed: int = 0, device: str = "cpu",
+             progress: bool = True) -> dict:
+    """Runs the comparison, prints the table, writes the plots; returns the figures."""
+    dev = torch.device(device)
+    cfg = DEFAULTS[data]
+    base_epochs = epochs or cfg["baseline_epochs"]
+    recipe_epochs = epochs or cfg["recipe_epochs"]
+    os.makedirs(out, exist_ok=True)
+    tr, va, num_classes = load_data(data, root)
+    torch.manual_seed(seed)
+    model = SmallCNN(tr[0].shape[1], num_classes).to(dev)
+    init = copy.deepcopy(model.state_dict())  # both runs start from the same weights
+
+    print(f"== baseline: Adam lr=1e-3 constant, cross-entropy, fp32, batch "
+          f"{cfg['baseline_batch']}, {base_epochs} epochs")
+    baseline = run_baseline(model, (tr, va), epochs=base_epochs, batch_size=cfg["baseline_batch"],
+                            seed=seed, device=dev, progress=progress)
+    model.load_state_dict(init)
+    print(f"== fast recipe: LR finder -> one-cycle, label smoothing 0.1 + mixup (fused), "
+          f"FusedAdamW, early stopping, batch {cfg['recipe_batch']}, {recipe_epochs} epochs")
+    recipe, finder = run_recipe(model, (tr, va), epochs=recipe_epochs,
+                                batch_size=cfg["recipe_batch"], seed=seed, device=dev,
+                                progress=progress)
+    runs = [baseline, recipe]
+    table = _table(runs, target)
+    (_, tb), (_, tr_) = baseline.reached(target), recipe.reached(target)
+    info = _backend.info()
+    print()
+    print(f"dataset {data}: {len(tr[1])} train / {len(va[1])} validation images, "
+          f"{num_classes} classes; device {dev}, {torch.get_num_threads()} threads; "
+          f"backend {info['backend']} ({info.get('cpu_kernels', '-')} CPU kernels); "
+          f"recipe lr {recipe.max_lr:.2e} (LR finder: {recipe.setup_s:.2f} s), "
+          f"autocast {'bf16' if recipe.amp else 'off (no bf16 hardware)'}")
+    print(table)
+    if tb and tr_:
+        print(f"time to {target:.0%}: the fast recipe took {tr_ / tb:.2f}x the baseline's time "
+              f"({tb / tr_:.1f}x faster)")
+    else:
+        print(f"target {target:.0%} not reached by "
+              + " and ".join(r.name for r in runs if r.reached(target)[0] is None))
+    paths = _plots(out, runs, finder, target)
+    if paths:
+        print("plots: " + ", ".join(paths))
+    return {"table": table, "baseline": baseline, "recipe": recipe, "finder": finder,
+            "plots": paths, "speedup": (tb / tr_) if tb and tr_ else None}
+
+
+def demo_lr_find(*, data: str = "digits", root: Optional[str] = None, out: str = "demo_out",
+                 seed: int = 0, device: str = "cpu", num_iter: int = 100, progress=True):
+    """`fastcore-train lr-find`: the LR range test on the demo model and data, with its plot."""
+    dev = torch.device(device)
+    os.makedirs(out, exist_ok=True)
+    (xtr, ytr), _, num_classes = load_data(data, root)
+    torch.manual_seed(seed)
+    model = SmallCNN(xtr.shape[1], num_classes).to(dev)
+    loss_fn = ft.nn.LabelSmoothingCrossEntropy(smoothing=0.1)
+    opt = ft.optim.FusedAdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    res = ft.lr_find(model, _loader(xtr, ytr, DEFAULTS[data]["recipe_batch"], True, seed),
+                     loss_fn, opt, start_lr=1e-5, end_lr=1.0, num_iter=num_iter,
+                     progress=progress)
+    path = os.path.join(out, "lr_find.png")
+    try:
+        res.plot(path)
+    except ImportError as e:
+        print(e)
+        path = None
+    return res, path

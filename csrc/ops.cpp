@@ -17,6 +17,34 @@ TORCH_LIBRARY(fastcore_train, m) {
       "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "
       "Tensor? target_b, Tensor? lam, float lam_scalar, Tensor lse, float label_smoothing, "
       "int ignore_index) -> Tensor");
+
+  // Mixed-precision fused optimizer step (fastcore_train/optim), two passes.
+  // Pass 1 reads every gradient once and writes nothing else: it sets found_inf to 1 when an
+  // element is inf or NaN (it never clears it) and adds the sum of squares of all elements
+  // (float32 accumulation) to sq_norm. Either output may be absent. Scalars are float32,
+  // one element, on the gradients' device.
+  m.def("grad_stats_(Tensor[] grads, Tensor(a!)? found_inf, Tensor(b!)? sq_norm) -> ()");
+  // Pass 2, AdamW with torch.optim.AdamW's maths (decoupled weight decay, bias corrections).
+  // Each gradient is multiplied by 1/grad_scale and, when max_grad_norm > 0, by the clip
+  // coefficient min(1, max_grad_norm / (sqrt(sq_norm)/grad_scale + 1e-6)); grads are never
+  // written. With `masters` (float32, one per param) the update runs on the master and the
+  // param receives it rounded to its dtype; with `masters` empty it runs on the param itself.
+  // Moments and steps are float32; each step is incremented by one. When found_inf is
+  // non-zero nothing at all is written. lr_tensor, when given, replaces lr.
+  m.def(
+      "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] steps, float lr, "
+      "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? sq_norm, float max_grad_norm) -> ()");
+  // Pass 2, SGD with torch.optim.SGD's maths (coupled weight decay, momentum without
+  // dampening, optional Nesterov). momentum_buffers is empty when momentum == 0; a new buffer
+  // must be zeros (equivalent to torch's "first step copies the gradient" when dampening is 0).
+  // Scaling, clipping, masters and skipping as for fused_adamw_.
+  m.def(
+      "fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(d!)[] masters, float lr, Tensor? lr_tensor, float momentum, bool nesterov, "
+      "float weight_decay, Tensor? grad_scale, Tensor? found_inf, Tensor? sq_norm, "
+      "float max_grad_norm) -> ()");
 }
 
 namespace {

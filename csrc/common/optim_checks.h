@@ -1,0 +1,190 @@
+// Input checks of the fused optimizer ops (grad_stats_, fused_adamw_, fused_sgd_) shared by
+// the CPU and CUDA implementations, and the layout staging both use. The messages match
+// fastcore_train/ops/optim_step.py word for word, so both backends say the same.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fastcore_train {
+
+// Python's spelling of a dtype, so that messages read the same from C++ and Python.
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline bool optim_dtype_ok(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A named list of float32 state tensors, one per param (exp_avgs, masters, ...); an optional
+// list may instead be empty.
+struct StateList {
+  const char* name;
+  at::TensorList tensors;
+  bool optional = false;
+};
+
+// params/grads: float32, float16 or bfloat16, grads dense and of their param's dtype and shape;
+// every state list float32 with one tensor per param of its shape (or empty if optional);
+// everything on one device.
+inline void check_optim_lists(const char* op, at::TensorList params, at::TensorList grads,
+                              std::initializer_list<StateList> states) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
+  for (const auto& s : states) {
+    TORCH_CHECK_VALUE(s.tensors.size() == n || (s.optional && s.tensors.empty()), op, ": got ",
+                      n, " params but ", s.tensors.size(), " ", s.name);
+  }
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  auto check_device = [&](const at::Tensor& t, const char* name, size_t i) {
+    TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
+                      " but params[0] is on ", device, "; all tensors must be on one device");
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_TYPE(g.layout() == at::kStrided, op, ": grads[", i,
+                     "] is sparse; fused optimizers need dense gradients");
+    TORCH_CHECK_TYPE(optim_dtype_ok(p.scalar_type()), op, ": params[", i,
+                     "] must be float32, float16 or bfloat16, got ", py_dtype(p.scalar_type()));
+    TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), op, ": grads[", i, "] is ",
+                     py_dtype(g.scalar_type()), " but params[", i, "] is ",
+                     py_dtype(p.scalar_type()));
+    TORCH_CHECK_VALUE(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(),
+                      " but params[", i, "] has shape ", p.sizes());
+    check_device(p, "params", i);
+    check_device(g, "grads", i);
+    for (const auto& s : states) {
+      if (s.tensors.empty()) continue;
+      const at::Tensor& t = s.tensors[i];
+      TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", s.name, "[", i,
+                       "] must be torch.float32, got ", py_dtype(t.scalar_type()));
+      TORCH_CHECK_VALUE(t.sizes() == p.sizes(), op, ": ", s.name, "[", i, "] has shape ",
+                        t.sizes(), " but params[", i, "] has shape ", p.sizes());
+      check_device(t, s.name, i);
+    }
+  }
+}
+
+// A one-element float32 tensor (scale, found-inf flag, squared norm, lr, step) on `device`,
+// the device of `ref` ("params[0]" or "grads[0]").
+inline void check_optim_scalar(const char* op, const std::string& name, const at::Tensor& t,
+                               const at::Device& device, const char* ref = "params[0]") {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name,
+                   " must be a torch.float32 tensor, got ", py_dtype(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must have one element, got ", t.numel());
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), " but ", ref,
+                    " is on ", device, "; all tensors must be on one device");
+}
+
+inline void check_optional_scalar(const char* op, const char* name,
+                                  const std::optional<at::Tensor>& t, const at::Device& device,
+                                  const char* ref = "params[0]") {
+  if (t.has_value()) check_optim_scalar(op, name, *t, device, ref);
+}
+
+inline void check_optim_scalars(const char* op, at::TensorList params,
+                                const std::optional<at::Tensor>& lr_tensor,
+                                const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf,
+                                const std::optional<at::Tensor>& sq_norm,
+                                double max_grad_norm) {
+  TORCH_CHECK_VALUE(max_grad_norm <= 0.0 || sq_norm.has_value(), op,
+                    ": max_grad_norm > 0 needs sq_norm (from grad_stats_)");
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  check_optional_scalar(op, "lr_tensor", lr_tensor, device);
+  check_optional_scalar(op, "grad_scale", grad_scale, device);
+  check_optional_scalar(op, "found_inf", found_inf, device);
+  check_optional_scalar(op, "sq_norm", sq_norm, device);
+}
+
+// grad_stats_: dense float32/float16/bfloat16 grads and the outputs on one device.
+inline void check_grad_stats_inputs(const char* op, at::TensorList grads,
+                                    const std::optional<at::Tensor>& found_inf,
+                                    const std::optional<at::Tensor>& sq_norm) {
+  if (grads.empty()) return;
+  const at::Device device = grads[0].device();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_TYPE(g.layout() == at::kStrided, op, ": grads[", i,
+                     "] is sparse; fused optimizers need dense gradients");
+    TORCH_CHECK_TYPE(optim_dtype_ok(g.scalar_type()), op, ": grads[", i,
+                     "] must be float32, float16 or bfloat16, got ", py_dtype(g.scalar_type()));
+    TORCH_CHECK_VALUE(g.device() == device, op, ": grads[", i, "] is on ", g.device(),
+                      " but grads[0] is on ", device, "; all tensors must be on one device");
+  }
+  check_optional_scalar(op, "found_inf", found_inf, device, "grads[0]");
+  check_optional_scalar(op, "sq_norm", sq_norm, device, "grads[0]");
+}
+
+// fused_adamw_'s steps: one float32 scalar per param.
+inline void check_optim_steps(const char* op, at::TensorList params, at::TensorList steps) {
+  TORCH_CHECK_VALUE(steps.size() == params.size(), op, ": got ", params.size(),
+                    " params but ", steps.size(), " steps");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    check_optim_scalar(op, "steps[" + std::to_string(i) + "]", steps[i], params[0].device());
+  }
+}
+
+// fused_sgd_'s hyperparameters and buffers.
+inline void check_sgd_args(const char* op, at::TensorList params, at::TensorList buffers,
+                           double momentum, bool nesterov) {
+  TORCH_CHECK_VALUE(!nesterov || momentum > 0.0, op, ": nesterov needs momentum > 0");
+  if (momentum == 0.0) {
+    TORCH_CHECK_VALUE(buffers.empty(), op,
+                      ": momentum_buffers must be empty when momentum is 0, got ",
+                      buffers.size());
+  } else {
+    TORCH_CHECK_VALUE(buffers.size() == params.size(), op, ": got ", params.size(),
+                      " params but ", buffers.size(), " momentum_buffers");
+  }
+}
+
+// The kernels treat the tensors of one parameter (param, grad, state) as flat arrays indexed
+// alike, which needs one dense layout shared by all of them. The usual case (state created with
+// preserve_format, grads following the param's layout) passes through untouched; any other
+// tensor is staged through a copy in the param's layout (contiguous when the param itself has
+// gaps or overlaps), and staged tensors the op writes are copied back by finish().
+class LayoutStager {
+ public:
+  // Returns `t` or a staged copy laid out like `ref` (a tensor returned by reference()).
+  at::Tensor stage(const at::Tensor& ref, const at::Tensor& t, bool written) {
+    if (t.is_non_overlapping_and_dense() && t.strides() == ref.strides()) return t;
+    at::Tensor copy = at::empty_like(ref, t.options()).copy_(t);
+    if (written) writeback_.emplace_back(t, copy);
+    return copy;
+  }
+  // The layout of a parameter's group: the param itself when dense, else a contiguous copy.
+  at::Tensor reference(const at::Tensor& param, bool written) {
+    if (param.is_non_overlapping_and_dense()) return param;
+    at::Tensor copy = param.contiguous();
+    if (written) writeback_.emplace_back(param, copy);
+    return copy;
+  }
+  void finish() {
+    for (auto& [dst, src] : writeback_) dst.copy_(src);
+    writeback_.clear();
+  }
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> writeback_;
+};
+
+}  // namespace fastcore_train

@@ -1,0 +1,117 @@
+// Per-element update rules of the fused optimizers, written once and instantiated for the CPU
+// (float for tails, at::vec::Vectorized<float> for the body) and for CUDA (float).
+//
+// The operations and their rounding are those of torch.optim's single-tensor CPU path, so that
+// float32 results agree with torch.optim.AdamW / SGD to an ulp of the update:
+//   AdamW:  w  = w * (1 - lr*wd)                      (param.mul_, decoupled decay)
+//           m  = fma(1 - beta1, g - m, m)             (exp_avg.lerp_: ATen's lerp is an FMA)
+//           v  = fma((1 - beta2)*g, g, v*beta2)       (exp_avg_sq.mul_().addcmul_())
+//           w  = w + (-step_size*m) / (sqrt(v)/sqrt(bc2) + eps)  (addcdiv_, step_size = lr/bc1)
+//   SGD:    d  = fma(w, wd, g)                        (grad.add(param, alpha=wd))
+//           b  = b*momentum + d                       (buf.mul_().add_(), dampening 0)
+//           d  = nesterov ? fma(b, momentum, d) : b   (grad.add(buf, alpha=momentum))
+//           w  = fma(d, -lr, w)                       (param.add_(d, alpha=-lr))
+// On the CPU the results are bit-identical to torch.optim.SGD and to torch.optim.AdamW(fused=True);
+// the single-tensor AdamW differs by an ulp of the update where its vectorised sqrt is not
+// correctly rounded (ours is).
+//
+// `Ops` supplies, for the element type F: fma(a, b, c) = a*b + c rounded once; mul(a, b), a
+// product rounded on its own, which the compiler must not fuse into a following addition (GCC
+// and nvcc contract a*b + c into an FMA by default, which would round differently from torch's
+// separate ops); div and sqrt, correctly rounded (nvcc's --use_fast_math would otherwise
+// approximate them).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#ifndef __CUDACC__
+#include <cmath>
+#endif
+
+namespace fastcore_train::optim_math {
+
+template <typename F>
+struct AdamWConsts {
+  F decay;          // 1 - lr*wd
+  F lerp_weight;    // 1 - beta1, or (1 - beta1) - 1 when that is >= 0.5 (ATen's lerp)
+  F beta2;
+  F one_minus_beta2;
+  F bc2_sqrt;       // sqrt(1 - beta2^step)
+  F eps;
+  F neg_step_size;  // -lr / (1 - beta1^step)
+};
+
+struct AdamWFlags {
+  bool decay;       // weight_decay != 0
+  bool lerp_small;  // 1 - beta1 < 0.5
+};
+
+template <typename Ops, typename F>
+C10_HOST_DEVICE inline void adamw_update(F& w, F& m, F& v, const F& g, const AdamWConsts<F>& c,
+                                         AdamWFlags f) {
+  if (f.decay) w = Ops::mul(w, c.decay);
+  // ATen's lerp(start, end, weight): small weights step from start, large ones from end.
+  m = Ops::fma(c.lerp_weight, g - m, f.lerp_small ? m : g);
+  v = Ops::fma(c.one_minus_beta2 * g, g, v * c.beta2);
+  const F denom = Ops::div(Ops::sqrt(v), c.bc2_sqrt) + c.eps;
+  w = w + Ops::div(Ops::mul(c.neg_step_size, m), denom);
+}
+
+template <typename F>
+struct SGDConsts {
+  F weight_decay;
+  F momentum;
+  F neg_lr;
+};
+
+struct SGDFlags {
+  bool decay;     // weight_decay != 0
+  bool momentum;  // momentum != 0 (a buffer exists)
+  bool nesterov;
+};
+
+template <typename Ops, typename F>
+C10_HOST_DEVICE inline void sgd_update(F& w, F& buf, const F& g, const SGDConsts<F>& c,
+                                       SGDFlags f) {
+  F d = f.decay ? Ops::fma(w, c.weight_decay, g) : g;
+  if (f.momentum) {
+    buf = Ops::mul(buf, c.momentum) + d;
+    d = f.nesterov ? Ops::fma(buf, c.momentum, d) : buf;
+  }
+  w = Ops::fma(d, c.neg_lr, w);
+}
+
+// The multiplier applied to every gradient: 1/scale times torch.nn.utils.clip_grad_norm_'s
+// coefficient min(1, max_norm / (norm + 1e-6)), where norm = sqrt(sq_norm)/scale is the norm of
+// the unscaled gradients. A NaN norm propagates as in clip_grad_norm_. For a power-of-two scale,
+// g * (inv_scale * coef) rounds exactly like unscaling first and clipping after.
+template <typename Ops>
+C10_HOST_DEVICE inline float grad_multiplier(const float* grad_scale, const float* sq_norm,
+                                             double max_grad_norm) {
+  const float inv_scale = grad_scale != nullptr ? Ops::div(1.0f, *grad_scale) : 1.0f;
+  if (max_grad_norm <= 0.0 || sq_norm == nullptr) return inv_scale;
+  const float norm = Ops::mul(Ops::sqrt(*sq_norm), inv_scale);
+  const float coef = Ops::div(static_cast<float>(max_grad_norm), norm + 1e-6f);
+  return Ops::mul(inv_scale, (coef < 1.0f || coef != coef) ? coef : 1.0f);
+}
+
+#ifndef __CUDACC__
+// Ops for float on the host (kernel tails, launchers). std::fma is one instruction in the
+// AVX2/AVX-512 builds, matching at::vec::fmadd there.
+struct HostFloatOps {
+  static float fma(float a, float b, float c) { return std::fma(a, b, c); }
+  static float mul(float a, float b) {
+    float r = a * b;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    asm("" : "+x"(r));  // an opaque copy: nothing can be fused across it
+#elif defined(__GNUC__)
+    asm("" : "+m"(r));
+#endif
+    return r;
+  }
+  static float sqrt(float x) { return std::sqrt(x); }
+  static float div(float a, float b) { return a / b; }
+};
+#endif
+
+}  // namespace fastcore_train::optim_math

@@ -1,0 +1,307 @@
+// The fused optimizer step on the CPU: a read-only statistics pass over the gradients and an
+// update pass that reads each gradient and state element once and writes each state element
+// and parameter once. The update rules themselves live in common/optim_math.h.
+//
+// Work is split into (tensor, chunk) items of kOptimChunk elements handed to at::parallel_for,
+// so a hundred tensors of any sizes keep every thread busy and each thread streams through
+// contiguous memory.
+//
+// This file is compiled once per ISA (see setup.py); CPU_CAPABILITY names the namespace.
+#include "cpu/kernels/optim_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "common/optim_math.h"
+
+namespace fastcore_train::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+// One step of the vector loops: two float vectors, i.e. one vector of 16-bit values.
+constexpr int64_t kStep = 2 * kV;
+
+struct VecOps {
+  static Vec fma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
+  static Vec sqrt(const Vec& x) { return x.sqrt(); }
+  static Vec div(const Vec& a, const Vec& b) { return a / b; }
+  // The product passes through an empty asm statement, so GCC cannot fuse it with a following
+  // addition (see common/optim_math.h).
+  static Vec mul(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 r = a * b;
+    asm("" : "+v"(r));
+    return Vec(r);
+#elif defined(CPU_CAPABILITY_AVX2)
+    __m256 r = a * b;
+    asm("" : "+x"(r));
+    return Vec(r);
+#else
+    Vec r = a * b;
+    asm("" : "+m"(r));
+    return r;
+#endif
+  }
+};
+using ScalarOps = optim_math::HostFloatOps;
+
+template <typename T>
+inline void load2(const T* p, Vec& a, Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + kV);
+  } else {
+    static_assert(at::vec::Vectorized<T>::size() == kStep);
+    at::vec::load_to_float<T>(p, a, b);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const Vec& a, const Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p);
+    b.store(p + kV);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+}
+
+struct WorkItem {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+template <typename NumelOf>
+std::vector<WorkItem> make_items(int64_t count, NumelOf numel_of) {
+  std::vector<WorkItem> items;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t n = numel_of(t);
+    for (int64_t b = 0; b < n; b += kOptimChunk) {
+      items.push_back({t, b, std::min(n, b + kOptimChunk)});
+    }
+  }
+  return items;
+}
+
+// ---- pass 1: non-finite check and sum of squares ----
+
+struct ChunkStats {
+  float sq = 0.f;
+  bool bad = false;
+};
+
+template <typename T, bool kNorm>
+ChunkStats chunk_stats(const T* x, int64_t begin, int64_t end) {
+  // x*0 is 0 for finite x and NaN for inf/NaN: one FMA per vector flags any non-finite element.
+  const Vec zero(0.f);
+  Vec chk(0.f), acc0(0.f), acc1(0.f);
+  int64_t j = begin;
+  for (; j + kStep <= end; j += kStep) {
+    Vec a, b;
+    load2(x + j, a, b);
+    chk = at::vec::fmadd(a, zero, chk);
+    chk = at::vec::fmadd(b, zero, chk);
+    if constexpr (kNorm) {
+      acc0 = at::vec::fmadd(a, a, acc0);
+      acc1 = at::vec::fmadd(b, b, acc1);
+    }
+  }
+  ChunkStats s;
+  alignas(64) float lanes[kV];
+  chk.store(lanes);
+  for (int64_t l = 0; l < kV; ++l) s.bad |= lanes[l] != 0.f;  // NaN != 0
+  if constexpr (kNorm) {
+    (acc0 + acc1).store(lanes);
+    for (int64_t l = 0; l < kV; ++l) s.sq += lanes[l];
+  }
+  for (; j < end; ++j) {
+    const float v = static_cast<float>(x[j]);
+    s.bad |= !std::isfinite(v);
+    if constexpr (kNorm) s.sq += v * v;
+  }
+  return s;
+}
+
+template <bool kNorm>
+ChunkStats chunk_stats_any(const GradView& g, int64_t begin, int64_t end) {
+  switch (g.dtype) {
+    case c10::ScalarType::Float:
+      return chunk_stats<float, kNorm>(static_cast<const float*>(g.data), begin, end);
+    case c10::ScalarType::Half:
+      return chunk_stats<c10::Half, kNorm>(static_cast<const c10::Half*>(g.data), begin, end);
+    case c10::ScalarType::BFloat16:
+      return chunk_stats<c10::BFloat16, kNorm>(static_cast<const c10::BFloat16*>(g.data), begin,
+                                               end);
+    default: TORCH_INTERNAL_ASSERT(false, "grad_stats_: unexpected dtype ", g.dtype);
+  }
+}
+
+// ---- pass 2: the updates ----
+
+template <typename T, bool kMaster>
+void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKernelParams& k) {
+  using optim_math::AdamWConsts;
+  const T* g = static_cast<const T*>(s.grad);
+  T* p = static_cast<T*>(s.param);
+  float* w = s.master;
+  float* m = s.state0;
+  float* v = s.state1;
+  const optim_math::AdamWFlags f{k.has_decay, k.lerp_small};
+  const AdamWConsts<float> c{k.decay, k.lerp_weight,  k.beta2,          k.one_minus_beta2,
+                             s.bc2_sqrt, k.eps, s.neg_step_size};
+  const AdamWConsts<Vec> cv{Vec(c.decay),    Vec(c.lerp_weight), Vec(c.beta2),
+                            Vec(c.one_minus_beta2), Vec(c.bc2_sqrt), Vec(c.eps),
+                            Vec(c.neg_step_size)};
+  const Vec mul(k.grad_mul);
+  int64_t j = begin;
+  for (; j + kStep <= end; j += kStep) {
+    Vec g0, g1, w0, w1;
+    load2(g + j, g0, g1);
+    g0 = VecOps::mul(g0, mul);
+    g1 = VecOps::mul(g1, mul);
+    if constexpr (kMaster) {
+      load2(w + j, w0, w1);
+    } else {
+      load2(p + j, w0, w1);
+    }
+    Vec m0 = Vec::loadu(m + j), m1 = Vec::loadu(m + j + kV);
+    Vec v0 = Vec::loadu(v + j), v1 = Vec::loadu(v + j + kV);
+    optim_math::adamw_update<VecOps>(w0, m0, v0, g0, cv, f);
+    optim_math::adamw_update<VecOps>(w1, m1, v1, g1, cv, f);
+    store2(m + j, m0, m1);
+    store2(v + j, v0, v1);
+    if constexpr (kMaster) store2(w + j, w0, w1);
+    store2(p + j, w0, w1);
+  }
+  for (; j < end; ++j) {
+    const float gj = ScalarOps::mul(static_cast<float>(g[j]), k.grad_mul);
+    float wj = kMaster ? w[j] : static_cast<float>(p[j]);
+    optim_math::adamw_update<ScalarOps>(wj, m[j], v[j], gj, c, f);
+    if constexpr (kMaster) w[j] = wj;
+    p[j] = static_cast<T>(wj);
+  }
+}
+
+template <typename T, bool kMaster>
+void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelParams& k) {
+  using optim_math::SGDConsts;
+  const T* g = static_cast<const T*>(s.grad);
+  T* p = static_cast<T*>(s.param);
+  float* w = s.master;
+  float* b = s.state0;  // null without momentum
+  const optim_math::SGDFlags f{k.has_decay, k.has_momentum, k.nesterov};
+  const SGDConsts<float> c{k.weight_decay, k.momentum, k.neg_lr};
+  const SGDConsts<Vec> cv{Vec(c.weight_decay), Vec(c.momentum), Vec(c.neg_lr)};
+  const Vec mul(k.grad_mul);
+  int64_t j = begin;
+  for (; j + kStep <= end; j += kStep) {
+    Vec g0, g1, w0, w1, b0(0.f), b1(0.f);
+    load2(g + j, g0, g1);
+    g0 = VecOps::mul(g0, mul);
+    g1 = VecOps::mul(g1, mul);
+    if constexpr (kMaster) {
+      load2(w + j, w0, w1);
+    } else {
+      load2(p + j, w0, w1);
+    }
+    if (f.momentum) load2(b + j, b0, b1);
+    optim_math::sgd_update<VecOps>(w0, b0, g0, cv, f);
+    optim_math::sgd_update<VecOps>(w1, b1, g1, cv, f);
+    if (f.momentum) store2(b + j, b0, b1);
+    if constexpr (kMaster) store2(w + j, w0, w1);
+    store2(p + j, w0, w1);
+  }
+  for (; j < end; ++j) {
+    const float gj = ScalarOps::mul(static_cast<float>(g[j]), k.grad_mul);
+    float wj = kMaster ? w[j] : static_cast<float>(p[j]);
+    float bj = f.momentum ? b[j] : 0.f;
+    optim_math::sgd_update<ScalarOps>(wj, bj, gj, c, f);
+    if (f.momentum) b[j] = bj;
+    if constexpr (kMaster) w[j] = wj;
+    p[j] = static_cast<T>(wj);
+  }
+}
+
+// Calls chunk<T, kMaster>(slot, begin, end, k) for the slot's dtype and master.
+template <template <typename, bool> class Chunk, typename K>
+void run_updates(const K& k) {
+  const auto items =
+      make_items(k.count, [&](int64_t t) { return k.slots[t].numel; });
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const WorkItem& it = items[i];
+      const ParamSlot& s = k.slots[it.tensor];
+      const bool master = s.master != nullptr;
+      switch (s.dtype) {
+        case c10::ScalarType::Float:
+          master ? Chunk<float, true>::run(s, it.begin, it.end, k)
+                 : Chunk<float, false>::run(s, it.begin, it.end, k);
+          break;
+        case c10::ScalarType::Half:
+          master ? Chunk<c10::Half, true>::run(s, it.begin, it.end, k)
+                 : Chunk<c10::Half, false>::run(s, it.begin, it.end, k);
+          break;
+        case c10::ScalarType::BFloat16:
+          master ? Chunk<c10::BFloat16, true>::run(s, it.begin, it.end, k)
+                 : Chunk<c10::BFloat16, false>::run(s, it.begin, it.end, k);
+          break;
+        default: TORCH_INTERNAL_ASSERT(false, "fused optimizer: unexpected dtype ", s.dtype);
+      }
+    }
+  });
+}
+
+template <typename T, bool kMaster>
+struct AdamWChunk {
+  static void run(const ParamSlot& s, int64_t b, int64_t e, const AdamWKernelParams& k) {
+    adamw_chunk<T, kMaster>(s, b, e, k);
+  }
+};
+
+template <typename T, bool kMaster>
+struct SGDChunk {
+  static void run(const ParamSlot& s, int64_t b, int64_t e, const SGDKernelParams& k) {
+    sgd_chunk<T, kMaster>(s, b, e, k);
+  }
+};
+
+}  // namespace
+
+void grad_stats_kernel(GradStatsParams& p) {
+  const auto items = make_items(p.count, [&](int64_t t) { return p.grads[t].numel; });
+  std::vector<ChunkStats> stats(items.size());
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const WorkItem& it = items[i];
+      const GradView& g = p.grads[it.tensor];
+      stats[i] = p.want_norm ? chunk_stats_any<true>(g, it.begin, it.end)
+                             : chunk_stats_any<false>(g, it.begin, it.end);
+    }
+  });
+  double sq = 0.0;
+  bool bad = false;
+  for (const ChunkStats& s : stats) {
+    sq += s.sq;
+    bad |= s.bad;
+  }
+  p.found_nonfinite = bad;
+  p.sq_norm = sq;
+}
+
+void adamw_kernel(const AdamWKernelParams& p) { run_updates<AdamWChunk>(p); }
+
+void sgd_kernel(const SGDKernelParams& p) { run_updates<SGDChunk>(p); }
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastcore_train::cpu

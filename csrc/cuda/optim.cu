@@ -1,0 +1,506 @@
+// CUDA implementation of fastcore_train::grad_stats_, fused_adamw_ and fused_sgd_.
+//
+// Multi-tensor apply: the tensors are packed, up to kMaxTensors per launch, into a struct
+// passed as a kernel argument (pointers, sizes and the prefix sum of their chunk counts; under
+// 4 KiB, so any driver accepts it). Each block handles one chunk of kChunk elements of one
+// tensor and finds that tensor by binary search over the prefix sums.
+//
+// Nothing here reads a device value on the host: found_inf, grad_scale, sq_norm, lr and the
+// steps are read by the kernels, so a step, skipped or not, never synchronises the host.
+// The update rules are the ones of the CPU kernels (common/optim_math.h), with correctly
+// rounded division and square root whatever --use_fast_math says.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/optim_checks.h"
+#include "common/optim_math.h"
+
+namespace fastcore_train {
+namespace {
+
+using Opt = std::optional<at::Tensor>;
+
+constexpr int kThreads = 512;
+constexpr int64_t kChunk = 16384;  // elements per block
+constexpr int kMaxTensors = 48;    // per launch; keeps ParamPack near 3 KiB
+constexpr int kMaxSteps = 256;     // steps incremented per launch of increment_steps_kernel
+
+struct DeviceOps {
+  __host__ __device__ static float fma(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+    return __fmaf_rn(a, b, c);
+#else
+    return std::fma(a, b, c);
+#endif
+  }
+  __host__ __device__ static float mul(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);  // never contracted into an FMA
+#else
+    return a * b;
+#endif
+  }
+  __host__ __device__ static float sqrt(float x) {
+#ifdef __CUDA_ARCH__
+    return __fsqrt_rn(x);
+#else
+    return std::sqrt(x);
+#endif
+  }
+  __host__ __device__ static float div(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fdiv_rn(a, b);
+#else
+    return a / b;
+#endif
+  }
+};
+
+// Kernel-argument packs. Tensors with no elements are never packed, so chunk_start is strictly
+// increasing and chunk_start[count] is the number of blocks.
+struct StatsPack {
+  const void* data[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t chunk_start[kMaxTensors + 1];
+  int8_t dtype[kMaxTensors];  // 0 float32, 1 float16, 2 bfloat16
+  int count;
+};
+
+struct ParamPack {
+  void* param[kMaxTensors];
+  const void* grad[kMaxTensors];
+  float* master[kMaxTensors];  // null without master weights
+  float* state0[kMaxTensors];  // exp_avg / momentum buffer (null without momentum)
+  float* state1[kMaxTensors];  // exp_avg_sq
+  const float* step[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t chunk_start[kMaxTensors + 1];
+  int count;
+};
+
+struct StepPack {
+  float* step[kMaxSteps];
+  int count;
+};
+
+// Device-side scalars shared by the update kernels.
+struct UpdateScalars {
+  const float* lr_tensor;  // replaces lr when not null
+  const float* grad_scale;
+  const float* found_inf;
+  const float* sq_norm;
+  double lr;
+  double max_grad_norm;
+  // AdamW
+  double beta1, beta2, weight_decay;
+  float eps;
+  bool lerp_small;
+  // SGD
+  float momentum;
+  bool nesterov;
+};
+
+__device__ __forceinline__ bool skip_step(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.f;
+}
+
+// The last tensor whose first chunk is at or before `block`.
+__device__ __forceinline__ int find_tensor(const int64_t* chunk_start, int count, int64_t block) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (chunk_start[mid] <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+__device__ __forceinline__ int64_t chunk_end(int64_t begin, int64_t numel) {
+  return begin + kChunk < numel ? begin + kChunk : numel;
+}
+
+// inf and NaN have an all-ones exponent; a bit test is immune to fast-math assumptions.
+__device__ __forceinline__ bool non_finite(float x) {
+  return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u;
+}
+
+// Sum over the block, valid in thread 0; the order is fixed, so the result is deterministic.
+template <typename A>
+__device__ A block_sum(A v) {
+  __shared__ A warp_sums[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  const int warps = (blockDim.x + 31) / 32;
+  v = threadIdx.x < warps ? warp_sums[threadIdx.x] : A(0);
+  if (warp == 0) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
+// ---- pass 1 ----
+
+template <typename T>
+__device__ void stats_range(const T* x, int64_t begin, int64_t end, float& sq, bool& bad) {
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float v = static_cast<float>(x[i]);
+    bad |= non_finite(v);
+    sq += v * v;
+  }
+}
+
+__global__ void grad_stats_kernel(const StatsPack pack, float* found_inf, float* partials,
+                                  int64_t partial_offset) {
+  const int64_t block = blockIdx.x;
+  const int t = find_tensor(pack.chunk_start, pack.count, block);
+  const int64_t begin = (block - pack.chunk_start[t]) * kChunk;
+  const int64_t end = chunk_end(begin, pack.numel[t]);
+  float sq = 0.f;
+  bool bad = false;
+  switch (pack.dtype[t]) {
+    case 0: stats_range(static_cast<const float*>(pack.data[t]), begin, end, sq, bad); break;
+    case 1: stats_range(static_cast<const c10::Half*>(pack.data[t]), begin, end, sq, bad); break;
+    default:
+      stats_range(static_cast<const c10::BFloat16*>(pack.data[t]), begin, end, sq, bad);
+  }
+  // Every writer stores the same value, so the race is benign.
+  if (bad && found_inf != nullptr) *found_inf = 1.f;
+  if (partials != nullptr) {
+    const float total = block_sum(sq);
+    if (threadIdx.x == 0) partials[partial_offset + block] = total;
+  }
+}
+
+// One block adds the per-chunk partial sums in a fixed order (float64) to sq_norm.
+__global__ void sum_partials_kernel(const float* partials, int64_t n, float* sq_norm) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) *sq_norm += static_cast<float>(total);
+}
+
+// ---- pass 2 ----
+
+struct BlockRange {
+  int t;
+  int64_t begin, end;
+};
+
+__device__ __forceinline__ BlockRange block_range(const ParamPack& pack) {
+  BlockRange r;
+  const int64_t block = blockIdx.x;
+  r.t = find_tensor(pack.chunk_start, pack.count, block);
+  r.begin = (block - pack.chunk_start[r.t]) * kChunk;
+  r.end = chunk_end(r.begin, pack.numel[r.t]);
+  return r;
+}
+
+template <typename T, bool kMaster>
+__global__ void adamw_kernel(const ParamPack pack, const UpdateScalars s) {
+  if (skip_step(s.found_inf)) return;
+  const BlockRange r = block_range(pack);
+  // Per-tensor constants, in double from the incremented step as torch.optim.AdamW does.
+  __shared__ optim_math::AdamWConsts<float> c;
+  __shared__ float mul;
+  if (threadIdx.x == 0) {
+    const double lr = s.lr_tensor != nullptr ? static_cast<double>(*s.lr_tensor) : s.lr;
+    const double step = static_cast<double>(*pack.step[r.t] + 1.f);
+    const double bc1 = 1.0 - pow(s.beta1, step);
+    const double bc2 = 1.0 - pow(s.beta2, step);
+    const float w1 = static_cast<float>(1.0 - s.beta1);
+    c.decay = static_cast<float>(1.0 - lr * s.weight_decay);
+    c.lerp_weight = s.lerp_small ? w1 : w1 - 1.f;
+    c.beta2 = static_cast<float>(s.beta2);
+    c.one_minus_beta2 = static_cast<float>(1.0 - s.beta2);
+    c.bc2_sqrt = static_cast<float>(sqrt(bc2));
+    c.eps = s.eps;
+    c.neg_step_size = static_cast<float>(-(lr / bc1));
+    mul = optim_math::grad_multiplier<DeviceOps>(s.grad_scale, s.sq_norm, s.max_grad_norm);
+  }
+  __syncthreads();
+  const optim_math::AdamWFlags f{s.weight_decay != 0.0, s.lerp_small};
+  const T* g = static_cast<const T*>(pack.grad[r.t]);
+  T* p = static_cast<T*>(pack.param[r.t]);
+  float* w = pack.master[r.t];
+  float* m = pack.state0[r.t];
+  float* v = pack.state1[r.t];
+  const optim_math::AdamWConsts<float> cc = c;
+  const float gm = mul;
+  for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
+    const float gi = DeviceOps::mul(static_cast<float>(g[i]), gm);
+    float wi = kMaster ? w[i] : static_cast<float>(p[i]);
+    float mi = m[i];
+    float vi = v[i];
+    optim_math::adamw_update<DeviceOps>(wi, mi, vi, gi, cc, f);
+    m[i] = mi;
+    v[i] = vi;
+    if (kMaster) w[i] = wi;
+    p[i] = static_cast<T>(wi);
+  }
+}
+
+template <typename T, bool kMaster>
+__global__ void sgd_kernel(const ParamPack pack, const UpdateScalars s) {
+  if (skip_step(s.found_inf)) return;
+  const BlockRange r = block_range(pack);
+  __shared__ optim_math::SGDConsts<float> c;
+  __shared__ float mul;
+  if (threadIdx.x == 0) {
+    const double lr = s.lr_tensor != nullptr ? static_cast<double>(*s.lr_tensor) : s.lr;
+    c.weight_decay = static_cast<float>(s.weight_decay);
+    c.momentum = s.momentum;
+    c.neg_lr = static_cast<float>(-lr);
+    mul = optim_math::grad_multiplier<DeviceOps>(s.grad_scale, s.sq_norm, s.max_grad_norm);
+  }
+  __syncthreads();
+  const optim_math::SGDFlags f{s.weight_decay != 0.0, s.momentum != 0.f, s.nesterov};
+  const T* g = static_cast<const T*>(pack.grad[r.t]);
+  T* p = static_cast<T*>(pack.param[r.t]);
+  float* w = pack.master[r.t];
+  float* b = pack.state0[r.t];
+  const optim_math::SGDConsts<float> cc = c;
+  const float gm = mul;
+  for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
+    const float gi = DeviceOps::mul(static_cast<float>(g[i]), gm);
+    float wi = kMaster ? w[i] : static_cast<float>(p[i]);
+    float bi = f.momentum ? b[i] : 0.f;
+    optim_math::sgd_update<DeviceOps>(wi, bi, gi, cc, f);
+    if (f.momentum) b[i] = bi;
+    if (kMaster) w[i] = wi;
+    p[i] = static_cast<T>(wi);
+  }
+}
+
+// Runs after every adamw_kernel of the call (stream order), which read the old steps.
+__global__ void increment_steps_kernel(const StepPack pack, const float* found_inf) {
+  if (skip_step(found_inf)) return;
+  if (static_cast<int>(threadIdx.x) < pack.count) *pack.step[threadIdx.x] += 1.f;
+}
+
+// ---- launchers ----
+
+int8_t dtype_code(at::ScalarType t) {
+  return t == at::kFloat ? 0 : (t == at::kHalf ? 1 : 2);
+}
+
+int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+
+const float* scalar_ptr(const Opt& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+}
+
+void grad_stats_cuda(at::TensorList grads, const Opt& found_inf, const Opt& sq_norm) {
+  check_grad_stats_inputs("grad_stats_", grads, found_inf, sq_norm);
+  if (!found_inf.has_value() && !sq_norm.has_value()) return;
+  std::vector<at::Tensor> keep;
+  for (const at::Tensor& g : grads) {
+    if (g.numel() == 0) continue;
+    keep.push_back(g.is_non_overlapping_and_dense() ? g : g.contiguous());
+  }
+  if (keep.empty()) return;
+  c10::cuda::CUDAGuard guard(keep[0].device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  int64_t total_chunks = 0;
+  for (const at::Tensor& g : keep) total_chunks += chunks_of(g.numel());
+  at::Tensor partials;
+  if (sq_norm.has_value()) partials = at::empty({total_chunks}, keep[0].options().dtype(at::kFloat));
+  float* partials_ptr = sq_norm.has_value() ? partials.data_ptr<float>() : nullptr;
+  float* found_ptr = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+
+  StatsPack pack{};
+  int64_t offset = 0;
+  auto launch = [&]() {
+    const int64_t blocks = pack.chunk_start[pack.count];
+    grad_stats_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        pack, found_ptr, partials_ptr, offset);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    offset += blocks;
+    pack = StatsPack{};
+  };
+  for (const at::Tensor& g : keep) {
+    const int i = pack.count;
+    pack.data[i] = g.const_data_ptr();
+    pack.numel[i] = g.numel();
+    pack.dtype[i] = dtype_code(g.scalar_type());
+    pack.chunk_start[i + 1] = pack.chunk_start[i] + chunks_of(g.numel());
+    pack.count = i + 1;
+    if (pack.count == kMaxTensors) launch();
+  }
+  if (pack.count > 0) launch();
+  if (sq_norm.has_value()) {
+    sum_partials_kernel<<<1, kThreads, 0, stream>>>(partials_ptr, total_chunks,
+                                                    sq_norm->data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Stages every parameter's tensors (see LayoutStager), groups them by dtype and launches
+// `kernel_for(dtype, has_master)` on packs of kMaxTensors.
+template <typename KernelFor>
+void launch_updates(at::TensorList params, at::TensorList grads, at::TensorList masters,
+                    at::TensorList state0, at::TensorList state1, at::TensorList steps,
+                    const UpdateScalars& s, LayoutStager& stager, std::vector<at::Tensor>& keep,
+                    KernelFor kernel_for) {
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool has_master = !masters.empty();
+  for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    ParamPack pack{};
+    auto launch = [&]() {
+      const int64_t blocks = pack.chunk_start[pack.count];
+      kernel_for(dtype, has_master)<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(pack,
+                                                                                            s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      pack = ParamPack{};
+    };
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].scalar_type() != dtype || params[i].numel() == 0) continue;
+      at::Tensor p = stager.reference(params[i], true);
+      auto stage = [&](at::TensorList list, bool written) -> at::Tensor {
+        if (list.empty()) return at::Tensor();
+        at::Tensor x = stager.stage(p, list[i], written);
+        keep.push_back(x);
+        return x;
+      };
+      at::Tensor g = stage(grads, false);
+      at::Tensor w = stage(masters, true);
+      at::Tensor a = stage(state0, true);
+      at::Tensor b = stage(state1, true);
+      keep.push_back(p);
+      const int k = pack.count;
+      pack.param[k] = p.data_ptr();
+      pack.grad[k] = g.const_data_ptr();
+      pack.master[k] = w.defined() ? w.data_ptr<float>() : nullptr;
+      pack.state0[k] = a.defined() ? a.data_ptr<float>() : nullptr;
+      pack.state1[k] = b.defined() ? b.data_ptr<float>() : nullptr;
+      pack.step[k] = steps.empty() ? nullptr : steps[i].const_data_ptr<float>();
+      pack.numel[k] = p.numel();
+      pack.chunk_start[k + 1] = pack.chunk_start[k] + chunks_of(p.numel());
+      pack.count = k + 1;
+      if (pack.count == kMaxTensors) launch();
+    }
+    if (pack.count > 0) launch();
+  }
+}
+
+using UpdateKernel = void (*)(ParamPack, UpdateScalars);
+
+UpdateKernel adamw_kernel_for(at::ScalarType dtype, bool master) {
+  switch (dtype) {
+    case at::kFloat: return master ? &adamw_kernel<float, true> : &adamw_kernel<float, false>;
+    case at::kHalf:
+      return master ? &adamw_kernel<c10::Half, true> : &adamw_kernel<c10::Half, false>;
+    default:
+      return master ? &adamw_kernel<c10::BFloat16, true> : &adamw_kernel<c10::BFloat16, false>;
+  }
+}
+
+UpdateKernel sgd_kernel_for(at::ScalarType dtype, bool master) {
+  switch (dtype) {
+    case at::kFloat: return master ? &sgd_kernel<float, true> : &sgd_kernel<float, false>;
+    case at::kHalf: return master ? &sgd_kernel<c10::Half, true> : &sgd_kernel<c10::Half, false>;
+    default:
+      return master ? &sgd_kernel<c10::BFloat16, true> : &sgd_kernel<c10::BFloat16, false>;
+  }
+}
+
+void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList steps,
+                      double lr, const Opt& lr_tensor, double beta1, double beta2, double eps,
+                      double weight_decay, const Opt& grad_scale, const Opt& found_inf,
+                      const Opt& sq_norm, double max_grad_norm) {
+  constexpr const char* op = "fused_adamw_";
+  check_optim_lists(op, params, grads,
+                    {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                     {"masters", masters, /*optional=*/true}});
+  check_optim_steps(op, params, steps);
+  check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
+  if (params.empty()) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  UpdateScalars s{};
+  s.lr_tensor = scalar_ptr(lr_tensor);
+  s.grad_scale = scalar_ptr(grad_scale);
+  s.found_inf = scalar_ptr(found_inf);
+  s.sq_norm = scalar_ptr(sq_norm);
+  s.lr = lr;
+  s.max_grad_norm = max_grad_norm;
+  s.beta1 = beta1;
+  s.beta2 = beta2;
+  s.weight_decay = weight_decay;
+  s.eps = static_cast<float>(eps);
+  s.lerp_small = std::abs(static_cast<float>(1.0 - beta1)) < 0.5f;
+
+  LayoutStager stager;
+  std::vector<at::Tensor> keep;
+  launch_updates(params, grads, masters, exp_avgs, exp_avg_sqs, steps, s, stager, keep,
+                 adamw_kernel_for);
+  stager.finish();
+
+  StepPack pack{};
+  auto launch = [&]() {
+    increment_steps_kernel<<<1, kMaxSteps, 0, stream>>>(pack, s.found_inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    pack = StepPack{};
+  };
+  for (const at::Tensor& step : steps) {
+    pack.step[pack.count++] = step.data_ptr<float>();
+    if (pack.count == kMaxSteps) launch();
+  }
+  if (pack.count > 0) launch();
+}
+
+void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    at::TensorList masters, double lr, const Opt& lr_tensor, double momentum,
+                    bool nesterov, double weight_decay, const Opt& grad_scale,
+                    const Opt& found_inf, const Opt& sq_norm, double max_grad_norm) {
+  constexpr const char* op = "fused_sgd_";
+  check_sgd_args(op, params, momentum_buffers, momentum, nesterov);
+  check_optim_lists(op, params, grads,
+                    {{"momentum_buffers", momentum_buffers, /*optional=*/true},
+                     {"masters", masters, /*optional=*/true}});
+  check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
+  if (params.empty()) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+
+  UpdateScalars s{};
+  s.lr_tensor = scalar_ptr(lr_tensor);
+  s.grad_scale = scalar_ptr(grad_scale);
+  s.found_inf = scalar_ptr(found_inf);
+  s.sq_norm = scalar_ptr(sq_norm);
+  s.lr = lr;
+  s.max_grad_norm = max_grad_norm;
+  s.weight_decay = weight_decay;
+  s.momentum = static_cast<float>(momentum);
+  s.nesterov = nesterov;
+
+  LayoutStager stager;
+  std::vector<at::Tensor> keep;
+  launch_updates(params, grads, masters, momentum_buffers, at::TensorList(), at::TensorList(), s,
+                 stager, keep, sgd_kernel_for);
+  stager.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcore_train, CUDA, m) {
+  m.impl("grad_stats_", &grad_stats_cuda);
+  m.impl("fused_adamw_", &fused_adamw_cuda);
+  m.impl("fused_sgd_", &fused_sgd_cuda);
+}
+
+}  // namespace fastcore_train

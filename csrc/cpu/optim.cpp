@@ -175,4 +175,12 @@ TORCH_LIBRARY_IMPL(fastcore_train, CPU, m) {
   m.impl("fused_sgd_", &fused_sgd_cpu);
 }
 
+// A sparse gradient sends the call to the SparseCPU key; the same functions reject it with
+// the error of csrc/common/optim_checks.h rather than the dispatcher's "could not run".
+TORCH_LIBRARY_IMPL(fastcore_train, SparseCPU, m) {
+  m.impl("grad_stats_", &grad_stats_cpu);
+  m.impl("fused_adamw_", &fused_adamw_cpu);
+  m.impl("fused_sgd_", &fused_sgd_cpu);
+}
+
 }  // namespace fastcore_train

@@ -503,4 +503,12 @@ TORCH_LIBRARY_IMPL(fastcore_train, CUDA, m) {
   m.impl("fused_sgd_", &fused_sgd_cuda);
 }
 
+// A sparse gradient sends the call to the SparseCUDA key; the same functions reject it with
+// the error of csrc/common/optim_checks.h rather than the dispatcher's "could not run".
+TORCH_LIBRARY_IMPL(fastcore_train, SparseCUDA, m) {
+  m.impl("grad_stats_", &grad_stats_cuda);
+  m.impl("fused_adamw_", &fused_adamw_cuda);
+  m.impl("fused_sgd_", &fused_sgd_cuda);
+}
+
 }  // namespace fastcore_train

@@ -62,6 +62,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict):
         self._check_group(defaults)
+        # our hyperparameters (torch adds its own keys to self.defaults on load)
+        self._group_defaults = dict(defaults)
         super().__init__(params, defaults)
 
     # ---- subclass hooks ----------------------------------------------------------------------
@@ -180,6 +182,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._fused_step(grad_scale=grad_scale, found_inf=found_inf, check_finite=False)
         return loss
 
+    @torch.no_grad()
     def _fused_step(self, grad_scale=None, found_inf=None, check_finite=False) -> None:
         """The step proper. With ``check_finite`` the statistics pass sets ``found_inf`` (a
         float32 scalar on the parameters' device, written in place) when a gradient has an
@@ -221,7 +224,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         for group in self.param_groups:
-            for k, v in self.defaults.items():
+            for k, v in self._group_defaults.items():  # missing from torch.optim's groups
                 group.setdefault(k, v)
             self._check_group(group)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])

@@ -1,0 +1,610 @@
+"""FusedAdamW / FusedSGD: parity with torch.optim, master weights, overflow skipping, clipping,
+checkpoints, bad input, and the three ops under torch.library.opcheck."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastcore_train import _backend
+from fastcore_train.amp import LossScaler
+from fastcore_train.ops import optim_step as ops
+from fastcore_train.optim import FusedAdamW, FusedSGD
+
+STEPS = 50
+
+
+def _model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 33), nn.GELU(), nn.Linear(33, 4))
+    return m.to(dtype)
+
+
+def _batches(n, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 16, generator=g).to(dtype), torch.randn(32, 4, generator=g).to(dtype))
+            for _ in range(n)]
+
+
+def _groups(model, lrs=(1e-2, 3e-3), wds=(1e-2, 0.0)):
+    ps = list(model.parameters())
+    return [{"params": ps[:4], "lr": lrs[0], "weight_decay": wds[0]},
+            {"params": ps[4:], "lr": lrs[1], "weight_decay": wds[1]}]
+
+
+def _train(model, opt, batches, sched=None, scaler=None, clip=None):
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = ((model(x).float() - y.float()) ** 2).mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if clip is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def _assert_params(a, b, atol=1e-6, rtol=0.0):
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.detach().float(), q.detach().float(), atol=atol, rtol=rtol)
+
+
+def _steplr(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with torch.optim on float32 parameters
+
+
+def test_adamw_matches_torch(backend):
+    ours, ref = _model(), _model()
+    opt = FusedAdamW(_groups(ours), betas=(0.8, 0.99))
+    topt = torch.optim.AdamW(_groups(ref), betas=(0.8, 0.99))
+    batches = _batches(STEPS)
+    _train(ours, opt, batches, _steplr(opt))
+    _train(ref, topt, batches, _steplr(topt))
+    _assert_params(ours, ref, atol=1e-6)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert "master" not in opt.state[p]  # fp32 params need none
+        torch.testing.assert_close(opt.state[p]["exp_avg"], topt.state[q]["exp_avg"],
+                                   atol=1e-7, rtol=0)
+        assert torch.equal(opt.state[p]["step"], topt.state[q]["step"])
+
+
+def test_adamw_bitwise_torch_fused(backend):
+    """Same maths, same rounding as torch's fused CPU AdamW (both round sqrt correctly)."""
+    ours, ref = _model(), _model()
+    opt = FusedAdamW(_groups(ours))
+    topt = torch.optim.AdamW(_groups(ref), fused=True)
+    batches = _batches(10)
+    _train(ours, opt, batches)
+    _train(ref, topt, batches)
+    _assert_params(ours, ref, atol=0.0)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_matches_torch(backend, nesterov):
+    ours, ref = _model(), _model()
+    opt = FusedSGD(_groups(ours), lr=1e-2, momentum=0.9, nesterov=nesterov)
+    topt = torch.optim.SGD(_groups(ref), lr=1e-2, momentum=0.9, nesterov=nesterov)
+    batches = _batches(STEPS)
+    _train(ours, opt, batches, _steplr(opt))
+    _train(ref, topt, batches, _steplr(topt))
+    _assert_params(ours, ref, atol=1e-6)
+
+
+def test_sgd_without_momentum(backend):
+    ours, ref = _model(), _model()
+    opt = FusedSGD(ours.parameters(), lr=0.05, momentum=0.0, weight_decay=1e-3)
+    topt = torch.optim.SGD(ref.parameters(), lr=0.05, weight_decay=1e-3)
+    batches = _batches(10)
+    _train(ours, opt, batches)
+    _train(ref, topt, batches)
+    _assert_params(ours, ref, atol=1e-7)
+    assert all("momentum_buffer" not in s for s in opt.state.values())
+
+
+def test_tensor_lr(backend):
+    ours, ref = _model(), _model()
+    opt = FusedAdamW(ours.parameters(), lr=torch.tensor(3e-3))
+    topt = FusedAdamW(ref.parameters(), lr=3e-3)
+    batches = _batches(5)
+    _train(ours, opt, batches)
+    _train(ref, topt, batches)
+    _assert_params(ours, ref, atol=1e-7)
+
+
+def test_extension_matches_reference():
+    """The kernels and the pure-torch reference compute the same thing (mixed dtypes in one
+    group, masters, scale and clipping included)."""
+    if not _backend.extension_loaded():
+        pytest.skip("fastcore_train._C is not built")
+    results = []
+    for name in ("extension", "reference"):
+        with _backend.use_backend(name):
+            torch.manual_seed(0)
+            ps = [torch.randn(n, dtype=dt) for n, dt in
+                  [(70000, torch.float32), (33, torch.bfloat16), (1, torch.float16),
+                   (0, torch.float32), (4097, torch.float16)]]
+            ps = [nn.Parameter(p) for p in ps]
+            opt = FusedAdamW(ps, lr=1e-3, max_grad_norm=5.0)
+            for it in range(3):
+                for p in ps:
+                    p.grad = (torch.randn(p.shape) * 128).to(p.dtype)
+                opt._fused_step(grad_scale=torch.tensor(128.0), check_finite=False)
+            results.append([p.detach().clone() for p in ps] +
+                           [opt.state[p][k].clone() for p in ps for k in opt.state[p]])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-7, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# master weights
+
+
+def test_master_weights_default_and_forced(backend):
+    fp32 = nn.Parameter(torch.randn(5))
+    bf16 = nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
+    fp16 = nn.Parameter(torch.randn(5, dtype=torch.float16))
+    for mw, expect in [(None, [False, True, True]), (True, [True, True, True]),
+                       (False, [False, False, False])]:
+        opt = FusedAdamW([fp32, bf16, fp16], lr=1e-3, master_weights=mw)
+        for p in (fp32, bf16, fp16):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert ["master" in opt.state[p] for p in (fp32, bf16, fp16)] == expect
+        for p in (bf16, fp16):
+            s = opt.state[p]
+            assert s["exp_avg"].dtype == torch.float32 and s["step"].dtype == torch.float32
+            if "master" in s:
+                assert s["master"].dtype == torch.float32
+                assert torch.equal(p.detach(), s["master"].to(p.dtype))
+
+
+@pytest.mark.parametrize("opt_cls", [FusedAdamW, FusedSGD])
+def test_bf16_master_weights_track_fp32(backend, opt_cls):
+    """Why master weights exist: with lr = 1e-3 the updates of weights of magnitude ~1 are below
+    half a bfloat16 ulp (2^-8), so plain bfloat16 training rounds every one of them away."""
+    torch.manual_seed(0)
+    w0 = torch.randn(4096)
+    grad = torch.randn(4096)  # a constant gradient: the fp32 run moves every weight steadily
+    kw = dict(lr=1e-3) if opt_cls is FusedAdamW else dict(lr=1e-4, momentum=0.9)
+
+    def run(dtype, master_weights):
+        p = nn.Parameter(w0.clone().to(dtype))
+        opt = opt_cls([p], master_weights=master_weights, **kw)
+        for _ in range(100):
+            p.grad = grad.to(dtype)
+            opt.step()
+        return p.detach().float()
+
+    fp32 = run(torch.float32, None)
+    master = run(torch.bfloat16, None)
+    plain = run(torch.bfloat16, False)
+    moved = (fp32 - w0).abs().mean()
+    err_master = (master - fp32).abs().mean()
+    err_plain = (plain - fp32).abs().mean()
+    err_rounding = (fp32.bfloat16().float() - fp32).abs().mean()  # the best bf16 can do
+    assert moved > 0.05
+    assert err_master < 1.5 * err_rounding
+    assert err_plain > 0.3 * moved  # most of the trajectory lost
+    assert err_master < err_plain / 10
+
+
+def test_params_without_grad_are_skipped(backend):
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    b0 = b.detach().clone()
+    opt = FusedAdamW([a, b], lr=0.1)
+    a.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(b.detach(), b0) and b not in opt.state
+    assert opt.state[a]["step"].item() == 1
+
+
+def test_non_contiguous_and_odd_sizes(backend):
+    """Params whose layout the kernels cannot take flat (transposed, sliced) and sizes around
+    the vector width and the chunk size."""
+    torch.manual_seed(0)
+    base = torch.randn(40, 30)
+    shapes = [(1,), (31,), (33,), (65537,), (0,)]
+    ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+    ps.append(nn.Parameter(base.t()))                       # transposed: dense, not contiguous
+    ps.append(nn.Parameter(torch.randn(40, 61)[:, ::2]))     # gaps: not dense
+    refs = [nn.Parameter(p.detach().clone()) for p in ps]
+    opt = FusedAdamW(ps, lr=1e-2, weight_decay=0.1)
+    # not fused=True: torch 2.13's fused CPU AdamW gets a grad laid out unlike its param wrong
+    topt = torch.optim.AdamW(refs, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        for p, r in zip(ps, refs):
+            g = torch.randn(p.shape)
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        topt.step()
+    for p, r in zip(ps, refs):
+        torch.testing.assert_close(p.detach(), r.detach(), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# overflow: skip on the device, scale backoff and growth
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()] +
+            [v.clone() for s in opt.state.values() for v in s.values()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("opt_cls", [FusedAdamW, FusedSGD])
+def test_overflow_skips_whole_step(backend, dtype, opt_cls):
+    model = _model(dtype=dtype)
+    opt = opt_cls(model.parameters(), lr=1e-3, max_grad_norm=1.0)
+    scaler = LossScaler(init_scale=2.0 ** 10, growth_interval=3)
+    batches = _batches(2, dtype=dtype)
+    _train(model, opt, batches, scaler=scaler)
+    assert all("master" in s for s in opt.state.values())
+    before = _snapshot(model, opt)
+    scale = scaler.get_scale()
+    for bad in (float("inf"), float("nan")):
+        x, y = batches[0]
+        opt.zero_grad()
+        scaler.scale(((model(x).float() - y.float()) ** 2).mean()).backward()
+        list(model.parameters())[2].grad[3, 5] = bad  # one element of one tensor
+        scaler.step(opt)
+        scaler.update()
+        after = _snapshot(model, opt)
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        scale /= 2
+        assert scaler.get_scale() == scale
+    _train(model, opt, _batches(3, seed=5, dtype=dtype), scaler=scaler)  # growth_interval clean
+    assert scaler.get_scale() == 2 * scale
+    assert not all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
+
+
+def test_scale_sequence_equals_gradscaler(backend):
+    """LossScaler + FusedAdamW and torch.amp.GradScaler + torch AdamW skip the same steps,
+    produce the same scales and the same weights."""
+    ours, ref = _model(), _model()
+    opt = FusedAdamW(ours.parameters(), lr=1e-3)
+    topt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    scaler = LossScaler(init_scale=2.0 ** 8, growth_interval=2)
+    tscaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
+    poison = {1, 2, 6}
+    scales, tscales = [], []
+    for i, (x, y) in enumerate(_batches(9)):
+        for model, o, s, out in ((ours, opt, scaler, scales), (ref, topt, tscaler, tscales)):
+            o.zero_grad()
+            s.scale(((model(x) - y) ** 2).mean()).backward()
+            if i in poison:
+                list(model.parameters())[0].grad[0, 0] = float("inf")
+            s.step(o)
+            s.update()
+            out.append(s.get_scale())
+    assert scales == tscales
+    assert scales[:3] == [256.0, 128.0, 64.0]
+    _assert_params(ours, ref, atol=1e-6)
+
+
+def test_under_torch_gradscaler(backend):
+    """FusedAdamW declares _step_supports_amp_scaling: GradScaler hands it the scale and the
+    found-inf flag and it unscales and skips inside the step."""
+    ours, ref = _model(), _model()
+    opt = FusedAdamW(ours.parameters(), lr=1e-3)
+    topt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    s1 = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
+    s2 = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
+    for i, (x, y) in enumerate(_batches(6)):
+        for model, o, s in ((ours, opt, s1), (ref, topt, s2)):
+            o.zero_grad()
+            s.scale(((model(x) - y) ** 2).mean()).backward()
+            if i == 2:
+                list(model.parameters())[1].grad[0] = float("nan")
+            if i == 4:  # the unscale_-then-step protocol
+                s.unscale_(o)
+            s.step(o)
+            s.update()
+        assert s1.get_scale() == s2.get_scale()
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    _assert_params(ours, ref, atol=1e-6)
+    assert opt.state[list(ours.parameters())[0]]["step"].item() == 5  # one skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# clipping
+
+
+@pytest.mark.parametrize("opt_cls", [FusedAdamW, FusedSGD])
+def test_clipping_equals_clip_grad_norm(backend, opt_cls):
+    kw = dict(lr=1e-2) if opt_cls is FusedAdamW else dict(lr=1e-2, momentum=0.9)
+    torch_cls = torch.optim.AdamW if opt_cls is FusedAdamW else torch.optim.SGD
+    ours, ref = _model(), _model()
+    opt = opt_cls(ours.parameters(), max_grad_norm=0.05, **kw)
+    topt = torch_cls(ref.parameters(), **kw)
+    batches = _batches(20)
+    _train(ours, opt, batches)
+    _train(ref, topt, batches, clip=0.05)
+    _assert_params(ours, ref, atol=1e-6)
+
+
+def test_clipping_with_loss_scaling(backend):
+    """Norm of the scaled gradients, unscaled inside: equals unscale_ + clip_grad_norm_ + step."""
+    ours, ref = _model(), _model()
+    opt = FusedAdamW(ours.parameters(), lr=1e-2, max_grad_norm=0.05)
+    topt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    batches = _batches(12)
+    _train(ours, opt, batches, scaler=LossScaler(init_scale=2.0 ** 12, growth_interval=4))
+    _train(ref, topt, batches, clip=0.05,
+           scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=4))
+    _assert_params(ours, ref, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def test_state_dict_round_trip_and_bitwise_resume(backend):
+    model = _model(dtype=torch.bfloat16)
+    opt = FusedAdamW(_groups(model), max_grad_norm=1.0)
+    scaler = LossScaler(init_scale=2.0 ** 8, growth_interval=3)
+    first, second = _batches(6, dtype=torch.bfloat16), _batches(6, seed=9, dtype=torch.bfloat16)
+    _train(model, opt, first, scaler=scaler)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                          "scaler": scaler.state_dict()})
+    assert all("master" in s for s in ckpt["opt"]["state"].values())
+    assert all(s["master"].dtype == torch.float32 for s in ckpt["opt"]["state"].values())
+    _train(model, opt, second, scaler=scaler)
+
+    resumed = _model(seed=123, dtype=torch.bfloat16)
+    resumed.load_state_dict(ckpt["model"])
+    ropt = FusedAdamW(_groups(resumed), max_grad_norm=1.0)
+    ropt.load_state_dict(ckpt["opt"])
+    rscaler = LossScaler()
+    rscaler.load_state_dict(ckpt["scaler"])
+    # exact round trip: same tensors, float32 kept (torch would cast them to bfloat16)
+    sd = ropt.state_dict()
+    for k, s in ckpt["opt"]["state"].items():
+        for name, v in s.items():
+            assert sd["state"][k][name].dtype == v.dtype and torch.equal(sd["state"][k][name], v)
+    assert sd["param_groups"] == ckpt["opt"]["param_groups"]
+    _train(resumed, ropt, second, scaler=rscaler)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master"], ropt.state[q]["master"])
+    assert scaler.state_dict() == rscaler.state_dict()
+
+
+def test_loaded_state_is_a_copy(backend):
+    model = _model()
+    opt = FusedAdamW(model.parameters())
+    _train(model, opt, _batches(2))
+    sd = opt.state_dict()
+    other = FusedAdamW(model.parameters())
+    other.load_state_dict(sd)
+    p = next(model.parameters())
+    assert other.state[p]["exp_avg"].data_ptr() != opt.state[p]["exp_avg"].data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_torch_checkpoint_interchange(backend, kind):
+    """torch.optim checkpoint -> fused optimizer -> torch.optim, training continued at each
+    stage, against an uninterrupted torch run."""
+    if kind == "adamw":
+        make_t = lambda m: torch.optim.AdamW(_groups(m))  # noqa: E731
+        make_f = lambda m: FusedAdamW(_groups(m))  # noqa: E731
+    else:
+        make_t = lambda m: torch.optim.SGD(_groups(m), momentum=0.9, nesterov=True)  # noqa: E731
+        make_f = lambda m: FusedSGD(_groups(m), lr=0.0, momentum=0.9, nesterov=True)  # noqa: E731
+    b1, b2, b3 = _batches(5), _batches(5, seed=2), _batches(5, seed=3)
+    ref = _model()
+    ropt = make_t(ref)
+    for b in (b1, b2, b3):
+        _train(ref, ropt, b)
+
+    model = _model()
+    topt = make_t(model)
+    _train(model, topt, b1)
+    fopt = make_f(model)
+    fopt.load_state_dict(topt.state_dict())
+    assert [g["lr"] for g in fopt.param_groups] == [1e-2, 3e-3]
+    _train(model, fopt, b2)
+    topt2 = make_t(model)
+    topt2.load_state_dict(fopt.state_dict())
+    _train(model, topt2, b3)
+    _assert_params(model, ref, atol=1e-6)
+
+
+def test_refuses_unsupported_torch_options():
+    model = _model()
+    with pytest.raises(ValueError, match="amsgrad"):
+        FusedAdamW(model.parameters()).load_state_dict(
+            torch.optim.AdamW(model.parameters(), amsgrad=True).state_dict())
+    with pytest.raises(ValueError, match="dampening"):
+        FusedSGD(model.parameters(), lr=0.1).load_state_dict(
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.1).state_dict())
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        FusedSGD(model.parameters(), lr=0.1, momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match="betas"):
+        FusedAdamW(model.parameters(), betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        FusedAdamW(model.parameters(), max_grad_norm=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: the same errors from both backends
+
+
+def test_bad_inputs(backend):
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = FusedAdamW([p])
+    p.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(TypeError, match=r"FusedAdamW: parameter 0 of param group 0 has a sparse "
+                                        r"gradient; fused optimizers need dense gradients"):
+        opt.step()
+
+    d = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    d.grad = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"parameter 0 of param group 0 is torch.float64; fused "
+                                        r"optimizers support float32, float16 and bfloat16"):
+        FusedSGD([d], lr=0.1).step()
+
+    a, m = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3, device="meta"))
+    a.grad, m.grad = torch.randn(3), torch.randn(3, device="meta")
+    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 or its gradient is on "
+                                         r"meta but other parameters are on cpu"):
+        FusedAdamW([a, m]).step()
+    assert torch.equal(opt.state[p]["step"], torch.zeros(())) if p in opt.state else True
+
+
+OP_ERRORS = [
+    # (description, kwargs changes, exception type, message)
+    ("sparse grad", dict(grads=lambda t: [t["grads"][0].to_sparse()] + t["grads"][1:]),
+     TypeError, "fused_adamw_: grads[0] is sparse; fused optimizers need dense gradients"),
+    ("float64 param", dict(params=lambda t: [t["params"][0].double()] + t["params"][1:],
+                           grads=lambda t: [t["grads"][0].double()] + t["grads"][1:]),
+     TypeError, "fused_adamw_: params[0] must be float32, float16 or bfloat16, got torch.float64"),
+    ("grad dtype", dict(grads=lambda t: [t["grads"][0].half()] + t["grads"][1:]),
+     TypeError, "fused_adamw_: grads[0] is torch.float16 but params[0] is torch.float32"),
+    ("grad shape", dict(grads=lambda t: [t["grads"][0][:2]] + t["grads"][1:]),
+     ValueError, "fused_adamw_: grads[0] has shape [2] but params[0] has shape [5]"),
+    ("state dtype", dict(exp_avgs=lambda t: [t["exp_avgs"][0].half()] + t["exp_avgs"][1:]),
+     TypeError, "fused_adamw_: exp_avgs[0] must be torch.float32, got torch.float16"),
+    ("list length", dict(exp_avg_sqs=lambda t: t["exp_avg_sqs"][:1]),
+     ValueError, "fused_adamw_: got 2 params but 1 exp_avg_sqs"),
+    ("found_inf dtype", dict(found_inf=lambda t: torch.zeros((), dtype=torch.float64)),
+     TypeError, "fused_adamw_: found_inf must be a torch.float32 tensor, got torch.float64"),
+    ("step numel", dict(steps=lambda t: [torch.zeros(2)] + t["steps"][1:]),
+     ValueError, "fused_adamw_: steps[0] must have one element, got 2"),
+    ("clip without norm", dict(max_grad_norm=lambda t: 1.0),
+     ValueError, "fused_adamw_: max_grad_norm > 0 needs sq_norm (from grad_stats_)"),
+]
+
+
+def _adamw_args():
+    ps = [torch.randn(5), torch.randn(7, dtype=torch.bfloat16)]
+    return dict(params=ps, grads=[torch.randn_like(p) for p in ps],
+                exp_avgs=[torch.zeros(p.shape) for p in ps],
+                exp_avg_sqs=[torch.zeros(p.shape) for p in ps], masters=[],
+                steps=[torch.zeros(()) for _ in ps], lr=1e-3, lr_tensor=None, beta1=0.9,
+                beta2=0.999, eps=1e-8, weight_decay=0.0, grad_scale=None, found_inf=None,
+                sq_norm=None, max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize("case", OP_ERRORS, ids=[c[0] for c in OP_ERRORS])
+def test_op_errors_match_reference(case):
+    """The C++ checks (csrc/common/optim_checks.h) and the reference raise the same thing."""
+    _, changes, exc, msg = case
+    args = _adamw_args()
+    args.update({k: f(args) for k, f in changes.items()})
+    with pytest.raises(exc) as ref_err:
+        ops.fused_adamw_reference_(*args.values())
+    assert str(ref_err.value) == msg
+    if _backend.extension_loaded():
+        with pytest.raises(exc) as ext_err:
+            torch.ops.fastcore_train.fused_adamw_(*args.values())
+        assert str(ext_err.value).splitlines()[0] == msg
+
+
+def test_sgd_and_stats_op_errors_match_reference():
+    g = [torch.randn(3), torch.randn(3, dtype=torch.float64)]
+    cases = [
+        (lambda f: f(g, torch.zeros(()), None), TypeError,
+         "grad_stats_: grads[1] must be float32, float16 or bfloat16, got torch.float64",
+         (ops.grad_stats_reference_, "grad_stats_")),
+        (lambda f: f([torch.randn(3)], None, torch.zeros(2)), ValueError,
+         "grad_stats_: sq_norm must have one element, got 2",
+         (ops.grad_stats_reference_, "grad_stats_")),
+        (lambda f: f([torch.randn(3)], [torch.randn(3)], [], [], 0.1, None, 0.0, True, 0.0, None,
+                     None, None, 0.0), ValueError, "fused_sgd_: nesterov needs momentum > 0",
+         (ops.fused_sgd_reference_, "fused_sgd_")),
+        (lambda f: f([torch.randn(3)], [torch.randn(3)], [], [], 0.1, None, 0.9, False, 0.0,
+                     None, None, None, 0.0), ValueError,
+         "fused_sgd_: got 1 params but 0 momentum_buffers",
+         (ops.fused_sgd_reference_, "fused_sgd_")),
+    ]
+    for call, exc, msg, (ref_fn, op) in cases:
+        with pytest.raises(exc) as e:
+            call(ref_fn)
+        assert str(e.value) == msg
+        if _backend.extension_loaded():
+            with pytest.raises(exc) as e:
+                call(getattr(torch.ops.fastcore_train, op))
+            assert str(e.value).splitlines()[0] == msg
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops as torch.library custom ops
+
+
+def test_grad_stats_values(backend):
+    g = [torch.randn(100000), torch.randn(33, dtype=torch.bfloat16),
+         torch.randn(5, dtype=torch.float16), torch.empty(0)]
+    found, sq = torch.zeros(()), torch.zeros(())
+    ops.grad_stats_(g, found, sq)
+    expect = sum(x.double().pow(2).sum() for x in g)
+    assert found.item() == 0.0
+    torch.testing.assert_close(sq.double(), expect, rtol=1e-5, atol=0)
+    g[1][7] = float("nan")
+    ops.grad_stats_(g, found, None)
+    assert found.item() == 1.0
+    g[1][7] = 0
+    ops.grad_stats_(g, found, None)
+    assert found.item() == 1.0  # never cleared
+
+
+def _opcheck_samples():
+    ps = [torch.randn(5), torch.randn(7, dtype=torch.bfloat16)]
+    gs = [torch.randn_like(p) for p in ps]
+    st = lambda: [torch.zeros(p.shape) for p in ps]  # noqa: E731
+    masters = [p.float() for p in ps]
+    scalars = (torch.tensor(8.0), torch.zeros(()), torch.tensor(2.0))
+    return [
+        ("grad_stats_", (gs, torch.zeros(()), torch.zeros(()))),
+        ("fused_adamw_", (ps, gs, st(), st(), [], [torch.zeros(()) for _ in ps], 1e-3, None, 0.9,
+                          0.999, 1e-8, 0.01, None, None, None, 0.0)),
+        ("fused_adamw_", (ps, gs, st(), st(), masters, [torch.zeros(()) for _ in ps], 1e-3,
+                          torch.tensor(2e-3), 0.9, 0.999, 1e-8, 0.01, *scalars, 1.0)),
+        ("fused_sgd_", (ps, gs, st(), masters, 1e-2, None, 0.9, True, 1e-4, *scalars, 1.0)),
+        ("fused_sgd_", (ps, gs, [], [], 1e-2, None, 0.0, False, 0.0, None, None, None, 0.0)),
+    ]
+
+
+@pytest.mark.parametrize("idx", range(5))
+def test_opcheck(extension, idx):
+    op, args = _opcheck_samples()[idx]
+    torch.library.opcheck(getattr(torch.ops.fastcore_train, op).default, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    results = []
+    for device in ("cpu", "cuda"):
+        model = _model(dtype=dtype).to(device)
+        opt = FusedAdamW(_groups(model), max_grad_norm=1.0)
+        scaler = LossScaler(init_scale=2.0 ** 10, growth_interval=3)
+        batches = [(x.to(device), y.to(device)) for x, y in _batches(8, dtype=dtype)]
+        for i, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            scaler.scale(((model(x).float() - y.float()) ** 2).mean()).backward()
+            if i == 3:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        results.append(([p.detach().float().cpu() for p in model.parameters()],
+                        scaler.get_scale()))
+    (cpu_p, cpu_s), (gpu_p, gpu_s) = results
+    assert cpu_s == gpu_s
+    for a, b in zip(cpu_p, gpu_p):
+        torch.testing.assert_close(a, b, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)

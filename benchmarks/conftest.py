@@ -58,30 +58,32 @@ def _fmt_ms(s):
 
 
 def _tables():
+    """One table per op: fastcore_train's time, every baseline measured for that op (eager,
+    compile, or the op's own, e.g. the optimizer's pipeline), ratios, GB/s."""
     by_op = defaultdict(lambda: defaultdict(dict))
     for r in RESULTS:
         by_op[r["op"]][r["case"]][r["impl"]] = r
     bw = _COPY_BW.get("gbps")
     out = {}
     for op, cases in by_op.items():
-        lines = [
-            f"| case | fastcore_train ms | eager ms | compile ms | × eager | × compile | GB/s | % copy BW |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        base = []
+        for impls in cases.values():
+            base += [k for k in impls if k != "fastcore_train" and k not in base]
+        head = (["case", "fastcore_train ms"] + [f"{b} ms" for b in base] +
+                [f"× {b}" for b in base] + ["GB/s", "% copy BW"])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for case, impls in cases.items():
             ours = impls.get("fastcore_train")
             if ours is None:
                 continue
-            eager, comp = impls.get("eager"), impls.get("compile")
             gbps = ours["nbytes"] / ours["median"] / 1e9 if ours["nbytes"] else None
-            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
-                case, _fmt_ms(ours["median"]),
-                _fmt_ms(eager["median"]) if eager else "-",
-                _fmt_ms(comp["median"]) if comp else "-",
-                f"{eager['median'] / ours['median']:.2f}" if eager else "-",
-                f"{comp['median'] / ours['median']:.2f}" if comp else "-",
-                f"{gbps:.1f}" if gbps else "-",
-                f"{100 * gbps / bw:.0f}%" if gbps and bw else "-"))
+            cells = [case, _fmt_ms(ours["median"])]
+            cells += [_fmt_ms(impls[b]["median"]) if b in impls else "-" for b in base]
+            cells += [f"{impls[b]['median'] / ours['median']:.2f}" if b in impls else "-"
+                      for b in base]
+            cells += [f"{gbps:.1f}" if gbps else "-",
+                      f"{100 * gbps / bw:.0f}%" if gbps and bw else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
         out[op] = "\n".join(lines)
     return out
 

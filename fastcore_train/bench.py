@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ class Case:
     nbytes: int   # bytes the fused op must move at least: the roofline of GB/s
     make: Callable[[], Dict[str, Callable[[], None]]]
     rounds: int = 5
+    impls: Tuple[str, ...] = ("fastcore_train", "eager", "compile")  # the keys make() returns
 
 
 def _sync(device: torch.device) -> None:
@@ -139,8 +140,95 @@ def cross_entropy_cases(device, size="full") -> List[Case]:
 
 
 # ---------------------------------------------------------------------------------------------
+# fused optimizer step (AdamW): ~100 tensors of mixed sizes, one step per call
 
-_REGISTRY = {"cross_entropy": cross_entropy_cases}
+OPTIM_PARAMS = {"full": 50_000_000, "quick": 10_000_000}
+OPTIM_TENSORS = 100
+
+
+def _optim_sizes(total: int, n: int = OPTIM_TENSORS) -> List[int]:
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(n, generator=g, dtype=torch.float64) + 0.1  # sizes spread over ~10x
+    sizes = [max(1, int(x)) for x in (w / w.sum() * total)]
+    sizes[-1] += total - sum(sizes)
+    return sizes
+
+
+def _optim_case(total: int, dtype, device) -> Case:
+    """fp16/bf16 params: FusedAdamW + LossScaler against the pipeline users run today (fp16
+    model + fp32 master copy: torch's unscale/check pass, grads copied to fp32, AdamW(fused=True)
+    on the masters with the found-inf flag, masters copied back, scale update).
+    fp32 params: FusedAdamW against torch.optim.AdamW(fused=True)."""
+    from fastcore_train.amp import LossScaler
+    from fastcore_train.optim import FusedAdamW
+
+    half = dtype != torch.float32
+
+    def make():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        sizes = _optim_sizes(total)
+        params = [torch.nn.Parameter((torch.randn(n, generator=g) * 0.02).to(device, dtype))
+                  for n in sizes]
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device, dtype)
+        ours = FusedAdamW(params, lr=1e-4)
+        steps = {}
+        if half:
+            scaler = LossScaler(init_scale=1.0)
+            scaler.scale(torch.ones((), device=device))  # puts the scale on the device
+
+            def fused():
+                scaler.step(ours)
+                scaler.update()
+            steps["fastcore_train"] = fused
+
+            masters = [torch.nn.Parameter(p.detach().float()) for p in params]
+            for m in masters:
+                m.grad = torch.empty_like(m)
+            topt = torch.optim.AdamW(masters, lr=1e-4, fused=True)
+            grads = [p.grad for p in params]
+            mgrads = [m.grad for m in masters]
+            scale = torch.ones((), device=device)
+            inv_scale = torch.ones((), device=device)
+            tracker = torch.zeros((), dtype=torch.int32, device=device)
+            found = torch.zeros((), device=device)
+            topt.grad_scale, topt.found_inf = None, found  # GradScaler's no-sync protocol
+
+            def pipeline():
+                found.zero_()
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
+                torch._foreach_copy_(mgrads, grads)
+                topt.step()
+                with torch.no_grad():
+                    torch._foreach_copy_(params, masters)
+                torch._amp_update_scale_(scale, tracker, found, 2.0, 0.5, 2000)
+            steps["pipeline"] = pipeline
+        else:
+            topt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+            steps["fastcore_train"] = ours.step
+            steps["torch_fused"] = topt.step
+        return {k: _synced(v, device) for k, v in steps.items()}
+
+    # Bytes per parameter the fused step must move. Half: read the grad in the check pass (2),
+    # then grad (2), master/exp_avg/exp_avg_sq read+write (24) and the weight written (2).
+    # fp32: grad (4), param/exp_avg/exp_avg_sq read+write (24), as torch's fused AdamW.
+    nbytes = total * (30 if half else 28)
+    dname = {torch.float32: "fp32", torch.bfloat16: "bf16+master",
+             torch.float16: "fp16+master"}[dtype]
+    label = f"{total / 1e6:.0f}M" if total >= 1e6 else str(total)
+    return Case("optim", f"adamw {dname} {label} in {OPTIM_TENSORS} tensors", nbytes, make,
+                rounds=10, impls=("fastcore_train", "pipeline" if half else "torch_fused"))
+
+
+def optim_cases(device, size="full") -> List[Case]:
+    device = torch.device(device)
+    total = OPTIM_PARAMS[size]
+    return [_optim_case(total, dt, device) for dt in (torch.float16, torch.bfloat16, torch.float32)]
+
+
+# ---------------------------------------------------------------------------------------------
+
+_REGISTRY = {"cross_entropy": cross_entropy_cases, "optim": optim_cases}
 OPS = tuple(_REGISTRY)
 
 

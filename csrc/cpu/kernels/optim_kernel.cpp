@@ -2,9 +2,11 @@
 // update pass that reads each gradient and state element once and writes each state element
 // and parameter once. The update rules themselves live in common/optim_math.h.
 //
-// Work is split into (tensor, chunk) items of kOptimChunk elements handed to at::parallel_for,
-// so a hundred tensors of any sizes keep every thread busy and each thread streams through
-// contiguous memory.
+// Work is split into (tensor, chunk) items of kOptimChunk elements that the threads of
+// at::parallel_for take one at a time from a shared counter: a hundred tensors of any sizes keep
+// every thread busy, and a thread slowed down by another process on its core (a shared machine)
+// does not hold the others back as a static split would. Results do not depend on which thread
+// takes which item (pass 1 adds its per-item sums in item order).
 //
 // This file is compiled once per ISA (see setup.py); CPU_CAPABILITY names the namespace.
 #include "cpu/kernels/optim_kernel.h"
@@ -16,11 +18,18 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
 #include "common/optim_math.h"
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace fastcore_train::cpu {
 namespace CPU_CAPABILITY {
@@ -76,11 +85,64 @@ inline void store2(T* p, const Vec& a, const Vec& b) {
   }
 }
 
+// store2 with a non-temporal store for 16-bit T at a vector-aligned address: the weight behind
+// a master is written and not read, so fetching its cache lines first (a normal store's read
+// for ownership) would cost 2 more bytes of traffic per parameter. Callers end with a fence.
+template <typename T>
+inline void store2_stream(T* p, const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (!std::is_same_v<T, float>) {
+    const __m512i v = at::vec::convert_from_float<T>(a, b);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (!std::is_same_v<T, float>) {
+    const __m256i v = at::vec::convert_from_float<T>(a, b);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+    return;
+  }
+#endif
+  store2(p, a, b);
+}
+
+constexpr bool kHaveStream =
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    true;
+#else
+    false;
+#endif
+
+// Orders the non-temporal stores before whatever follows (they are weakly ordered).
+inline void fence_streams() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+template <typename T>
+inline bool stream_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (kStep * sizeof(T)) == 0;
+}
+
 struct WorkItem {
   int64_t tensor;
   int64_t begin;
   int64_t end;
 };
+
+// Calls fn(i) for every i in [0, n), items handed out dynamically to at::parallel_for's threads.
+template <typename F>
+void for_each_item(int64_t n, const F& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(i);
+    }
+  });
+}
 
 template <typename NumelOf>
 std::vector<WorkItem> make_items(int64_t count, NumelOf numel_of) {
@@ -164,6 +226,8 @@ void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKern
                             Vec(c.one_minus_beta2), Vec(c.bc2_sqrt), Vec(c.eps),
                             Vec(c.neg_step_size)};
   const Vec mul(k.grad_mul);
+  const bool stream = kMaster && kHaveStream && !std::is_same_v<T, float> &&
+                      stream_aligned(p + begin);
   int64_t j = begin;
   for (; j + kStep <= end; j += kStep) {
     Vec g0, g1, w0, w1;
@@ -182,8 +246,13 @@ void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKern
     store2(m + j, m0, m1);
     store2(v + j, v0, v1);
     if constexpr (kMaster) store2(w + j, w0, w1);
-    store2(p + j, w0, w1);
+    if (stream) {
+      store2_stream(p + j, w0, w1);
+    } else {
+      store2(p + j, w0, w1);
+    }
   }
+  if (stream) fence_streams();
   for (; j < end; ++j) {
     const float gj = ScalarOps::mul(static_cast<float>(g[j]), k.grad_mul);
     float wj = kMaster ? w[j] : static_cast<float>(p[j]);
@@ -204,6 +273,8 @@ void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelPa
   const SGDConsts<float> c{k.weight_decay, k.momentum, k.neg_lr};
   const SGDConsts<Vec> cv{Vec(c.weight_decay), Vec(c.momentum), Vec(c.neg_lr)};
   const Vec mul(k.grad_mul);
+  const bool stream = kMaster && kHaveStream && !std::is_same_v<T, float> &&
+                      stream_aligned(p + begin);
   int64_t j = begin;
   for (; j + kStep <= end; j += kStep) {
     Vec g0, g1, w0, w1, b0(0.f), b1(0.f);
@@ -220,8 +291,13 @@ void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelPa
     optim_math::sgd_update<VecOps>(w1, b1, g1, cv, f);
     if (f.momentum) store2(b + j, b0, b1);
     if constexpr (kMaster) store2(w + j, w0, w1);
-    store2(p + j, w0, w1);
+    if (stream) {
+      store2_stream(p + j, w0, w1);
+    } else {
+      store2(p + j, w0, w1);
+    }
   }
+  if (stream) fence_streams();
   for (; j < end; ++j) {
     const float gj = ScalarOps::mul(static_cast<float>(g[j]), k.grad_mul);
     float wj = kMaster ? w[j] : static_cast<float>(p[j]);
@@ -238,8 +314,7 @@ template <template <typename, bool> class Chunk, typename K>
 void run_updates(const K& k) {
   const auto items =
       make_items(k.count, [&](int64_t t) { return k.slots[t].numel; });
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
+  for_each_item(static_cast<int64_t>(items.size()), [&](int64_t i) {
       const WorkItem& it = items[i];
       const ParamSlot& s = k.slots[it.tensor];
       const bool master = s.master != nullptr;
@@ -258,7 +333,6 @@ void run_updates(const K& k) {
           break;
         default: TORCH_INTERNAL_ASSERT(false, "fused optimizer: unexpected dtype ", s.dtype);
       }
-    }
   });
 }
 
@@ -281,13 +355,11 @@ struct SGDChunk {
 void grad_stats_kernel(GradStatsParams& p) {
   const auto items = make_items(p.count, [&](int64_t t) { return p.grads[t].numel; });
   std::vector<ChunkStats> stats(items.size());
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const WorkItem& it = items[i];
-      const GradView& g = p.grads[it.tensor];
-      stats[i] = p.want_norm ? chunk_stats_any<true>(g, it.begin, it.end)
-                             : chunk_stats_any<false>(g, it.begin, it.end);
-    }
+  for_each_item(static_cast<int64_t>(items.size()), [&](int64_t i) {
+    const WorkItem& it = items[i];
+    const GradView& g = p.grads[it.tensor];
+    stats[i] = p.want_norm ? chunk_stats_any<true>(g, it.begin, it.end)
+                           : chunk_stats_any<false>(g, it.begin, it.end);
   });
   double sq = 0.0;
   bool bad = false;

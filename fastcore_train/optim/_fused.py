@@ -53,6 +53,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     Works with :class:`fastcore_train.amp.LossScaler` (one check pass fused with the norm, skip
     on device) and with ``torch.amp.GradScaler`` (``_step_supports_amp_scaling``: the scaler
     passes ``grad_scale`` and ``found_inf`` and the kernels unscale and skip on the device).
+
+    The master copy is the reference for the weight once it exists: weights loaded into the model
+    after the optimizer has stepped are overwritten by the next step unless the optimizer's
+    state is loaded as well (``load_state_dict``), which carries the masters.
     """
 
     # torch.amp.GradScaler: set grad_scale / found_inf on us and call step() without syncing.

@@ -355,7 +355,11 @@ struct SGDChunk {
 void grad_stats_kernel(GradStatsParams& p) {
   const auto items = make_items(p.count, [&](int64_t t) { return p.grads[t].numel; });
   std::vector<ChunkStats> stats(items.size());
-  for_each_item(static_cast<int64_t>(items.size()), [&](int64_t i) {
+  const int64_t n = static_cast<int64_t>(items.size());
+  // Last items first: the update pass starts where this pass ends, with the gradients it read
+  // last still in the cache.
+  for_each_item(n, [&](int64_t k) {
+    const int64_t i = n - 1 - k;
     const WorkItem& it = items[i];
     const GradView& g = p.grads[it.tensor];
     stats[i] = p.want_norm ? chunk_stats_any<true>(g, it.begin, it.end)

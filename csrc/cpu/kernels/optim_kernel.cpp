@@ -309,30 +309,29 @@ void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelPa
   }
 }
 
-// Calls chunk<T, kMaster>(slot, begin, end, k) for the slot's dtype and master.
+// Calls Chunk<T, kMaster>::run(slot, begin, end, k) for every item, T and kMaster from the slot.
 template <template <typename, bool> class Chunk, typename K>
 void run_updates(const K& k) {
-  const auto items =
-      make_items(k.count, [&](int64_t t) { return k.slots[t].numel; });
+  const auto items = make_items(k.count, [&](int64_t t) { return k.slots[t].numel; });
   for_each_item(static_cast<int64_t>(items.size()), [&](int64_t i) {
-      const WorkItem& it = items[i];
-      const ParamSlot& s = k.slots[it.tensor];
-      const bool master = s.master != nullptr;
-      switch (s.dtype) {
-        case c10::ScalarType::Float:
-          master ? Chunk<float, true>::run(s, it.begin, it.end, k)
-                 : Chunk<float, false>::run(s, it.begin, it.end, k);
-          break;
-        case c10::ScalarType::Half:
-          master ? Chunk<c10::Half, true>::run(s, it.begin, it.end, k)
-                 : Chunk<c10::Half, false>::run(s, it.begin, it.end, k);
-          break;
-        case c10::ScalarType::BFloat16:
-          master ? Chunk<c10::BFloat16, true>::run(s, it.begin, it.end, k)
-                 : Chunk<c10::BFloat16, false>::run(s, it.begin, it.end, k);
-          break;
-        default: TORCH_INTERNAL_ASSERT(false, "fused optimizer: unexpected dtype ", s.dtype);
-      }
+    const WorkItem& it = items[i];
+    const ParamSlot& s = k.slots[it.tensor];
+    const bool master = s.master != nullptr;
+    switch (s.dtype) {
+      case c10::ScalarType::Float:
+        master ? Chunk<float, true>::run(s, it.begin, it.end, k)
+               : Chunk<float, false>::run(s, it.begin, it.end, k);
+        break;
+      case c10::ScalarType::Half:
+        master ? Chunk<c10::Half, true>::run(s, it.begin, it.end, k)
+               : Chunk<c10::Half, false>::run(s, it.begin, it.end, k);
+        break;
+      case c10::ScalarType::BFloat16:
+        master ? Chunk<c10::BFloat16, true>::run(s, it.begin, it.end, k)
+               : Chunk<c10::BFloat16, false>::run(s, it.begin, it.end, k);
+        break;
+      default: TORCH_INTERNAL_ASSERT(false, "fused optimizer: unexpected dtype ", s.dtype);
+    }
   });
 }
 

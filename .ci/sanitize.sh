@@ -20,9 +20,14 @@ export LD_PRELOAD="$(g++ -print-file-name=libasan.so):$(g++ -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1:detect_odr_violation=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export FASTCORE_TRAIN_BACKEND=extension
-PYTHONPATH="$PWD/$PKG" "$PY" -c "
+# Run from inside the copy: python puts the working directory first on sys.path, and the
+# source tree's own fastcore_train (with the regular _C) must not win.
+ROOT=$PWD
+TESTS=${SANITIZE_TESTS:-tests/test_cross_entropy.py tests/test_optim.py tests/test_amp.py}
+cd "$PKG"
+"$PY" -c "
 from fastcore_train import _backend
 assert '/build/asan/' in _backend._C.__file__, _backend._C.__file__
 print('sanitize: testing', _backend._C.__file__)"
-PYTHONPATH="$PWD/$PKG" "$PY" -m pytest -q -p no:cacheprovider -k "not reference" \
-  ${SANITIZE_TESTS:-tests/test_cross_entropy.py} -x
+"$PY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -k "not reference" \
+  $(for t in $TESTS; do echo "$ROOT/$t"; done) -x

@@ -5,7 +5,7 @@ from fastcore_train.nn import MixedTarget
 from fastcore_train import transfer, callbacks, distributed, train
 from fastcore_train.train import fit
 from fastcore_train.callbacks import EarlyStopping
-from fastcore_train import schedules
+from fastcore_train import schedules, optim, amp
 from fastcore_train.lr_finder import lr_find, LRFinderResult
 
 __version__ = "0.1.0"
@@ -13,6 +13,6 @@ __version__ = "0.1.0"
 __all__ = [
     "backend", "backend_reason", "ops", "nn", "MixedTarget",
     "transfer", "callbacks", "distributed", "train", "fit", "EarlyStopping",
-    "schedules", "lr_find", "LRFinderResult",
+    "schedules", "lr_find", "LRFinderResult", "optim", "amp",
     "__version__",
 ]

@@ -6,17 +6,19 @@
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(fastcore_train, m) {
-  // Label-smoothed cross-entropy, one or two targets (mixup). Returns the per-row loss and
-  // the per-row log-sum-exp (the only thing backward needs), both in the accumulation dtype
-  // (float32, or float64 for float64 logits). Reduction is left to the caller.
-  // lam: per-row weight of `target` (float32, shape (B,)); when absent, lam_scalar is used.
+  // Label-smoothed cross-entropy, one or two targets (mixup). Returns the loss, reduced as
+  // torch does (reduction: 0 none, 1 mean over rows not ignored, 2 sum; torch's at::Reduction),
+  // and the per-row log-sum-exp, the only thing backward needs. Both are in the accumulation
+  // dtype (float32, or float64 for float64 logits).
+  // lam: per-row weight of `target` (shape (B,)); when absent, lam_scalar is used.
   m.def(
       "cross_entropy(Tensor logits, Tensor target, Tensor? target_b, Tensor? lam, "
-      "float lam_scalar, float label_smoothing, int ignore_index) -> (Tensor, Tensor)");
+      "float lam_scalar, float label_smoothing, int ignore_index, int reduction) -> "
+      "(Tensor, Tensor)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "
       "Tensor? target_b, Tensor? lam, float lam_scalar, Tensor lse, float label_smoothing, "
-      "int ignore_index) -> Tensor");
+      "int ignore_index, int reduction) -> Tensor");
 
   // Mixed-precision fused optimizer step (fastcore_train/optim), two passes.
   // Pass 1 reads every gradient once and writes nothing else: it sets found_inf to 1 when an

@@ -232,11 +232,14 @@ def test_op_checks_direct_call(extension):
     """The C++ op checks its inputs itself too (for users of torch.ops directly)."""
     with pytest.raises(IndexError, match="target 7 is out of range"):
         torch.ops.fastcore_train.cross_entropy(torch.randn(2, 5), torch.tensor([1, 7]), None,
-                                               None, 1.0, 0.0, -100)
+                                               None, 1.0, 0.0, -100, 1)
     with pytest.raises(ValueError, match="lam must be in"):
         torch.ops.fastcore_train.cross_entropy(torch.randn(2, 5), torch.tensor([1, 2]),
                                                torch.tensor([0, 0]), torch.tensor([0.5, 2.0]),
-                                               1.0, 0.0, -100)
+                                               1.0, 0.0, -100, 1)
+    with pytest.raises(ValueError, match="reduction must be"):
+        torch.ops.fastcore_train.cross_entropy(torch.randn(2, 5), torch.tensor([1, 2]), None,
+                                               None, 1.0, 0.0, -100, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,13 +250,16 @@ def test_opcheck(extension):
     y = _targets(6, 37, ignore_every=5)
     y_b = _targets(6, 37, seed=3)
     lam = torch.rand(6)
-    torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
-                          (x, y, None, None, 1.0, 0.1, -100))
-    torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
-                          (x, y, y_b, lam, 1.0, 0.1, -100))
+    for reduction in (0, 1, 2):
+        torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
+                              (x, y, None, None, 1.0, 0.1, -100, reduction))
+        torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
+                              (x, y, y_b, lam, 1.0, 0.1, -100, reduction))
     lse = torch.logsumexp(x.detach(), 1)
     torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
-                          (torch.rand(6), x.detach(), y, y_b, None, 0.3, lse, 0.1, -100))
+                          (torch.rand(6), x.detach(), y, y_b, None, 0.3, lse, 0.1, -100, 0))
+    torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
+                          (torch.rand(()), x.detach(), y, y_b, None, 0.3, lse, 0.1, -100, 1))
 
 
 def test_torch_compile_fullgraph(extension):

@@ -44,6 +44,30 @@ inline void check_cross_entropy_inputs(const at::Tensor& logits, const at::Tenso
               "cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
 }
 
+// torch's at::Reduction values, used by the op's `reduction` argument.
+enum CrossEntropyReduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
+
+inline void check_cross_entropy_reduction(int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction >= kReduceNone && reduction <= kReduceSum,
+                    "cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+                    reduction);
+}
+
+inline void check_cross_entropy_backward_shapes(const at::Tensor& grad_loss, const at::Tensor& lse,
+                                               int64_t B, int64_t reduction) {
+  if (reduction == kReduceNone) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B,
+                      "cross_entropy_backward: grad_loss must have shape (", B, ",), got ",
+                      grad_loss.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1,
+                      "cross_entropy_backward: grad_loss of a reduced loss must have one "
+                      "element, got shape ", grad_loss.sizes());
+  }
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B, "cross_entropy_backward: lse must have "
+                    "shape (", B, ",), got ", lse.sizes());
+}
+
 inline at::ScalarType cross_entropy_acc_type(at::ScalarType logits_type) {
   return logits_type == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -19,9 +19,10 @@ at::Tensor rows_with_unit_stride(const at::Tensor& logits) {
   return (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
 }
 
-// Value checks that need the data: cheap next to the (B, C) pass.
-void check_values(const at::Tensor& target, const std::optional<at::Tensor>& target_b,
-                  const at::Tensor& lam, int64_t classes, int64_t ignore_index) {
+// Value checks that need the data: cheap next to the (B, C) pass. Returns the number of rows
+// that are not ignored (the denominator of the mean).
+int64_t check_values(const at::Tensor& target, const std::optional<at::Tensor>& target_b,
+                     const at::Tensor& lam, int64_t classes, int64_t ignore_index) {
   auto check_range = [&](const at::Tensor& t) {
     const int64_t* p = t.data_ptr<int64_t>();
     for (int64_t i = 0, n = t.numel(); i < n; ++i) {
@@ -41,6 +42,13 @@ void check_values(const at::Tensor& target, const std::optional<at::Tensor>& tar
       }
     });
   }
+  const int64_t* a = target.const_data_ptr<int64_t>();
+  const int64_t* b = target_b.has_value() ? target_b->const_data_ptr<int64_t>() : a;
+  int64_t valid = 0;
+  for (int64_t i = 0, n = target.numel(); i < n; ++i) {
+    valid += a[i] != ignore_index && b[i] != ignore_index;
+  }
+  return valid;
 }
 
 cpu::CrossEntropyParams make_params(const at::Tensor& x, const at::Tensor& target,
@@ -73,6 +81,7 @@ bool stream_stores_for(size_t nbytes) {
 struct Prepared {
   at::Tensor x, target, lam;
   std::optional<at::Tensor> target_b;
+  int64_t valid = 0;  // rows not ignored
 };
 
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
@@ -84,24 +93,39 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
   r.target = target.contiguous();
   if (target_b.has_value()) r.target_b = target_b->contiguous();
   if (lam.has_value()) r.lam = lam->to(cross_entropy_acc_type(logits.scalar_type())).contiguous();
-  check_values(r.target, r.target_b, r.lam, logits.size(1), ignore_index);
+  r.valid = check_values(r.target, r.target_b, r.lam, logits.size(1), ignore_index);
   return r;
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& target_b,
     const std::optional<at::Tensor>& lam, double lam_scalar, double label_smoothing,
-    int64_t ignore_index) {
+    int64_t ignore_index, int64_t reduction) {
+  check_cross_entropy_reduction(reduction);
   Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index);
+  const int64_t B = logits.size(0);
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
-  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
-  at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(acc));
-  if (logits.size(0) == 0) return {loss, lse};
-  auto p = make_params(in.x, in.target, in.target_b, in.lam, lam_scalar, label_smoothing,
-                       ignore_index);
-  p.loss = loss.data_ptr();
-  p.lse = lse.data_ptr();
-  FT_ISA_CALL(cross_entropy_forward_kernel, p);
+  at::Tensor rows = at::empty({B}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({B}, logits.options().dtype(acc));
+  if (B > 0) {
+    auto p = make_params(in.x, in.target, in.target_b, in.lam, lam_scalar, label_smoothing,
+                         ignore_index);
+    p.loss = rows.data_ptr();
+    p.lse = lse.data_ptr();
+    FT_ISA_CALL(cross_entropy_forward_kernel, p);
+  }
+  if (reduction == kReduceNone) return {rows, lse};
+  // The reduction over B rows is done here rather than by separate torch ops: at small sizes
+  // their dispatch and autograd nodes cost as much as the kernel.
+  at::Tensor loss = at::empty({}, logits.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "cross_entropy_reduce", [&] {
+    const scalar_t* r = rows.const_data_ptr<scalar_t>();
+    double total = 0.0;
+    for (int64_t i = 0; i < B; ++i) total += r[i];
+    // the mean is over rows not ignored; none at all gives 0/0 = NaN, as in torch
+    *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(
+        reduction == kReduceMean ? total / static_cast<double>(in.valid) : total);
+  });
   return {loss, lse};
 }
 
@@ -110,22 +134,34 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
                                       const std::optional<at::Tensor>& target_b,
                                       const std::optional<at::Tensor>& lam, double lam_scalar,
                                       const at::Tensor& lse, double label_smoothing,
-                                      int64_t ignore_index) {
+                                      int64_t ignore_index, int64_t reduction) {
+  check_cross_entropy_reduction(reduction);
   Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index);
   const int64_t B = logits.size(0);
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B && lse.dim() == 1 &&
-                  lse.size(0) == B,
-              "cross_entropy_backward: grad_loss and lse must have shape (", B, ",)");
+  check_cross_entropy_backward_shapes(grad_loss, lse, B, reduction);
   at::Tensor grad = cpu::empty_large({B, logits.size(1)}, logits.options());
   if (grad.numel() == 0) return grad;
-  at::Tensor g = grad_loss.to(acc);  // keeps stride 0 of an expanded grad (mean/sum)
   at::Tensor l = lse.to(acc).contiguous();
   auto p = make_params(in.x, in.target, in.target_b, in.lam, lam_scalar, label_smoothing,
                        ignore_index);
+  // Per-row upstream gradient: a (B,) tensor for reduction none, else one value for every row.
+  at::Tensor g;
+  double g_value = 0.0;
+  float g_value_f = 0.f;
+  if (reduction == kReduceNone) {
+    g = grad_loss.to(acc);
+    p.grad_loss = g.const_data_ptr();
+    p.grad_loss_stride = g.stride(0);
+  } else {
+    g_value = grad_loss.item<double>();
+    if (reduction == kReduceMean) g_value /= static_cast<double>(in.valid);
+    g_value_f = static_cast<float>(g_value);
+    p.grad_loss = acc == at::kDouble ? static_cast<const void*>(&g_value)
+                                     : static_cast<const void*>(&g_value_f);
+    p.grad_loss_stride = 0;
+  }
   p.lse_in = l.const_data_ptr();
-  p.grad_loss = g.const_data_ptr();
-  p.grad_loss_stride = g.stride(0);
   p.grad_logits = grad.data_ptr();
   p.stream_stores = stream_stores_for(grad.nbytes());
   FT_ISA_CALL(cross_entropy_backward_kernel, p);

@@ -234,18 +234,32 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
   return p;
 }
 
+// Rows that are not ignored, as a device tensor (no host sync): the mean's denominator.
+at::Tensor valid_rows(const Prepared& in, int64_t ignore_index) {
+  at::Tensor valid = in.target.ne(ignore_index);
+  if (in.target_b.defined()) valid.logical_and_(in.target_b.ne(ignore_index));
+  return valid.sum();
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& target_b,
     const std::optional<at::Tensor>& lam, double lam_scalar, double label_smoothing,
-    int64_t ignore_index) {
+    int64_t ignore_index, int64_t reduction) {
+  check_cross_entropy_reduction(reduction);
   Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), C = logits.size(1);
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
   at::Tensor loss = at::empty({B}, logits.options().dtype(acc));
   at::Tensor lse = at::empty({B}, logits.options().dtype(acc));
-  if (B == 0) return {loss, lse};
-  TORCH_CHECK(C > 0, "cross_entropy: logits must have at least one class");
+  auto reduce = [&](const at::Tensor& rows) -> std::tuple<at::Tensor, at::Tensor> {
+    if (reduction == kReduceNone) return {rows, lse};
+    at::Tensor total = rows.sum();
+    // mean over rows not ignored; none at all gives 0/0 = NaN, as in torch
+    return {reduction == kReduceMean ? total.div(valid_rows(in, ignore_index)) : total, lse};
+  };
+  if (B == 0) return reduce(loss);
+  TORCH_CHECK_VALUE(C > 0, "cross_entropy: logits must have at least one class");
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "cross_entropy_cuda", [&] {
@@ -270,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
       launch(ce_forward_kernel<scalar_t, acc_t, 1>);
     }
   });
-  return {loss, lse};
+  return reduce(loss);
 }
 
 at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -278,17 +292,19 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
                                        const std::optional<at::Tensor>& target_b,
                                        const std::optional<at::Tensor>& lam, double lam_scalar,
                                        const at::Tensor& lse, double label_smoothing,
-                                       int64_t ignore_index) {
+                                       int64_t ignore_index, int64_t reduction) {
+  check_cross_entropy_reduction(reduction);
   Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), C = logits.size(1);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B && lse.dim() == 1 &&
-                  lse.size(0) == B,
-              "cross_entropy_backward: grad_loss and lse must have shape (", B, ",)");
+  check_cross_entropy_backward_shapes(grad_loss, lse, B, reduction);
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
   at::Tensor grad = at::empty({B, C}, logits.options());
   if (grad.numel() == 0) return grad;
-  at::Tensor g = grad_loss.to(acc);  // may be expanded (stride 0) from a mean or sum
+  // Per-row upstream gradient, kept on the device; stride 0 when every row shares one value.
+  at::Tensor g = grad_loss.to(acc);
+  if (reduction == kReduceMean) g = g.div(valid_rows(in, ignore_index));
+  if (reduction != kReduceNone) g = g.reshape({1}).expand({B});
   at::Tensor l = lse.to(acc).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),

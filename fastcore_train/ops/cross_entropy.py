@@ -22,6 +22,7 @@ from fastcore_train import _backend
 __all__ = ["cross_entropy", "cross_entropy_reference"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # torch's at::Reduction, the op's argument
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 Lam = Union[None, float, torch.Tensor]
@@ -41,11 +42,12 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, label_smoothing
     """
     lam_t, lam_s = _check_args(logits, target, target_b, lam, label_smoothing, reduction)
     if _backend.use_extension("cross_entropy", logits):
-        rows, _ = torch.ops.fastcore_train.cross_entropy(
-            logits, target, target_b, lam_t, lam_s, float(label_smoothing), int(ignore_index))
-    else:
-        rows = _reference_rows(logits, target, target_b, lam_t, lam_s, float(label_smoothing),
-                               int(ignore_index))
+        loss, _ = torch.ops.fastcore_train.cross_entropy(
+            logits, target, target_b, lam_t, lam_s, float(label_smoothing), int(ignore_index),
+            _REDUCTION_CODE[reduction])
+        return loss
+    rows = _reference_rows(logits, target, target_b, lam_t, lam_s, float(label_smoothing),
+                           int(ignore_index))
     return _reduce(rows, target, target_b, ignore_index, reduction)
 
 
@@ -176,26 +178,28 @@ def _register():
     lib = "fastcore_train::cross_entropy"
 
     @torch.library.register_fake(lib)
-    def _(logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index):
+    def _(logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index, reduction):
         torch._check(logits.dim() == 2, lambda: "cross_entropy: logits must be 2-D")
         torch._check(target.shape[0] == logits.shape[0],
                      lambda: "cross_entropy: target must match logits' batch")
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         B = logits.shape[0]
-        return logits.new_empty((B,), dtype=acc), logits.new_empty((B,), dtype=acc)
+        loss_shape = (B,) if reduction == 0 else ()
+        return logits.new_empty(loss_shape, dtype=acc), logits.new_empty((B,), dtype=acc)
 
     @torch.library.register_fake("fastcore_train::cross_entropy_backward")
     def _(grad_loss, logits, target, target_b, lam, lam_scalar, lse, label_smoothing,
-          ignore_index):
+          ignore_index, reduction):
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
     def setup_context(ctx, inputs, output):
-        logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index = inputs
+        logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index, reduction = inputs
         _, lse = output
         ctx.save_for_backward(logits, target, target_b, lam, lse)
         ctx.lam_scalar = lam_scalar
         ctx.label_smoothing = label_smoothing
         ctx.ignore_index = ignore_index
+        ctx.reduction = reduction
 
     def backward(ctx, grad_loss, _grad_lse):
         logits, target, target_b, lam, lse = ctx.saved_tensors
@@ -203,8 +207,8 @@ def _register():
         if ctx.needs_input_grad[0]:
             grad = torch.ops.fastcore_train.cross_entropy_backward(
                 grad_loss, logits, target, target_b, lam, ctx.lam_scalar, lse,
-                ctx.label_smoothing, ctx.ignore_index)
-        return grad, None, None, None, None, None, None
+                ctx.label_smoothing, ctx.ignore_index, ctx.reduction)
+        return grad, None, None, None, None, None, None, None
 
     torch.library.register_autograd(lib, backward, setup_context=setup_context)
 

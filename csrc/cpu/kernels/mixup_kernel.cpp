@@ -9,6 +9,10 @@
 // both results computed from the loaded values, then both stored, so nothing is read after it
 // was overwritten and no buffer is needed.
 //
+// A large out-of-place result is written with non-temporal (streaming) stores on AVX2/AVX-512:
+// a result bigger than the last-level cache would be evicted before anyone reads it anyway,
+// and streaming skips the read-for-ownership of every output line, a quarter of the traffic.
+//
 // This file is compiled once per ISA (see setup.py); CPU_CAPABILITY names the namespace.
 #include "cpu/kernels/mixup_kernel.h"
 
@@ -20,8 +24,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#define FT_MIXUP_STREAM 1
+#endif
 
 namespace fastcore_train::cpu {
 namespace CPU_CAPABILITY {
@@ -35,6 +45,9 @@ constexpr int64_t kStep = 2 * kV;
 constexpr int64_t kChunk = 16384;
 // Below this many elements in total the blend runs on one thread.
 constexpr int64_t kSerial = 65536;
+// Out-of-place results of at least this many bytes (the size of a large last-level cache) are
+// written with streaming stores.
+constexpr int64_t kStreamBytes = int64_t(32) << 20;
 
 template <typename T>
 inline void load2(const T* p, Vec& a, Vec& b) {
@@ -57,16 +70,54 @@ inline void store2(T* p, const Vec& a, const Vec& b) {
   }
 }
 
+// store2 bypassing the caches; p must be aligned to sizeof(Vec).
+template <typename T>
+inline void stream2(T* p, const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, a);
+    _mm512_stream_ps(p + kV, b);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(a, b));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, a);
+    _mm256_stream_ps(p + kV, b);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
+  }
+#else
+  store2(p, a, b);
+#endif
+}
+
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// out = a * x + b * y over n elements (out may be x or y).
-template <typename T>
+// out = a * x + b * y over n elements (out may be x or y; not with kStream).
+template <typename T, bool kStream = false>
 void blend_row(const T* x, const T* y, T* out, int64_t n, acc_t<T> a, acc_t<T> b) {
   using A = acc_t<T>;
   int64_t j = 0;
   if constexpr (!std::is_same_v<T, double>) {
     const Vec va(a), vb(b);
+    if constexpr (kStream) {
+      // scalar head up to the vector alignment of out, then streaming stores
+      constexpr uintptr_t kAlign = sizeof(Vec);
+      const int64_t head = std::min<int64_t>(
+          n, static_cast<int64_t>((kAlign - reinterpret_cast<uintptr_t>(out) % kAlign) % kAlign /
+                                  sizeof(T)));
+      for (; j < head; ++j) {
+        out[j] = static_cast<T>(std::fma(a, static_cast<A>(x[j]), b * static_cast<A>(y[j])));
+      }
+      for (; j + kStep <= n; j += kStep) {
+        Vec x0, x1, y0, y1;
+        load2(x + j, x0, x1);
+        load2(y + j, y0, y1);
+        stream2(out + j, at::vec::fmadd(va, x0, vb * y0), at::vec::fmadd(va, x1, vb * y1));
+      }
+    }
     for (; j + kStep <= n; j += kStep) {
       Vec x0, x1, y0, y1;
       load2(x + j, x0, x1);
@@ -123,13 +174,24 @@ void blend(const BlendArgs& a) {
   const int64_t grain = std::max<int64_t>(1, kSerial / chunk_len);
 
   if (!a.pairs) {
+    const bool stream = a.batch * n * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
     at::parallel_for(0, a.batch * chunks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t i = u / chunks, c0 = (u % chunks) * kChunk;
         const auto [wa, wb] = weights(i);
-        blend_row(x + i * a.x_stride + c0, x + a.src[i] * a.x_stride + c0,
-                  out + i * a.out_stride + c0, std::min(kChunk, n - c0), wa, wb);
+        const T* xi = x + i * a.x_stride + c0;
+        const T* xs = x + a.src[i] * a.x_stride + c0;
+        T* o = out + i * a.out_stride + c0;
+        const int64_t len = std::min(kChunk, n - c0);
+        if (stream) {
+          blend_row<T, true>(xi, xs, o, len, wa, wb);
+        } else {
+          blend_row<T>(xi, xs, o, len, wa, wb);
+        }
       }
+#ifdef FT_MIXUP_STREAM
+      if (stream) _mm_sfence();  // order this thread's streaming stores before the join
+#endif
     });
     return;
   }

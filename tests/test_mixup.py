@@ -497,6 +497,32 @@ def test_every_cpu_build(extension, isa):
     _assert_close(xi, _plain(xf, flip_perm(5), lam), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_large_output_streaming_stores(extension, dtype, isa):
+    """Outputs past the last-level cache take the streaming-store path; an out= one element off
+    the vector alignment exercises its scalar head."""
+    C_ = _backend._C
+    order = ["default", "avx2", "avx512"]
+    if order.index(isa) > order.index(C_.best_cpu_capability()):
+        pytest.skip(f"CPU lacks {isa}")
+    B = 40 if dtype == torch.float32 else 80  # > 32 MiB of output
+    x = torch.randn(B, 3, 224, 224).to(dtype)
+    perm, lam = _random_perm(B), _lam("tensor", B)
+    buf = torch.empty(x.numel() + 1, dtype=dtype)
+    out = buf[1:].view(x.shape)
+    try:
+        C_._set_cpu_capability(isa)
+        got = ft.ops.mixup(x, perm, lam)
+        ft.ops.mixup(x, perm, 0.3, out=out)
+    finally:
+        C_._set_cpu_capability("")
+    want = mixup_reference(x, perm, lam)
+    torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    torch.testing.assert_close(out, mixup_reference(x, perm, 0.3), atol=TOL[dtype][0],
+                               rtol=TOL[dtype][1])
+
+
 # ---------------------------------------------------------------------------------------------
 # the Mixup module
 

@@ -237,10 +237,16 @@ def test_cutmix_inplace_involution(backend, per_sample, perm_kind, layout):
     assert torch.equal(x, want)
 
 
-def test_cutmix_out_leaves_x_alone(backend):
+@pytest.mark.parametrize("out_layout", ["contiguous", "channels_last", "strided"])
+def test_cutmix_out_leaves_x_alone(backend, out_layout):
     x = torch.randn(4, 2, 6, 6)
     before = x.clone()
-    out = torch.empty_like(x)
+    if out_layout == "strided":
+        out = torch.empty(4, 2, 6, 8)[..., 1:7]
+    elif out_layout == "channels_last":
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+    else:
+        out = torch.empty_like(x)
     got, _ = ft.ops.cutmix(x, flip_perm(4), (1, 4, 2, 5), out=out)
     assert got is out and torch.equal(x, before)
     assert torch.equal(out, _cut_by_slicing(before, flip_perm(4), [(1, 4, 2, 5)] * 4))

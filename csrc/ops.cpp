@@ -47,6 +47,21 @@ TORCH_LIBRARY(fastcore_train, m) {
       "Tensor(d!)[] masters, float lr, Tensor? lr_tensor, float momentum, bool nesterov, "
       "float weight_decay, Tensor? grad_scale, Tensor? found_inf, Tensor? sq_norm, "
       "float max_grad_norm) -> ()");
+
+  // Mixup blend: lam * x + (1 - lam) * x[perm] over the batch (dim 0) of x, any shape and
+  // layout. lam: per-sample weights (shape (B,)); when absent, lam_scalar is used. perm must be
+  // a permutation of range(B); in place, an involution (perm[perm[i]] == i).
+  m.def("mixup(Tensor x, Tensor perm, Tensor? lam, float lam_scalar) -> Tensor");
+  m.def("mixup_out(Tensor x, Tensor perm, Tensor? lam, float lam_scalar, Tensor(a!) out) -> ()");
+  m.def("mixup_inplace(Tensor(a!) x, Tensor perm, Tensor? lam, float lam_scalar) -> ()");
+  // d x[j] = lam_j * grad[j] + (1 - lam_i) * grad[i] with perm[i] = j.
+  m.def("mixup_backward(Tensor grad, Tensor perm, Tensor? lam, float lam_scalar) -> Tensor");
+  // Cutmix paste of (B, C, H, W) x: box (y0, y1, x0, x1) of x[perm[i]] into x[i]. boxes: per-
+  // sample boxes (B, 4); when absent, `box` (4 ints) for every sample.
+  m.def("cutmix(Tensor x, Tensor perm, Tensor? boxes, int[] box) -> Tensor");
+  m.def("cutmix_out(Tensor x, Tensor perm, Tensor? boxes, int[] box, Tensor(a!) out) -> ()");
+  m.def("cutmix_inplace(Tensor(a!) x, Tensor perm, Tensor? boxes, int[] box) -> ()");
+  m.def("cutmix_backward(Tensor grad, Tensor perm, Tensor? boxes, int[] box) -> Tensor");
 }
 
 namespace {

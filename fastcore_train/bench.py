@@ -227,8 +227,68 @@ def optim_cases(device, size="full") -> List[Case]:
 
 
 # ---------------------------------------------------------------------------------------------
+# mixup
 
-_REGISTRY = {"cross_entropy": cross_entropy_cases, "optim": optim_cases}
+MIXUP_SHAPES = {"full": [(256, 3, 224, 224), (256, 3, 64, 64)], "quick": [(256, 3, 64, 64)]}
+MIXUP_LAM = 0.7
+MIXUP_IMPLS = ("fastcore_train", "fastcore_train fresh", "fastcore_train inplace", "eager", "lerp",
+               "timm flip", "compile", "copy")
+
+
+def _mixup_eager(x, perm, lam):
+    return lam * x + (1 - lam) * x[perm]
+
+
+def _mixup_case(shape, dtype, device) -> Case:
+    es = torch.finfo(dtype).bits // 8
+    numel = 1
+    for s in shape:
+        numel *= s
+
+    def make():
+        from fastcore_train.mixup import pair_perm
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+        xi = x.clone()  # the in-place contenders blend their own batch, again and again
+        perm = torch.randperm(shape[0], generator=g).to(device)
+        pairs = pair_perm(shape[0], g).to(device)
+        out = torch.empty_like(x)
+        lam = MIXUP_LAM
+        key = ("mixup", shape, dtype, device.type)
+        if key not in _compiled:
+            _allow_recompiles()
+            _compiled[key] = torch.compile(_mixup_eager, dynamic=False)
+        compiled = _compiled[key]
+        impls = {
+            "fastcore_train": lambda: ft.ops.mixup(x, perm, lam, out=out),
+            "fastcore_train fresh": lambda: ft.ops.mixup(x, perm, lam),
+            "fastcore_train inplace": lambda: ft.ops.mixup(xi, pairs, lam, out=xi),
+            "eager": lambda: _mixup_eager(x, perm, lam),
+            "lerp": lambda: torch.lerp(x[perm], x, lam, out=out),
+            "timm flip": lambda: xi.mul_(lam).add_(xi.flip(0).mul_(1 - lam)),
+            "compile": lambda: compiled(x, perm, lam),
+            "copy": lambda: out.copy_(x),
+        }
+        return {name: _synced(fn, device) for name, fn in impls.items()}
+
+    dname = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    big = numel >= 256 * 3 * 224 * 224
+    # out of place: both source rows read once, the result written once
+    return Case("mixup", f"{'x'.join(map(str, shape))} {dname}", 3 * numel * es, make,
+                rounds=7 if big and device.type == "cpu" else 15, impls=MIXUP_IMPLS)
+
+
+def mixup_cases(device, size="full") -> List[Case]:
+    device = torch.device(device)
+    return [_mixup_case(shape, dtype, device)
+            for shape in MIXUP_SHAPES[size]
+            for dtype in (torch.float32, torch.bfloat16)]
+
+
+# ---------------------------------------------------------------------------------------------
+
+_REGISTRY = {"cross_entropy": cross_entropy_cases, "optim": optim_cases, "mixup": mixup_cases}
 OPS = tuple(_REGISTRY)
 
 

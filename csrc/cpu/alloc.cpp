@@ -28,6 +28,12 @@ bool enabled() {
 }  // namespace
 
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return empty_large(sizes, c10::contiguous_strides(sizes), options);
+}
+
+at::Tensor empty_large(at::IntArrayRef sizes, at::IntArrayRef strides,
+                       const at::TensorOptions& options) {
+  TORCH_INTERNAL_ASSERT(sizes.size() == strides.size());
 #if defined(__linux__)
   size_t numel = 1;
   for (auto s : sizes) numel *= static_cast<size_t>(s);
@@ -37,11 +43,11 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
     void* p = nullptr;
     if (posix_memalign(&p, kHugePage, bytes) == 0) {
       madvise(p, bytes, MADV_HUGEPAGE);  // advisory: failure just means 4 KiB pages
-      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, options);
+      return at::from_blob(p, sizes, strides, [](void* q) { std::free(q); }, options);
     }
   }
 #endif
-  return at::empty(sizes, options);
+  return at::empty_strided(sizes, strides, options);
 }
 
 }  // namespace fastcore_train::cpu

@@ -11,5 +11,8 @@
 namespace fastcore_train::cpu {
 
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
+// The same with explicit strides (e.g. channels_last); they must describe a dense tensor.
+at::Tensor empty_large(at::IntArrayRef sizes, at::IntArrayRef strides,
+                       const at::TensorOptions& options);
 
 }  // namespace fastcore_train::cpu

@@ -1,0 +1,185 @@
+"""Batch mixing for training: mixup and cutmix, consumed by the loss without soft targets.
+
+``Mixup`` samples the mixing parameters (lam, the pairing, the cutmix box) with a
+``torch.Generator`` and blends the batch with the fused ops; it returns the mixed batch and a
+:class:`~fastcore_train.nn.MixedTarget` that :class:`~fastcore_train.nn.LabelSmoothingCrossEntropy`
+turns into the two-target loss ``lam * CE(y_a) + (1 - lam) * CE(y_b)`` (with label smoothing),
+so no (B, classes) soft-target tensor is ever built.
+
+Parameter sampling is kept apart from the blend (the ops take lam, perm and box explicitly).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from fastcore_train import ops
+from fastcore_train.nn import MixedTarget
+
+__all__ = ["Mixup", "flip_perm", "pair_perm", "sample_beta"]
+
+_MODES = ("batch", "pair", "elem")
+
+
+def flip_perm(batch: int) -> torch.Tensor:
+    """``[B-1, ..., 1, 0]``: pairs sample i with B-1-i (an involution)."""
+    return torch.arange(batch - 1, -1, -1)
+
+
+def pair_perm(batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random disjoint pair swaps (an involution); with an odd batch one sample stays put."""
+    order = torch.randperm(batch, generator=generator)
+    m = batch // 2
+    a, b = order[:m], order[m:2 * m]
+    perm = torch.arange(batch)
+    perm[a] = b
+    perm[b] = a
+    return perm
+
+
+def sample_beta(alpha: float, shape=(), generator: Optional[torch.Generator] = None
+                ) -> torch.Tensor:
+    """Beta(alpha, alpha) samples (float64, CPU) from two Gamma(alpha) draws of ``generator``.
+
+    ``torch.distributions.Beta`` cannot take a generator; ``X / (X + Y)`` with X, Y ~
+    Gamma(alpha) independent is Beta(alpha, alpha)-distributed.
+    """
+    conc = torch.full(tuple(shape) + (2,), float(alpha), dtype=torch.float64)
+    g = torch._standard_gamma(conc, generator=generator)
+    total = g.sum(-1)
+    # Both draws can underflow to 0 for tiny alpha; the distribution is symmetric about 1/2.
+    return torch.where(total > 0, g[..., 0] / total, torch.full_like(total, 0.5))
+
+
+class Mixup(torch.nn.Module):
+    """Mixup / cutmix of a batch: ``(x, y) -> (x_mixed, MixedTarget(y_a, y_b, lam))``.
+
+    Args:
+        alpha: mixup lam ~ Beta(alpha, alpha); 0 disables mixup.
+        cutmix_alpha: cutmix lam ~ Beta(cutmix_alpha, cutmix_alpha); 0 disables cutmix.
+        prob: probability of mixing a batch (``mode="elem"``: a sample); the others are returned
+            unchanged with ``lam = 1`` and ``y_b = y_a``.
+        switch_prob: with both alphas > 0, probability of cutmix rather than mixup for a batch.
+        mode: how samples are paired and weighted:
+            ``"batch"``: one lam, sample i paired with B-1-i (a flip of the batch);
+            ``"pair"``: one lam, random disjoint pairs;
+            ``"elem"``: one lam per sample (a (B,) tensor), flip pairing; with cutmix, one box
+            per sample. The choice of mixup or cutmix is made per batch in every mode.
+        inplace: blend into the input batch instead of a new tensor (no extra memory; the
+            pairings above are all involutions, which in-place blending needs). Opt-in: the
+            caller's tensor is overwritten.
+        generator: the ``torch.Generator`` (CPU) every random choice is drawn from; ``None``
+            uses torch's default generator (so ``torch.manual_seed`` makes runs repeatable).
+
+    Cutmix boxes have the area ``(1 - lam) * H * W`` around a uniform centre, clipped to the
+    image; lam is then recomputed from the clipped area so the loss weights match the pixels.
+    In ``eval()`` mode the batch passes through unmixed, like dropout.
+    """
+
+    def __init__(self, alpha: float = 0.4, cutmix_alpha: float = 0.0, prob: float = 1.0,
+                 switch_prob: float = 0.5, mode: str = "batch", inplace: bool = False,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        for name, v in (("alpha", alpha), ("cutmix_alpha", cutmix_alpha)):
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"Mixup: {name} must be a finite number, got {v!r}")
+            if v < 0:
+                raise ValueError(f"Mixup: {name} must be >= 0, got {v}")
+        if alpha <= 0 and cutmix_alpha <= 0:
+            raise ValueError("Mixup: alpha and cutmix_alpha are both 0, so nothing would be "
+                             "mixed; set alpha > 0 (mixup) and/or cutmix_alpha > 0 (cutmix)")
+        for name, v in (("prob", prob), ("switch_prob", switch_prob)):
+            if not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"Mixup: {name} must be in [0, 1], got {v!r}")
+        if mode not in _MODES:
+            raise ValueError(f"Mixup: mode must be one of {_MODES}, got {mode!r}")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"Mixup: generator must be a torch.Generator, got "
+                                f"{type(generator).__name__}")
+            if generator.device.type != "cpu":
+                raise ValueError(f"Mixup: generator must be a CPU generator (the parameters are "
+                                 f"sampled on the CPU), got one on {generator.device}")
+        self.alpha = float(alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self.prob = float(prob)
+        self.switch_prob = float(switch_prob)
+        self.mode = mode
+        self.inplace = bool(inplace)
+        self.generator = generator
+
+    # -- sampling (CPU, from self.generator) --------------------------------------------------
+
+    def _uniform(self, shape=()) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, dtype=torch.float64)
+
+    def _use_cutmix(self) -> bool:
+        if self.alpha > 0 and self.cutmix_alpha > 0:
+            return bool(self._uniform() < self.switch_prob)
+        return self.cutmix_alpha > 0
+
+    def _boxes(self, lam: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """(n, 4) int64 boxes (y0, y1, x0, x1) of area ~ (1 - lam) * H * W, clipped."""
+        ratio = torch.sqrt(1.0 - lam)
+        cut_h = (H * ratio).long()
+        cut_w = (W * ratio).long()
+        cy = torch.randint(0, H, lam.shape, generator=self.generator)
+        cx = torch.randint(0, W, lam.shape, generator=self.generator)
+        y0 = cy - cut_h // 2
+        x0 = cx - cut_w // 2
+        return torch.stack([y0.clamp(0, H), (y0 + cut_h).clamp(0, H),
+                            x0.clamp(0, W), (x0 + cut_w).clamp(0, W)], dim=-1)
+
+    def _perm(self, batch: int) -> torch.Tensor:
+        return pair_perm(batch, self.generator) if self.mode == "pair" else flip_perm(batch)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, MixedTarget]:
+        if not isinstance(x, torch.Tensor) or not isinstance(target, torch.Tensor):
+            raise TypeError("Mixup: x and target must be tensors")
+        if x.dim() < 1:
+            raise ValueError("Mixup: x must have a batch dimension, got a 0-D tensor")
+        if target.dim() < 1 or target.shape[0] != x.shape[0]:
+            raise ValueError(f"Mixup: target must have x's batch size {x.shape[0]} as its first "
+                             f"dimension, got shape {list(target.shape)}")
+        B = x.shape[0]
+        if not self.training or B == 0:
+            return x, MixedTarget(target, target, 1.0)
+        cut = self._use_cutmix()
+        if cut and x.dim() != 4:
+            raise ValueError(f"Mixup: cutmix needs a (B, C, H, W) batch, got a {x.dim()}-D one")
+        alpha = self.cutmix_alpha if cut else self.alpha
+        out = x if self.inplace else None
+
+        if self.mode == "elem":
+            lam = sample_beta(alpha, (B,), self.generator)
+            if self.prob < 1.0:
+                lam = torch.where(self._uniform((B,)) < self.prob, lam, torch.ones_like(lam))
+            perm = self._perm(B)
+            if cut:
+                boxes = self._boxes(lam, x.shape[2], x.shape[3])
+                # an unmixed sample (lam == 1) gets an empty box, hence lam 1 again below
+                x_mixed, lam_t = ops.cutmix(x, perm.to(x.device), boxes.to(x.device), out=out)
+            else:
+                lam_t = lam.to(device=x.device, dtype=torch.float32)
+                x_mixed = ops.mixup(x, perm.to(x.device), lam_t, out=out)
+            return x_mixed, MixedTarget(target, target[perm.to(target.device)], lam_t)
+
+        if self.prob < 1.0 and not bool(self._uniform() < self.prob):
+            return x, MixedTarget(target, target, 1.0)
+        lam = float(sample_beta(alpha, (), self.generator))
+        perm = self._perm(B)
+        if cut:
+            box = self._boxes(torch.tensor(lam, dtype=torch.float64), x.shape[2], x.shape[3])
+            x_mixed, lam = ops.cutmix(x, perm.to(x.device), box.tolist(), out=out)
+        else:
+            x_mixed = ops.mixup(x, perm.to(x.device), lam, out=out)
+        return x_mixed, MixedTarget(target, target[perm.to(target.device)], lam)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, cutmix_alpha={self.cutmix_alpha}, prob={self.prob}, "
+                f"switch_prob={self.switch_prob}, mode={self.mode!r}, inplace={self.inplace}")

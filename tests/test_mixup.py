@@ -1,0 +1,709 @@
+"""Fused mixup and cutmix: parity with the reference and with plain torch over dtypes, layouts
+and odd shapes; in-place involutions; gradients; bad input from both backends; torch.library
+and torch.compile integration; the Mixup module (reproducibility, equivalence with timm's
+soft-target recipe)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcore_train as ft
+from fastcore_train import _backend
+from fastcore_train.mixup import Mixup, flip_perm, pair_perm, sample_beta
+from fastcore_train.nn import LabelSmoothingCrossEntropy, MixedTarget
+from fastcore_train.ops.cutmix import cutmix_reference
+from fastcore_train.ops.mixup import mixup_reference
+
+from conftest import TOL
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (B, ...) shapes: empty batch, one sample, odd sizes, 1-D/2-D features, 5-D volumes
+SHAPES = [(0, 3, 4, 5), (1, 3, 5, 7), (7, 3, 5, 7), (6, 5, 17, 19), (5,), (4, 33), (3, 2, 3, 4, 5)]
+LAYOUTS = ["contiguous", "channels_last", "batch_slice", "spatial_slice"]
+CASES = [(shape, layout) for shape in SHAPES for layout in LAYOUTS
+         if layout != "channels_last" or len(shape) == 4]
+
+
+def _make(shape, dtype, layout="contiguous", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "batch_slice":  # every other sample of a bigger batch: samples stay dense
+        big = torch.randn((2 * shape[0],) + tuple(shape[1:]), generator=g).to(dtype)
+        return big[::2]
+    if layout == "spatial_slice":  # a crop of the last dimension: samples are not dense
+        big = torch.randn(tuple(shape[:-1]) + (shape[-1] + 3,), generator=g).to(dtype)
+        return big[..., 1:shape[-1] + 1]
+    x = torch.randn(shape, generator=g).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _random_perm(B, seed=1):
+    return torch.randperm(B, generator=torch.Generator().manual_seed(seed))
+
+
+def _lam(kind, B, seed=2):
+    if kind == "float":
+        return 0.3
+    return torch.rand(B, generator=torch.Generator().manual_seed(seed))
+
+
+def _plain(x, perm, lam):
+    """The one-liner everybody writes, in float64: the ground truth for every dtype."""
+    xd = x.double()
+    if isinstance(lam, torch.Tensor):
+        lam = lam.double().reshape((-1,) + (1,) * (x.dim() - 1))
+    return lam * xd + (1 - lam) * xd[perm]
+
+
+def _assert_close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
+                               equal_nan=True)
+
+
+def _format(x):
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------------
+# mixup
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("lam_kind", ["float", "tensor"])
+def test_mixup_matches_formula(backend, dtype, shape, layout, lam_kind):
+    x = _make(shape, dtype, layout)
+    B = shape[0]
+    perm, lam = _random_perm(B), _lam(lam_kind, B)
+    got = ft.ops.mixup(x, perm, lam)
+    assert got.dtype == dtype and got.shape == x.shape
+    if layout == "channels_last" and x.numel():
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    _assert_close(got, _plain(x, perm, lam), dtype)
+    # against the reference: one rounding of the same float32 math, so at most one ulp apart
+    ref = mixup_reference(x, perm, lam)
+    torch.testing.assert_close(got, ref, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    assert got.stride() == ref.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("perm_kind", ["flip", "pairs", "pairs_odd"])
+@pytest.mark.parametrize("lam_kind", ["float", "tensor"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "batch_slice", "spatial_slice"])
+def test_mixup_inplace_involution(backend, dtype, perm_kind, lam_kind, layout):
+    B = 9 if perm_kind == "pairs_odd" else 8
+    x = _make((B, 3, 6, 7), dtype, layout)
+    perm = flip_perm(B) if perm_kind == "flip" else pair_perm(B, torch.Generator().manual_seed(3))
+    assert torch.equal(perm[perm], torch.arange(B))
+    lam = _lam(lam_kind, B)
+    want = ft.ops.mixup(x, perm, lam)
+    ptr, stride = x.data_ptr(), x.stride()
+    got = ft.ops.mixup(x, perm, lam, out=x)
+    assert got is x and x.data_ptr() == ptr and x.stride() == stride
+    torch.testing.assert_close(x, want, atol=0, rtol=0)
+
+
+def test_mixup_inplace_touches_only_the_view(backend):
+    big = torch.randn(12, 3, 4, 4)
+    before = big.clone()
+    view = big[2:10]
+    ft.ops.mixup(view, flip_perm(8), 0.25, out=view)
+    assert torch.equal(big[:2], before[:2]) and torch.equal(big[10:], before[10:])
+    _assert_close(view, _plain(before[2:10], flip_perm(8), 0.25), torch.float32)
+
+
+@pytest.mark.parametrize("out_layout", ["contiguous", "channels_last", "strided"])
+def test_mixup_out(backend, out_layout):
+    x = _make((5, 3, 6, 7), torch.float32)
+    perm, lam = _random_perm(5), _lam("tensor", 5)
+    if out_layout == "strided":  # out is not dense per sample: written through a temporary
+        out = torch.full((5, 3, 6, 9), 7.0)[..., 1:8]
+    elif out_layout == "channels_last":  # x is not: x is read in out's layout
+        out = torch.full_like(x, 7.0, memory_format=torch.channels_last)
+    else:
+        out = torch.full_like(x, 7.0)
+    got = ft.ops.mixup(x, perm, lam, out=out)
+    assert got is out
+    _assert_close(out, _plain(x, perm, lam), torch.float32)
+
+
+def test_mixup_expanded_input(backend):
+    """A batch expanded from one sample (stride 0) is read fine; in place it is refused by torch."""
+    x = torch.randn(1, 3, 4, 5).expand(4, 3, 4, 5)
+    got = ft.ops.mixup(x, flip_perm(4), 0.6)
+    _assert_close(got, _plain(x, flip_perm(4), 0.6), torch.float32)
+
+
+@pytest.mark.parametrize("perm", [[1, 2, 0, 3], [3, 0, 1, 2]])
+def test_mixup_inplace_refuses_other_perms(backend, perm):
+    x = torch.randn(4, 2, 3)
+    before = x.clone()
+    with pytest.raises(ValueError, match=r"in place \(out=x\) needs perm to be an involution"):
+        ft.ops.mixup(x, torch.tensor(perm), 0.5, out=x)
+    assert torch.equal(x, before)
+
+
+def test_mixup_nan_inf_propagate_like_torch(backend):
+    x = torch.randn(4, 8)
+    x[1, 2] = float("nan")
+    x[2, 3] = float("inf")
+    perm = torch.tensor([2, 3, 0, 1])
+    for lam in (0.5, 1.0, 0.0):
+        got = ft.ops.mixup(x, perm, lam)
+        torch.testing.assert_close(got, lam * x + (1 - lam) * x[perm], equal_nan=True)
+
+
+def test_mixup_gradcheck_float64(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 3, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    lam = torch.rand(6, dtype=torch.float64, generator=g).requires_grad_(True)
+    perm = torch.tensor([2, 0, 1, 5, 3, 4])  # not an involution: backward needs the inverse
+    torch.autograd.gradcheck(lambda t: ft.ops.mixup(t, perm, 0.3), (x,))
+    torch.autograd.gradcheck(lambda t, l: ft.ops.mixup(t, perm, l), (x, lam))
+    xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.autograd.gradcheck(lambda t: ft.ops.mixup(t, perm, lam.detach()), (xc,))
+
+
+# ---------------------------------------------------------------------------------------------
+# cutmix
+
+def _cut_by_slicing(x, perm, boxes):
+    """The expected cutmix result, built with slicing one sample at a time."""
+    want = x.clone()
+    xp = x[perm]
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        want[i, :, y0:y1, x0:x1] = xp[i, :, y0:y1, x0:x1]
+    return want
+
+
+BOXES = [(2, 7, 3, 9), (0, 11, 0, 13), (0, 0, 0, 0), (3, 3, 1, 5), (10, 11, 12, 13), (0, 11, 5, 6)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "batch_slice", "spatial_slice"])
+@pytest.mark.parametrize("box", BOXES)
+def test_cutmix_matches_slicing(backend, dtype, layout, box):
+    B, H, W = 5, 11, 13
+    x = _make((B, 3, H, W), dtype, layout)
+    perm = _random_perm(B)
+    got, lam = ft.ops.cutmix(x, perm, box)
+    assert torch.equal(got, _cut_by_slicing(x, perm, [box] * B))
+    y0, y1, x0, x1 = box
+    assert lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (H * W))
+    assert isinstance(lam, float)
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cutmix_reference(x, perm, box)[0], got)
+
+
+def _sample_boxes(B, H, W, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.randint(0, H + 1, (B, 2), generator=g).sort(1).values
+    xs = torch.randint(0, W + 1, (B, 2), generator=g).sort(1).values
+    return torch.cat([ys, xs], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cutmix_per_sample_boxes(backend, dtype, layout):
+    B, H, W = 7, 9, 10
+    x = _make((B, 4, H, W), dtype, layout)
+    perm = _random_perm(B)
+    boxes = _sample_boxes(B, H, W)
+    got, lam = ft.ops.cutmix(x, perm, boxes)
+    assert torch.equal(got, _cut_by_slicing(x, perm, boxes.tolist()))
+    area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
+    torch.testing.assert_close(lam, 1 - area.float() / (H * W))
+    assert lam.dtype == torch.float32 and lam.shape == (B,)
+    got32, _ = ft.ops.cutmix(x, perm, boxes.int())
+    assert torch.equal(got32, got)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("perm_kind", ["flip", "pairs_odd"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "spatial_slice"])
+def test_cutmix_inplace_involution(backend, per_sample, perm_kind, layout):
+    B, H, W = 9, 8, 10
+    x = _make((B, 3, H, W), torch.float32, layout)
+    perm = flip_perm(B) if perm_kind == "flip" else pair_perm(B, torch.Generator().manual_seed(5))
+    # per-sample boxes of a pair differ and overlap: the swap must use the original pixels
+    box = _sample_boxes(B, H, W, seed=6) if per_sample else (1, 6, 2, 9)
+    boxes = box.tolist() if per_sample else [box] * B
+    want = _cut_by_slicing(x, perm, boxes)
+    got, lam = ft.ops.cutmix(x, perm, box, out=x)
+    assert got is x
+    assert torch.equal(x, want)
+
+
+@pytest.mark.parametrize("out_layout", ["contiguous", "channels_last", "strided"])
+def test_cutmix_out_leaves_x_alone(backend, out_layout):
+    x = torch.randn(4, 2, 6, 6)
+    before = x.clone()
+    if out_layout == "strided":
+        out = torch.empty(4, 2, 6, 8)[..., 1:7]
+    elif out_layout == "channels_last":
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+    else:
+        out = torch.empty_like(x)
+    got, _ = ft.ops.cutmix(x, flip_perm(4), (1, 4, 2, 5), out=out)
+    assert got is out and torch.equal(x, before)
+    assert torch.equal(out, _cut_by_slicing(before, flip_perm(4), [(1, 4, 2, 5)] * 4))
+
+
+def test_cutmix_inplace_refuses_other_perms(backend):
+    x = torch.randn(3, 2, 4, 4)
+    before = x.clone()
+    with pytest.raises(ValueError, match="involution"):
+        ft.ops.cutmix(x, torch.tensor([1, 2, 0]), (0, 2, 0, 2), out=x)
+    assert torch.equal(x, before)
+
+
+def test_cutmix_empty_batch(backend):
+    x = torch.randn(0, 3, 4, 4)
+    got, lam = ft.ops.cutmix(x, torch.zeros(0, dtype=torch.long), (0, 2, 0, 2))
+    assert got.shape == x.shape and lam == pytest.approx(0.75)
+
+
+def test_cutmix_gradcheck_float64(backend):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 2, 5, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    perm = torch.tensor([2, 0, 1, 5, 3, 4])
+    torch.autograd.gradcheck(lambda t: ft.ops.cutmix(t, perm, (1, 4, 0, 3))[0], (x,))
+    boxes = torch.tensor([[0, 2, 0, 2], [1, 5, 1, 4], [0, 0, 0, 0], [0, 5, 0, 4], [2, 3, 1, 2],
+                          [1, 2, 2, 3]])
+    torch.autograd.gradcheck(lambda t: ft.ops.cutmix(t, perm, boxes)[0], (x,))
+    xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.autograd.gradcheck(lambda t: ft.ops.cutmix(t, perm, boxes)[0], (xc,))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: the same exception type and message from both backends
+
+def _x():
+    return torch.randn(4, 3, 5, 6)
+
+
+P = torch.tensor([3, 2, 1, 0])
+BAD_MIXUP = [
+    (lambda: (_x().int(), P, 0.5), {}, TypeError,
+     "mixup: x must be float32, float16, bfloat16 or float64, got torch.int32"),
+    (lambda: (torch.tensor(1.0), torch.tensor([0]), 0.5), {}, ValueError,
+     "mixup: x must have a batch dimension (at least 1-D), got a 0-D tensor"),
+    (lambda: (_x(), P.int(), 0.5), {}, TypeError,
+     "mixup: perm must be int64 (torch.long), got torch.int32"),
+    (lambda: (_x(), torch.tensor([0, 1, 2]), 0.5), {}, ValueError,
+     "mixup: perm must have shape (4,) to match the batch of x, got [3]"),
+    (lambda: (_x(), torch.tensor([0, 1, 4, 2]), 0.5), {}, IndexError,
+     "mixup: perm[2] = 4 is out of range for a batch of 4"),
+    (lambda: (_x(), torch.tensor([0, -1, 2, 3]), 0.5), {}, IndexError,
+     "mixup: perm[1] = -1 is out of range for a batch of 4"),
+    (lambda: (_x(), torch.tensor([0, 2, 2, 1]), 0.5), {}, ValueError,
+     "mixup: perm is not a permutation: 2 appears twice (perm[1] and perm[2])"),
+    (lambda: (_x(), P.to("meta"), 0.5), {}, ValueError, "mixup: perm is on meta but x is on cpu"),
+    (lambda: (_x(), P, 1.5), {}, ValueError, "mixup: lam must be in [0, 1], got 1.5"),
+    (lambda: (_x(), P, torch.tensor([1, 0, 1, 0])), {}, TypeError,
+     "mixup: lam must be a float tensor, got torch.int64"),
+    (lambda: (_x(), P, torch.rand(3)), {}, ValueError,
+     "mixup: lam must have shape (4,) to match the batch of x, got [3]"),
+    (lambda: (_x(), P, 0.5), {"out": torch.empty(4, 3, 5)}, ValueError,
+     "mixup: out must have the shape of x, [4, 3, 5, 6], got [4, 3, 5]"),
+    (lambda: (_x(), P, 0.5), {"out": torch.empty(4, 3, 5, 6, dtype=torch.float64)}, TypeError,
+     "mixup: out must have the dtype of x, torch.float32, got torch.float64"),
+]
+
+
+@pytest.mark.parametrize("make,kw,exc,msg", BAD_MIXUP)
+def test_mixup_bad_input(backend, make, kw, exc, msg):
+    x, perm, lam = make()
+    with pytest.raises(exc) as info:
+        ft.ops.mixup(x, perm, lam, **kw)
+    assert str(info.value) == msg
+
+
+def test_mixup_out_partially_overlapping(backend):
+    buf = torch.randn(5, 3, 4)
+    with pytest.raises(ValueError, match="out overlaps x but is not x"):
+        ft.ops.mixup(buf[:4], P, 0.5, out=buf[1:])
+
+
+BAD_CUTMIX = [
+    (lambda: (torch.randn(4, 3, 5), P, (0, 1, 0, 1)), ValueError,
+     "cutmix: x must be 4-D (B, C, H, W), got 3-D"),
+    (lambda: (_x(), P, (0, 1, 0)), ValueError, "cutmix: box must be 4 ints (y0, y1, x0, x1), got 3"),
+    (lambda: (_x(), P, (0, 6, 0, 2)), ValueError,
+     "cutmix: box (y0, y1, x0, x1) = (0, 6, 0, 2) is outside the 5x6 image "
+     "(need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
+    (lambda: (_x(), P, (3, 2, 0, 2)), ValueError,
+     "cutmix: box (y0, y1, x0, x1) = (3, 2, 0, 2) is outside the 5x6 image "
+     "(need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
+    (lambda: (_x(), P, torch.zeros(4, 4)), TypeError,
+     "cutmix: boxes must be an integer tensor, got torch.float32"),
+    (lambda: (_x(), P, torch.zeros(4, 3, dtype=torch.long)), ValueError,
+     "cutmix: boxes must have shape (4, 4), got [4, 3]"),
+    (lambda: (_x(), P, torch.tensor([[0, 1, 0, 1], [0, 1, 0, 1], [-1, 1, 0, 1], [0, 1, 0, 1]])),
+     ValueError, "cutmix: box of sample 2 (y0, y1, x0, x1) = (-1, 1, 0, 1) is outside the 5x6 "
+     "image (need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
+    (lambda: (_x(), torch.tensor([0, 0, 1, 2]), (0, 1, 0, 1)), ValueError,
+     "cutmix: perm is not a permutation: 0 appears twice (perm[0] and perm[1])"),
+    (lambda: (_x().half().int(), P, (0, 1, 0, 1)), TypeError,
+     "cutmix: x must be float32, float16, bfloat16 or float64, got torch.int32"),
+]
+
+
+@pytest.mark.parametrize("make,exc,msg", BAD_CUTMIX)
+def test_cutmix_bad_input(backend, make, exc, msg):
+    x, perm, box = make()
+    with pytest.raises(exc) as info:
+        ft.ops.cutmix(x, perm, box)
+    assert str(info.value) == msg
+
+
+def test_op_checks_direct_call(extension):
+    """The C++ ops check their inputs themselves, with the Python messages, word for word."""
+    ops = torch.ops.fastcore_train
+    x = _x()
+    cases = [
+        (lambda: ops.mixup(x, torch.tensor([0, 2, 2, 1]), None, 0.5), ValueError,
+         "mixup: perm is not a permutation: 2 appears twice (perm[1] and perm[2])"),
+        (lambda: ops.mixup(x, torch.tensor([0, 1, 4, 2]), None, 0.5), IndexError,
+         "mixup: perm[2] = 4 is out of range for a batch of 4"),
+        (lambda: ops.mixup(x, P.int(), None, 0.5), TypeError,
+         "mixup: perm must be int64 (torch.long), got torch.int32"),
+        (lambda: ops.mixup(x.int(), P, None, 0.5), TypeError,
+         "mixup: x must be float32, float16, bfloat16 or float64, got torch.int32"),
+        (lambda: ops.mixup(x, P, None, 1.5), ValueError, "mixup: lam must be in [0, 1], got 1.5"),
+        (lambda: ops.mixup(x, P, torch.rand(3), 0.0), ValueError,
+         "mixup: lam must have shape (4,) to match the batch of x, got [3]"),
+        (lambda: ops.mixup_inplace(x, torch.tensor([1, 2, 0, 3]), None, 0.5), ValueError,
+         "mixup: in place (out=x) needs perm to be an involution (perm[perm[i]] == i: a flip or "
+         "pair swaps), but perm[0] = 1 and perm[1] = 2"),
+        (lambda: ops.mixup_out(x, P, None, 0.5, x), ValueError,
+         "mixup: out overlaps x but is not x; pass out=x to work in place, or a non-overlapping "
+         "tensor"),
+        (lambda: ops.mixup_backward(x, torch.tensor([0, 0, 1, 2]), None, 0.5), ValueError,
+         "mixup: perm is not a permutation: 0 appears twice (perm[0] and perm[1])"),
+        (lambda: ops.cutmix(x, P, None, [0, 6, 0, 2]), ValueError,
+         "cutmix: box (y0, y1, x0, x1) = (0, 6, 0, 2) is outside the 5x6 image "
+         "(need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
+        (lambda: ops.cutmix(x, P, torch.tensor([[0, 1, 0, 1]] * 3 + [[0, 1, 4, 7]]), []),
+         ValueError, "cutmix: box of sample 3 (y0, y1, x0, x1) = (0, 1, 4, 7) is outside the "
+         "5x6 image (need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
+        (lambda: ops.cutmix_inplace(x, torch.tensor([1, 2, 0, 3]), None, [0, 1, 0, 1]),
+         ValueError, "cutmix: in place (out=x) needs perm to be an involution (perm[perm[i]] == "
+         "i: a flip or pair swaps), but perm[0] = 1 and perm[1] = 2"),
+    ]
+    for call, exc, msg in cases:
+        with pytest.raises(exc) as info:
+            call()
+        assert str(info.value).split("\n")[0] == msg
+
+
+def test_inplace_refusal_same_from_python(backend):
+    x = _x()
+    with pytest.raises(ValueError) as info:
+        ft.ops.mixup(x, torch.tensor([1, 2, 0, 3]), 0.5, out=x)
+    assert str(info.value) == ("mixup: in place (out=x) needs perm to be an involution "
+                               "(perm[perm[i]] == i: a flip or pair swaps), but perm[0] = 1 and "
+                               "perm[1] = 2")
+
+
+def test_out_refuses_autograd(backend):
+    x = _x().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):
+        ft.ops.mixup(x, P, 0.5, out=torch.empty(4, 3, 5, 6))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library and torch.compile
+
+def test_opcheck(extension):
+    ops = torch.ops.fastcore_train
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 5, 4, generator=g)
+    perm = torch.tensor([2, 0, 1, 5, 3, 4])
+    inv = flip_perm(6)
+    lam = torch.rand(6, generator=g)
+    boxes = _sample_boxes(6, 5, 4)
+    xg = x.clone().requires_grad_(True)
+    torch.library.opcheck(ops.mixup.default, (xg, perm, None, 0.3))
+    torch.library.opcheck(ops.mixup.default, (xg, perm, lam.clone().requires_grad_(True), 0.0))
+    torch.library.opcheck(ops.mixup.default,
+                          (x.contiguous(memory_format=torch.channels_last), perm, lam, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.mixup_out.default, (x, perm, lam, 0.0, torch.empty_like(x)))
+    torch.library.opcheck(ops.mixup_inplace.default, (x.clone(), inv, lam, 0.0))
+    torch.library.opcheck(ops.mixup_backward.default, (x, perm, lam, 0.0))
+    torch.library.opcheck(ops.cutmix.default, (xg, perm, None, [1, 3, 0, 2]))
+    torch.library.opcheck(ops.cutmix.default, (xg, perm, boxes, []))
+    torch.library.opcheck(ops.cutmix_out.default, (x, perm, boxes, [], torch.empty_like(x)))
+    torch.library.opcheck(ops.cutmix_inplace.default, (x.clone(), inv, boxes, []))
+    torch.library.opcheck(ops.cutmix_backward.default, (x, perm, boxes, []))
+
+
+def test_torch_compile_fullgraph(extension):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 5, 7))
+    loss_fn = LabelSmoothingCrossEntropy(0.1)
+
+    def step(x, y, perm, lam, boxes):
+        xm = ft.ops.mixup(x, perm, lam)
+        xc, lam_c = ft.ops.cutmix(xm, perm, boxes)
+        return loss_fn(model(xc), MixedTarget(y, y[perm], lam_c))
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 6, 7, generator=g)
+    y = torch.randint(0, 7, (8,), generator=g)
+    perm, lam, boxes = _random_perm(8), torch.rand(8, generator=g), _sample_boxes(8, 6, 7)
+    xa = x.clone().requires_grad_(True)
+    got = compiled(xa, y, perm, lam, boxes)
+    got.backward()
+    xb = x.clone().requires_grad_(True)
+    want = step(xb, y, perm, lam, boxes)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+def test_torch_compile_inplace(extension):
+    def blend(x, perm):
+        ft.ops.mixup(x, perm, 0.7, out=x)
+        return x * 2
+
+    compiled = torch.compile(blend, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 3, 4, 4)
+    want = (0.7 * x + 0.3 * x.flip(0)) * 2
+    xc = x.clone()
+    got = compiled(xc, flip_perm(6))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(xc, want / 2)
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_every_cpu_build(extension, isa):
+    C_ = _backend._C
+    order = ["default", "avx2", "avx512"]
+    if order.index(isa) > order.index(C_.best_cpu_capability()):
+        pytest.skip(f"CPU lacks {isa}")
+    x = _make((5, 3, 7, 9), torch.bfloat16)
+    xf = _make((5, 3, 7, 9), torch.float32)
+    perm, lam = _random_perm(5), _lam("tensor", 5)
+    try:
+        C_._set_cpu_capability(isa)
+        got = ft.ops.mixup(x, perm, lam)
+        gotf = ft.ops.mixup(xf, perm, 0.3)
+        xi = xf.clone()
+        ft.ops.mixup(xi, flip_perm(5), lam, out=xi)
+    finally:
+        C_._set_cpu_capability("")
+    _assert_close(got, _plain(x, perm, lam), torch.bfloat16)
+    _assert_close(gotf, _plain(xf, perm, 0.3), torch.float32)
+    _assert_close(xi, _plain(xf, flip_perm(5), lam), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_large_output_streaming_stores(extension, dtype, isa):
+    """Outputs past the last-level cache take the streaming-store path; an out= one element off
+    the vector alignment exercises its scalar head."""
+    C_ = _backend._C
+    order = ["default", "avx2", "avx512"]
+    if order.index(isa) > order.index(C_.best_cpu_capability()):
+        pytest.skip(f"CPU lacks {isa}")
+    B = 40 if dtype == torch.float32 else 80  # > 32 MiB of output
+    x = torch.randn(B, 3, 224, 224).to(dtype)
+    perm, lam = _random_perm(B), _lam("tensor", B)
+    buf = torch.empty(x.numel() + 1, dtype=dtype)
+    out = buf[1:].view(x.shape)
+    try:
+        C_._set_cpu_capability(isa)
+        got = ft.ops.mixup(x, perm, lam)
+        ft.ops.mixup(x, perm, 0.3, out=out)
+    finally:
+        C_._set_cpu_capability("")
+    want = mixup_reference(x, perm, lam)
+    torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    torch.testing.assert_close(out, mixup_reference(x, perm, 0.3), atol=TOL[dtype][0],
+                               rtol=TOL[dtype][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the Mixup module
+
+def _timm_soft_ce(logits, y_a, y_b, lam, classes, eps):
+    """timm's recipe in plain torch: smoothed one-hot targets mixed by lam, soft-target CE."""
+    off, on = eps / classes, 1.0 - eps + eps / classes
+
+    def one_hot(y):
+        return torch.full((y.shape[0], classes), off, dtype=torch.float64).scatter_(
+            1, y[:, None], on)
+
+    lam = lam.double()[:, None] if isinstance(lam, torch.Tensor) else lam
+    soft = one_hot(y_a) * lam + one_hot(y_b) * (1 - lam)
+    return -(soft * F.log_softmax(logits.double(), dim=1)).sum(1).mean()
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+@pytest.mark.parametrize("alphas", [(0.4, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixup_module_equals_timm_recipe(backend, mode, alphas):
+    B, classes, eps = 8, 10, 0.1
+    mix = Mixup(alpha=alphas[0], cutmix_alpha=alphas[1], mode=mode,
+                generator=torch.Generator().manual_seed(11))
+    loss_fn = LabelSmoothingCrossEntropy(eps)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(B, 3, 6, 6, generator=g)
+        y = torch.randperm(classes, generator=g)[:B]  # distinct, so the pairing shows in y_b
+        xm, t = mix(x, y)
+        perm = flip_perm(B) if mode != "pair" else None
+        if perm is not None:  # timm pairs by flip: y_b is y.flip(0)
+            assert torch.equal(t.y_b, y.flip(0))
+        else:
+            assert torch.equal(t.y_b, y[_perm_of(t, y)])
+        logits = torch.randn(B, classes, generator=g, dtype=torch.float64).float()
+        ours = loss_fn(logits, t)
+        theirs = _timm_soft_ce(logits, t.y_a, t.y_b, t.lam, classes, eps)
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-5)
+        if alphas[1] == 0.0:  # mixup only: the batch is lam * x + (1 - lam) * x[perm]
+            p = flip_perm(B) if mode != "pair" else _perm_of(t, y)
+            _assert_close(xm, _plain(x, p, t.lam), torch.float32)
+
+
+def _perm_of(t, y):
+    """Recovers the pairing from y_b (the test's labels are distinct)."""
+    return torch.tensor([int((y == v).nonzero()[0, 0]) for v in t.y_b.tolist()])
+
+
+def test_mixup_module_pair_mode_is_an_involution():
+    mix = Mixup(alpha=1.0, mode="pair", generator=torch.Generator().manual_seed(3))
+    for B in (1, 2, 7, 8):
+        y = torch.arange(B)
+        _, t = mix(torch.randn(B, 4), y)
+        perm = t.y_b
+        assert torch.equal(perm[perm], y)
+        assert int((perm == y).sum()) == B % 2  # odd batch: exactly one sample stays put
+
+
+def test_mixup_module_reproducible_and_uses_generator():
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.arange(8)
+    outs = []
+    for _ in range(2):
+        mix = Mixup(alpha=0.4, cutmix_alpha=1.0, mode="elem",
+                    generator=torch.Generator().manual_seed(123))
+        state = torch.get_rng_state()
+        outs.append([mix(x, y) for _ in range(4)])
+        assert torch.equal(torch.get_rng_state(), state), "the global RNG must not be used"
+    for (xa, ta), (xb, tb) in zip(*outs):
+        assert torch.equal(xa, xb) and torch.equal(ta.lam, tb.lam)
+    other = Mixup(alpha=0.4, cutmix_alpha=1.0, mode="elem",
+                  generator=torch.Generator().manual_seed(124))
+    assert not torch.equal(other(x, y)[1].lam, outs[0][0][1].lam)
+
+
+def test_mixup_module_cutmix_lam_matches_pixels():
+    B, H, W = 6, 12, 10
+    mix = Mixup(alpha=0.0, cutmix_alpha=1.0, generator=torch.Generator().manual_seed(5))
+    x = torch.arange(B, dtype=torch.float32).reshape(B, 1, 1, 1).expand(B, 2, H, W).contiguous()
+    for _ in range(5):
+        xm, t = mix(x, torch.arange(B))
+        # the share of each image's own pixels is lam, boxes clipped to the image
+        own = (xm == x).float().mean(dim=(1, 2, 3))
+        torch.testing.assert_close(own, torch.full((B,), t.lam), atol=1e-6, rtol=0)
+
+
+def test_mixup_module_prob_and_eval():
+    x, y = torch.randn(4, 3, 5, 5), torch.arange(4)
+    mix = Mixup(alpha=1.0, prob=0.0)
+    xm, t = mix(x, y)
+    assert xm is x and t.lam == 1.0 and torch.equal(t.y_b, y)
+    mix = Mixup(alpha=1.0, mode="elem", prob=0.5, generator=torch.Generator().manual_seed(0))
+    _, t = mix(x.repeat(8, 1, 1, 1), torch.arange(32))
+    assert 0 < int((t.lam == 1).sum()) < 32  # some samples unmixed, some mixed
+    mix = Mixup(alpha=1.0).eval()
+    xm, t = mix(x, y)
+    assert xm is x and t.lam == 1.0
+
+
+def test_mixup_module_inplace():
+    x = torch.randn(6, 3, 5, 5)
+    before = x.clone()
+    mix = Mixup(alpha=1.0, inplace=True, generator=torch.Generator().manual_seed(0))
+    xm, t = mix(x, torch.arange(6))
+    assert xm is x
+    _assert_close(x, _plain(before, flip_perm(6), t.lam), torch.float32)
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(alpha=0.0, cutmix_alpha=0.0), ValueError, "both 0"),
+    (dict(alpha=-1.0), ValueError, "alpha must be >= 0"),
+    (dict(alpha=float("nan")), ValueError, "alpha must be a finite number"),
+    (dict(prob=1.5), ValueError, "prob must be in"),
+    (dict(switch_prob=-0.1), ValueError, "switch_prob must be in"),
+    (dict(mode="elementwise"), ValueError, "mode must be one of"),
+    (dict(generator=123), TypeError, "torch.Generator"),
+])
+def test_mixup_module_bad_hyperparameters(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        Mixup(**kw)
+
+
+def test_mixup_module_cutmix_needs_images():
+    with pytest.raises(ValueError, match="cutmix needs a"):
+        Mixup(alpha=0.0, cutmix_alpha=1.0)(torch.randn(4, 7), torch.arange(4))
+
+
+def test_sample_beta_moments():
+    s = sample_beta(0.4, (20000,), torch.Generator().manual_seed(0))
+    assert 0.0 <= float(s.min()) and float(s.max()) <= 1.0
+    # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1))
+    assert abs(float(s.mean()) - 0.5) < 0.01
+    assert abs(float(s.var()) - 1 / (4 * 1.8)) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "batch_slice", "spatial_slice"])
+def test_cuda_matches_cpu(extension, dtype, layout):
+    x = _make((9, 3, 17, 19), dtype, layout)
+    perm, lam = _random_perm(9), _lam("tensor", 9)
+    xc, pc, lc = x.cuda(), perm.cuda(), lam.cuda()
+    torch.testing.assert_close(ft.ops.mixup(xc, pc, lc).cpu(), mixup_reference(x, perm, lam),
+                               atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    torch.testing.assert_close(ft.ops.mixup(xc, pc, 0.3).cpu(), mixup_reference(x, perm, 0.3),
+                               atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    fp = flip_perm(9)
+    xi = xc.clone()
+    ft.ops.mixup(xi, fp.cuda(), lc, out=xi)
+    torch.testing.assert_close(xi.cpu(), mixup_reference(x, fp, lam), atol=TOL[dtype][0],
+                               rtol=TOL[dtype][1])
+    boxes = _sample_boxes(9, 17, 19)
+    assert torch.equal(ft.ops.cutmix(xc, pc, boxes.cuda())[0].cpu(),
+                       _cut_by_slicing(x, perm, boxes.tolist()))
+    assert torch.equal(ft.ops.cutmix(xc, pc, (2, 9, 3, 15))[0].cpu(),
+                       _cut_by_slicing(x, perm, [(2, 9, 3, 15)] * 9))
+    xi = xc.clone()
+    ft.ops.cutmix(xi, fp.cuda(), boxes.cuda(), out=xi)
+    assert torch.equal(xi.cpu(), _cut_by_slicing(x, fp, boxes.tolist()))
+
+
+@pytest.mark.cuda
+def test_cuda_gradients_and_errors(extension):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 5, 4, dtype=torch.float64, generator=g)
+    perm = torch.tensor([2, 0, 1, 5, 3, 4])
+    lam = torch.rand(6, dtype=torch.float64, generator=g)
+    boxes = _sample_boxes(6, 5, 4)
+    xc = x.cuda().requires_grad_(True)
+    torch.autograd.gradcheck(lambda t: ft.ops.mixup(t, perm.cuda(), lam.cuda()), (xc,))
+    torch.autograd.gradcheck(lambda t: ft.ops.cutmix(t, perm.cuda(), boxes.cuda())[0], (xc,))
+    with pytest.raises(ValueError, match="appears twice"):
+        ft.ops.mixup(x.cuda(), torch.tensor([0, 0, 1, 2, 3, 4], device="cuda"), 0.5)
+    with pytest.raises(ValueError, match="involution"):
+        xi = x.cuda()
+        ft.ops.mixup(xi, perm.cuda(), 0.5, out=xi)

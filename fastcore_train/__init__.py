@@ -2,6 +2,7 @@
 from fastcore_train._backend import backend, backend_reason
 from fastcore_train import ops, nn
 from fastcore_train.nn import MixedTarget
+from fastcore_train.mixup import Mixup
 from fastcore_train import transfer, callbacks, distributed, train
 from fastcore_train.train import fit
 from fastcore_train.callbacks import EarlyStopping
@@ -11,7 +12,7 @@ from fastcore_train.lr_finder import lr_find, LRFinderResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "backend_reason", "ops", "nn", "MixedTarget",
+    "backend", "backend_reason", "ops", "nn", "MixedTarget", "Mixup",
     "transfer", "callbacks", "distributed", "train", "fit", "EarlyStopping",
     "schedules", "lr_find", "LRFinderResult", "optim", "amp",
     "__version__",

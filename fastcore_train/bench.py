@@ -127,8 +127,9 @@ def _ce_case(shape, dtype, mode, device) -> Case:
     # forward reads the logits; forward+backward reads them twice and writes the gradient once
     nbytes = B * C * es * (1 if mode == "fwd" else 3)
     big = B * C >= 8192 * 32000
-    return Case("cross_entropy", f"{mode} {B}x{C} {dname}", nbytes, make,
-                rounds=3 if big and device.type == "cpu" else 7)
+    # small cases take microseconds and are noisy: many rounds; the largest take seconds
+    rounds = 3 if big and device.type == "cpu" else (7 if B * C * es >= 32 << 20 else 50)
+    return Case("cross_entropy", f"{mode} {B}x{C} {dname}", nbytes, make, rounds=rounds)
 
 
 def cross_entropy_cases(device, size="full") -> List[Case]:

@@ -58,6 +58,8 @@ class BuildISAExtension(BuildExtension):
         kernels = getattr(ext, "isa_sources", [])
         cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) \
             else ext.extra_compile_args
+        # the intrinsics headers trip -Wmaybe-uninitialized and -Wpsabi notes by the thousand
+        quiet = ["-Wno-maybe-uninitialized", "-Wno-psabi"]
         objects = []
         for isa, flags in ISA_FLAGS.items():
             macros = [("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)]
@@ -66,7 +68,7 @@ class BuildISAExtension(BuildExtension):
                 output_dir=os.path.join(self.build_temp, f"isa_{isa}"),
                 macros=macros,
                 include_dirs=ext.include_dirs,
-                extra_postargs={"cxx": cxx + flags, "nvcc": []},
+                extra_postargs={"cxx": cxx + flags + quiet, "nvcc": []},
                 depends=ext.depends,
             )
         ext.extra_objects = objects + [o for o in ext.extra_objects if o not in objects]
@@ -99,7 +101,11 @@ def make_extension():
     return ext
 
 
+# `make` installs the package editable without the extension and then builds it in place with
+# build_ext (incremental, in build/temp); a plain `pip install .` builds it as usual.
+_skip_ext = os.environ.get("FASTCORE_TRAIN_SKIP_EXT") == "1"
+
 setup(
-    ext_modules=[make_extension()],
+    ext_modules=[] if _skip_ext else [make_extension()],
     cmdclass={"build_ext": BuildISAExtension.with_options(no_python_abi_suffix=False)},
 )

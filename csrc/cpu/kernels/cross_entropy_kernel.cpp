@@ -11,8 +11,6 @@
 #include "cpu/kernels/cross_entropy_kernel.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -21,78 +19,15 @@
 #include <limits>
 #include <type_traits>
 
+#include "cpu/kernels/vec_io.h"
+
 namespace fastcore_train::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kV = Vec::size();
-// One step of the vector loops: two float vectors, i.e. one vector of 16-bit values.
-constexpr int64_t kStep = 2 * kV;
 // Elements per online-softmax chunk: 16 KiB of float32, so the exp pass reads from L1.
 constexpr int64_t kChunk = 4096;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-template <typename T>
-inline void load2(const T* p, Vec& a, Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kV);
-  } else {
-    static_assert(at::vec::Vectorized<T>::size() == kStep);
-    at::vec::load_to_float<T>(p, a, b);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const Vec& a, const Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a.store(p);
-    b.store(p + kV);
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
-}
-
-// Non-temporal store of one step for outputs far larger than the caches: skips the read for
-// ownership a normal store does on a line not in cache, so writing costs one pass, not two.
-// `p` must be aligned to the vector width (kStreamAlign bytes).
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kStreamAlign = 64;
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr int64_t kStreamAlign = 32;
-#else
-constexpr int64_t kStreamAlign = 1;
-#endif
-
-template <typename T>
-inline void stream2(T* p, const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_stream_ps(p, a);
-    _mm512_stream_ps(p + kV, b);
-  } else {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p),
-                        static_cast<__m512i>(at::vec::convert_from_float<T>(a, b)));
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_stream_ps(p, a);
-    _mm256_stream_ps(p + kV, b);
-  } else {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
-                        static_cast<__m256i>(at::vec::convert_from_float<T>(a, b)));
-  }
-#else
-  store2(p, a, b);
-#endif
-}
-
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
 
 // max that propagates NaN, like torch's max reduction.
 template <typename acc_t>

@@ -28,19 +28,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>
-#define FT_MIXUP_STREAM 1
-#endif
+#include "cpu/kernels/vec_io.h"
 
 namespace fastcore_train::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kV = Vec::size();
-// One step of the vector loops: two float vectors, i.e. one vector of 16-bit values.
-constexpr int64_t kStep = 2 * kV;
 // Elements per work unit: big enough to amortise the scheduling, small enough to balance.
 constexpr int64_t kChunk = 16384;
 // Below this many elements in total the blend runs on one thread.
@@ -48,49 +41,6 @@ constexpr int64_t kSerial = 65536;
 // Out-of-place results of at least this many bytes (the size of a large last-level cache) are
 // written with streaming stores.
 constexpr int64_t kStreamBytes = int64_t(32) << 20;
-
-template <typename T>
-inline void load2(const T* p, Vec& a, Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kV);
-  } else {
-    static_assert(at::vec::Vectorized<T>::size() == kStep);
-    at::vec::load_to_float<T>(p, a, b);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const Vec& a, const Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a.store(p);
-    b.store(p + kV);
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
-}
-
-// store2 bypassing the caches; p must be aligned to sizeof(Vec).
-template <typename T>
-inline void stream2(T* p, const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_stream_ps(p, a);
-    _mm512_stream_ps(p + kV, b);
-  } else {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(a, b));
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_stream_ps(p, a);
-    _mm256_stream_ps(p + kV, b);
-  } else {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
-  }
-#else
-  store2(p, a, b);
-#endif
-}
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -189,9 +139,7 @@ void blend(const BlendArgs& a) {
           blend_row<T>(xi, xs, o, len, wa, wb);
         }
       }
-#ifdef FT_MIXUP_STREAM
-      if (stream) _mm_sfence();  // order this thread's streaming stores before the join
-#endif
+      if (stream) stream_fence();  // order this thread's streaming stores before the join
     });
     return;
   }

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/optim_math.h"
+#include "cpu/kernels/vec_io.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -35,10 +36,6 @@ namespace fastcore_train::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kV = Vec::size();
-// One step of the vector loops: two float vectors, i.e. one vector of 16-bit values.
-constexpr int64_t kStep = 2 * kV;
 
 struct VecOps {
   static Vec fma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
@@ -64,60 +61,16 @@ struct VecOps {
 };
 using ScalarOps = optim_math::HostFloatOps;
 
-template <typename T>
-inline void load2(const T* p, Vec& a, Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kV);
-  } else {
-    static_assert(at::vec::Vectorized<T>::size() == kStep);
-    at::vec::load_to_float<T>(p, a, b);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const Vec& a, const Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a.store(p);
-    b.store(p + kV);
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
-}
-
 // store2 with a non-temporal store for 16-bit T at a vector-aligned address: the weight behind
 // a master is written and not read, so fetching its cache lines first (a normal store's read
 // for ownership) would cost 2 more bytes of traffic per parameter. Callers end with a fence.
 template <typename T>
 inline void store2_stream(T* p, const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (!std::is_same_v<T, float>) {
-    const __m512i v = at::vec::convert_from_float<T>(a, b);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
-    return;
+  if constexpr (std::is_same_v<T, float>) {
+    store2(p, a, b);
+  } else {
+    stream2(p, a, b);
   }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (!std::is_same_v<T, float>) {
-    const __m256i v = at::vec::convert_from_float<T>(a, b);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
-    return;
-  }
-#endif
-  store2(p, a, b);
-}
-
-constexpr bool kHaveStream =
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    true;
-#else
-    false;
-#endif
-
-// Orders the non-temporal stores before whatever follows (they are weakly ordered).
-inline void fence_streams() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
 }
 
 template <typename T>
@@ -252,7 +205,7 @@ void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKern
       store2(p + j, w0, w1);
     }
   }
-  if (stream) fence_streams();
+  if (stream) stream_fence();
   for (; j < end; ++j) {
     const float gj = ScalarOps::mul(static_cast<float>(g[j]), k.grad_mul);
     float wj = kMaster ? w[j] : static_cast<float>(p[j]);
@@ -297,7 +250,7 @@ void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelPa
       store2(p + j, w0, w1);
     }
   }
-  if (stream) fence_streams();
+  if (stream) stream_fence();
   for (; j < end; ++j) {
     const float gj = ScalarOps::mul(static_cast<float>(g[j]), k.grad_mul);
     float wj = kMaster ? w[j] : static_cast<float>(p[j]);

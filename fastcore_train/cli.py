@@ -154,7 +154,7 @@ def _add_demo(sub) -> None:
                     "lr_find.png, schedule.png and curves.png.")
     _data_args(p)
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs of each run (default: 30 baseline / 10 recipe on digits)")
+                   help="epochs of each run (default: 40 baseline / 5 recipe on digits)")
     p.add_argument("--target", type=float, default=0.97,
                    help="validation accuracy to reach (default 0.97)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")

@@ -1,0 +1,116 @@
+"""`fastcore-train demo` and `fastcore-train lr-find` end to end, on small budgets."""
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fastcore_train import cli, demo
+
+pytest.importorskip("sklearn.datasets")
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Models this small are dominated by thread synchronisation; one thread is as fast and
+    # immune to other processes competing for the cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _assert_png(path):
+    with open(path, "rb") as f:
+        head = f.read(len(PNG_MAGIC))
+    assert head == PNG_MAGIC, f"{path} is not a PNG"
+
+
+def _assert_plots(out):
+    for name in ("lr_find.png", "schedule.png", "curves.png"):
+        _assert_png(out / name)
+
+
+def test_demo_digits_end_to_end(tmp_path, capsys):
+    res = demo.run_demo(data="digits", epochs=2, progress=False, out=str(tmp_path))
+
+    _assert_plots(tmp_path)
+    assert sorted(res["plots"]) == sorted(str(tmp_path / n) for n in
+                                          ("lr_find.png", "schedule.png", "curves.png"))
+    lines = res["table"].splitlines()
+    assert lines[0].startswith("| run | epochs to 97%")
+    assert [ln.split("|")[1].strip() for ln in lines[2:]] == ["baseline", "fast recipe"]
+    assert res["table"] in capsys.readouterr().out
+
+    base, recipe = res["baseline"], res["recipe"]
+    assert len(base.history) == 2 and 1 <= len(recipe.history) <= 2
+    assert base.setup_s == 0.0 and recipe.setup_s > 0.0  # the LR finder's time is counted
+    assert recipe.max_lr == res["finder"].suggestion
+    (_, ytr), _, _ = demo.load_data("digits")
+    steps_per_epoch = len(ytr) // demo.DEFAULTS["digits"]["recipe_batch"]
+    assert len(recipe.lrs) == steps_per_epoch * len(recipe.history)  # one lr per step
+    assert all(0.0 <= r.final_accuracy <= 1.0 for r in (base, recipe))
+
+
+def _write_cifar(root, n_per_file=40, seed=0):
+    """A tiny CIFAR-10 in the python-pickle format: data_batch_1..5 and test_batch."""
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        labels = rng.integers(0, 10, n_per_file)
+        # Class-dependent mean colour so that there is something to learn.
+        data = rng.integers(0, 128, (n_per_file, 3072)) + (labels[:, None] * 12)
+        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels],
+                 b"data": data.astype(np.uint8), b"filenames": [b"x.png"] * n_per_file}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+def test_load_cifar10_format(tmp_path):
+    _write_cifar(tmp_path)
+    (xtr, ytr), (xva, yva), num_classes = demo.load_data("cifar10", str(tmp_path))
+    assert xtr.shape == (200, 3, 32, 32) and xva.shape == (40, 3, 32, 32)
+    assert xtr.dtype == torch.float32 and ytr.dtype == torch.int64
+    assert num_classes == 10
+    # Normalised with the training set's per-channel statistics.
+    assert torch.allclose(xtr.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+
+
+def test_cli_demo_cifar10(tmp_path, capsys, monkeypatch):
+    root, out = tmp_path / "cifar", tmp_path / "out"
+    root.mkdir()
+    _write_cifar(root)
+    # The plumbing is under test, not the LR finder's budget: a 10-step sweep keeps it fast.
+    cfg = dict(demo.DEFAULTS["cifar10"])
+    cfg["recipe"] = dataclasses.replace(cfg["recipe"], lr_find_iters=10)
+    monkeypatch.setitem(demo.DEFAULTS, "cifar10", cfg)
+
+    code = cli.main(["demo", "--data", "cifar10", "--root", str(root), "--epochs", "1",
+                     "--out", str(out), "--device", "cpu", "--no-progress"])
+
+    assert code == 0
+    _assert_plots(out)
+    printed = capsys.readouterr().out
+    # 200 training images: fewer than the recipe's batch of 256, which then keeps its one batch.
+    assert "dataset cifar10: 200 train / 40 validation images, 10 classes" in printed
+    assert "| baseline |" in printed and "| fast recipe |" in printed
+
+
+def test_cli_demo_cifar10_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10 python batches"):
+        cli.main(["demo", "--data", "cifar10", "--root", str(tmp_path), "--epochs", "1",
+                  "--out", str(tmp_path / "out"), "--no-progress"])
+
+
+def test_cli_lr_find(tmp_path, capsys):
+    code = cli.main(["lr-find", "--out", str(tmp_path), "--num-iter", "20", "--device", "cpu",
+                     "--no-progress"])
+
+    assert code == 0
+    _assert_png(tmp_path / "lr_find.png")
+    printed = capsys.readouterr().out
+    assert "LR range test:" in printed and "valley" in printed

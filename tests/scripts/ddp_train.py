@@ -68,6 +68,8 @@ def main():
     torch.save(inner.state_dict(), os.path.join(args.out, f"rank{info.rank}.pt"))
     with open(os.path.join(args.out, f"history{info.rank}.json"), "w") as f:
         json.dump(result, f)
+    if distributed.is_distributed():
+        torch.distributed.barrier()  # gloo can abort if one rank closes its sockets mid-talk
     distributed.cleanup()
 
 

@@ -189,7 +189,6 @@ def test_gradcheck_float64(backend):
     torch.autograd.gradcheck(
         lambda t: ft.ops.cross_entropy(t, y, target_b=y_b, lam=lam, label_smoothing=0.2,
                                        reduction="none"), (x,))
-    torch.autograd.gradgradcheck  # noqa: B018 - double backward is not supported, on purpose
 
 
 # ---------------------------------------------------------------------------------------------

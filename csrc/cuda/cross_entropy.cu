@@ -149,9 +149,11 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits, int64_t r
     const acc_t lm = load_lam(lam, lam_scalar, r);
     const acc_t za = static_cast<acc_t>(x[t.a]);
     const acc_t zb = static_cast<acc_t>(x[t.b]);
+    // One target (b == a, lam == 1) must give z_a itself, as the CPU kernel and the reference
+    // do: the blend would be 1*z_a + 0*z_a, NaN for z_a = -inf where the loss is +inf.
+    const acc_t zt = t.a == t.b ? za : lm * za + (acc_t(1) - lm) * zb;
     lse[r] = l;
-    loss[r] = l - (acc_t(1) - eps) * (lm * za + (acc_t(1) - lm) * zb) -
-              eps / static_cast<acc_t>(C) * st.z;
+    loss[r] = l - (acc_t(1) - eps) * zt - eps / static_cast<acc_t>(C) * st.z;
   }
 }
 

@@ -205,6 +205,14 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss, int64_t 
   }
 }
 
+// One block per row, and gridDim.x is at most 2^31 - 1: a larger B would fail to launch, or
+// from 2^32 on be truncated by the conversion to dim3 and leave rows unwritten.
+unsigned blocks_for_rows(int64_t B) {
+  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(),
+                    "cross_entropy: the CUDA kernel handles at most 2^31 - 1 rows, got ", B);
+  return static_cast<unsigned>(B);
+}
+
 int threads_for(int64_t C, int vec) {
   int64_t want = (C + vec - 1) / vec;
   int threads = 32;
@@ -262,6 +270,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
   };
   if (B == 0) return reduce(loss);
   TORCH_CHECK_VALUE(C > 0, "cross_entropy: logits must have at least one class");
+  const unsigned blocks = blocks_for_rows(B);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "cross_entropy_cuda", [&] {
@@ -273,11 +282,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
     const bool vec = rows_aligned<scalar_t>(x, in.x.stride(0));
     const int threads = threads_for(C, vec ? VEC : 1);
     auto launch = [&](auto kernel) {
-      kernel<<<B, threads, 0, stream>>>(x, in.x.stride(0), C, in.target.const_data_ptr<int64_t>(),
-                                        tb, lm, static_cast<acc_t>(lam_scalar),
-                                        static_cast<acc_t>(label_smoothing), ignore_index,
-                                        loss.mutable_data_ptr<acc_t>(),
-                                        lse.mutable_data_ptr<acc_t>());
+      kernel<<<blocks, threads, 0, stream>>>(x, in.x.stride(0), C,
+                                             in.target.const_data_ptr<int64_t>(), tb, lm,
+                                             static_cast<acc_t>(lam_scalar),
+                                             static_cast<acc_t>(label_smoothing), ignore_index,
+                                             loss.mutable_data_ptr<acc_t>(),
+                                             lse.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec) {
@@ -303,6 +313,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
   at::Tensor grad = at::empty({B, C}, logits.options());
   if (grad.numel() == 0) return grad;
+  const unsigned blocks = blocks_for_rows(B);
   // Per-row upstream gradient, kept on the device; stride 0 when every row shares one value.
   at::Tensor g = grad_loss.to(acc);
   if (reduction == kReduceMean) g = g.div(valid_rows(in, ignore_index));
@@ -320,11 +331,13 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
     const bool vec = rows_aligned<scalar_t>(x, in.x.stride(0)) && rows_aligned<scalar_t>(out, C);
     const int threads = threads_for(C, vec ? VEC : 1);
     auto launch = [&](auto kernel) {
-      kernel<<<B, threads, 0, stream>>>(g.const_data_ptr<acc_t>(), g.stride(0), x,
-                                        in.x.stride(0), C, in.target.const_data_ptr<int64_t>(),
-                                        tb, lm, static_cast<acc_t>(lam_scalar),
-                                        l.const_data_ptr<acc_t>(),
-                                        static_cast<acc_t>(label_smoothing), ignore_index, out);
+      kernel<<<blocks, threads, 0, stream>>>(g.const_data_ptr<acc_t>(), g.stride(0), x,
+                                             in.x.stride(0), C,
+                                             in.target.const_data_ptr<int64_t>(), tb, lm,
+                                             static_cast<acc_t>(lam_scalar),
+                                             l.const_data_ptr<acc_t>(),
+                                             static_cast<acc_t>(label_smoothing), ignore_index,
+                                             out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec) {

@@ -307,6 +307,15 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
                                        int64_t ignore_index, int64_t reduction) {
   check_cross_entropy_reduction(reduction);
   Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing);
+  // prepare() checks the devices of target, target_b and lam; grad_loss and lse are read by
+  // the kernel too (a host pointer there is an illegal address), and a CPU logits would make
+  // the guard below throw an unhelpful error.
+  auto check_device = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.device() == logits.device(), "cross_entropy_backward: ", name, " is on ",
+                      t.device(), " but logits is on ", logits.device());
+  };
+  check_device(grad_loss, "grad_loss");
+  check_device(lse, "lse");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), C = logits.size(1);
   check_cross_entropy_backward_shapes(grad_loss, lse, B, reduction);

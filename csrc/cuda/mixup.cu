@@ -286,49 +286,64 @@ struct CudaDevice {
 namespace impl = mixup_impl;
 using OptT = std::optional<at::Tensor>;
 
+// Makes t's device current when t is on CUDA. A call also lands here when only another
+// argument (perm, lam, boxes, out) is on CUDA; a CUDAGuard on x's CPU device would then throw
+// before the launcher's checks could report the device mismatch as the CPU backend does.
+void enter_device(c10::cuda::OptionalCUDAGuard& guard, const at::Tensor& t) {
+  if (t.is_cuda()) guard.set_device(t.device());
+}
+
 at::Tensor mixup_cuda(const at::Tensor& x, const at::Tensor& perm, const OptT& lam, double l) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;
+  enter_device(guard, x);
   return impl::mixup<CudaDevice>(x, perm, lam, l);
 }
 
 void mixup_out_cuda(const at::Tensor& x, const at::Tensor& perm, const OptT& lam, double l,
                     at::Tensor& out) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;
+  enter_device(guard, x);
   impl::mixup_out<CudaDevice>(x, perm, lam, l, out);
 }
 
 void mixup_inplace_cuda(at::Tensor& x, const at::Tensor& perm, const OptT& lam, double l) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;
+  enter_device(guard, x);
   impl::mixup_inplace<CudaDevice>(x, perm, lam, l);
 }
 
 at::Tensor mixup_backward_cuda(const at::Tensor& grad, const at::Tensor& perm, const OptT& lam,
                                double l) {
-  const c10::cuda::CUDAGuard guard(grad.device());
+  c10::cuda::OptionalCUDAGuard guard;
+  enter_device(guard, grad);
   return impl::mixup_backward<CudaDevice>(grad, perm, lam, l);
 }
 
 at::Tensor cutmix_cuda(const at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                        at::IntArrayRef box) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;
+  enter_device(guard, x);
   return impl::cutmix<CudaDevice>(x, perm, boxes, box);
 }
 
 void cutmix_out_cuda(const at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                      at::IntArrayRef box, at::Tensor& out) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;
+  enter_device(guard, x);
   impl::cutmix_out<CudaDevice>(x, perm, boxes, box, out);
 }
 
 void cutmix_inplace_cuda(at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                          at::IntArrayRef box) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::OptionalCUDAGuard guard;
+  enter_device(guard, x);
   impl::cutmix_inplace<CudaDevice>(x, perm, boxes, box);
 }
 
 at::Tensor cutmix_backward_cuda(const at::Tensor& grad, const at::Tensor& perm, const OptT& boxes,
                                 at::IntArrayRef box) {
-  const c10::cuda::CUDAGuard guard(grad.device());
+  c10::cuda::OptionalCUDAGuard guard;
+  enter_device(guard, grad);
   return impl::cutmix_backward<CudaDevice>(grad, perm, boxes, box);
 }
 

@@ -22,11 +22,14 @@ ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
 CXX_FLAGS = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for (17 or 20)
-NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr"]
+# No --use_fast_math: it flushes denormals and approximates division and sqrt, and the
+# optimizer must match torch (and our CPU kernels) on every value, as torch's own kernels do.
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
 def _rel(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    return sorted(os.path.relpath(p, ROOT)
+                  for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
 def _cuda_include_dirs():
@@ -77,7 +80,10 @@ class BuildISAExtension(BuildExtension):
 
 def make_extension():
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
-    depends = _rel("csrc/**/*.h")
+    isa_sources = _rel("csrc/cpu/kernels/*.cpp")
+    # setuptools relinks only when a file of sources + depends is newer than the library: the
+    # per-ISA kernels and every header (kernels/ included) must be among them.
+    depends = _rel("csrc/**/*.h") + _rel("csrc/**/*.cuh") + isa_sources
     with_cuda = _want_cuda()
     cls = CppExtension
     args = {"cxx": list(CXX_FLAGS)}
@@ -97,7 +103,7 @@ def make_extension():
         extra_compile_args=args,
         extra_link_args=["-fopenmp"],
     )
-    ext.isa_sources = _rel("csrc/cpu/kernels/*.cpp")
+    ext.isa_sources = isa_sources
     return ext
 
 

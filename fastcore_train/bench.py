@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fastcore_train as ft
 
-__all__ = ["Case", "cases", "copy_bandwidth", "time_fn", "run", "format_table"]
+__all__ = ["Case", "cases", "copy_bandwidth", "rmw_bandwidth", "time_fn", "run", "format_table"]
 
 
 
@@ -53,6 +53,15 @@ def copy_bandwidth(device="cpu", nbytes: int = 256 << 20, repeats: int = 7) -> f
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.zeros_like(src)
     step = _synced(lambda: dst.copy_(src), device)
+    return 2 * nbytes / time_fn(step, repeats=repeats, warmup=2) / 1e9
+
+
+def rmw_bandwidth(device="cpu", nbytes: int = 256 << 20, repeats: int = 7) -> float:
+    """GB/s of an in-place ``x.mul_(1.0)`` (each element read and written once): the roofline of
+    kernels that update their buffers in place, like an optimizer step."""
+    device = torch.device(device)
+    x = torch.ones(nbytes // 4, device=device)
+    step = _synced(lambda: x.mul_(1.0), device)
     return 2 * nbytes / time_fn(step, repeats=repeats, warmup=2) / 1e9
 
 
@@ -155,11 +164,39 @@ def _optim_sizes(total: int, n: int = OPTIM_TENSORS) -> List[int]:
     return sizes
 
 
-def _optim_case(total: int, dtype, device) -> Case:
+OPTIM_HPARAMS = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+
+
+def _adamw_maths(params, grads, masters, exp_avgs, exp_avg_sqs, step, inv_scale, found_inf):
+    """torch.optim.AdamW's maths with the overflow skip, as plain torch ops for torch.compile:
+    a non-finite check over every gradient, then per tensor unscale, AdamW on the float32
+    master (``masters is params`` for float32 weights) and the weight written back, all kept
+    unchanged when a gradient had an inf/NaN (``found_inf`` set to 1 then, for the scaler)."""
+    lr, (b1, b2), eps, wd = (OPTIM_HPARAMS[k] for k in ("lr", "betas", "eps", "weight_decay"))
+    found = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any()
+    t = step + 1
+    step_size = lr / (1 - b1 ** t)
+    bc2_sqrt = (1 - b2 ** t).sqrt()
+    for p, g, w, m, v in zip(params, grads, masters, exp_avgs, exp_avg_sqs):
+        g = g.float() * inv_scale
+        m_new = m.lerp(g, 1 - b1)
+        v_new = v * b2 + (1 - b2) * g * g
+        w_new = w * (1 - lr * wd) - step_size * m_new / (v_new.sqrt() / bc2_sqrt + eps)
+        m.copy_(torch.where(found, m, m_new))
+        v.copy_(torch.where(found, v, v_new))
+        w.copy_(torch.where(found, w, w_new))
+        if w is not p:
+            p.copy_(torch.where(found, p, w_new.to(p.dtype)))
+    step.copy_(torch.where(found, step, t))
+    found_inf.copy_(found)
+
+
+def _optim_case(total: int, dtype, device, compile_baseline: bool) -> Case:
     """fp16/bf16 params: FusedAdamW + LossScaler against the pipeline users run today (fp16
     model + fp32 master copy: torch's unscale/check pass, grads copied to fp32, AdamW(fused=True)
     on the masters with the found-inf flag, masters copied back, scale update).
-    fp32 params: FusedAdamW against torch.optim.AdamW(fused=True)."""
+    fp32 params: FusedAdamW against torch.optim.AdamW(fused=True).
+    Both: against torch.compile of the same maths in one function (``_adamw_maths``)."""
     from fastcore_train.amp import LossScaler
     from fastcore_train.optim import FusedAdamW
 
@@ -172,8 +209,11 @@ def _optim_case(total: int, dtype, device) -> Case:
                   for n in sizes]
         for p in params:
             p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device, dtype)
-        ours = FusedAdamW(params, lr=1e-4)
+        grads = [p.grad for p in params]
+        ours = FusedAdamW(params, **OPTIM_HPARAMS)
         steps = {}
+        scale = torch.ones((), device=device)
+        tracker = torch.zeros((), dtype=torch.int32, device=device)
         if half:
             scaler = LossScaler(init_scale=1.0)
             scaler.scale(torch.ones((), device=device))  # puts the scale on the device
@@ -186,12 +226,9 @@ def _optim_case(total: int, dtype, device) -> Case:
             masters = [torch.nn.Parameter(p.detach().float()) for p in params]
             for m in masters:
                 m.grad = torch.empty_like(m)
-            topt = torch.optim.AdamW(masters, lr=1e-4, fused=True)
-            grads = [p.grad for p in params]
+            topt = torch.optim.AdamW(masters, **OPTIM_HPARAMS, fused=True)
             mgrads = [m.grad for m in masters]
-            scale = torch.ones((), device=device)
             inv_scale = torch.ones((), device=device)
-            tracker = torch.zeros((), dtype=torch.int32, device=device)
             found = torch.zeros((), device=device)
             topt.grad_scale, topt.found_inf = None, found  # GradScaler's no-sync protocol
 
@@ -205,9 +242,30 @@ def _optim_case(total: int, dtype, device) -> Case:
                 torch._amp_update_scale_(scale, tracker, found, 2.0, 0.5, 2000)
             steps["pipeline"] = pipeline
         else:
-            topt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+            topt = torch.optim.AdamW(params, **OPTIM_HPARAMS, fused=True)
             steps["fastcore_train"] = ours.step
             steps["torch_fused"] = topt.step
+        if compile_baseline:
+            key = ("optim", total, dtype, device.type)
+            if key not in _compiled:
+                _allow_recompiles()
+                _compiled[key] = torch.compile(_adamw_maths, dynamic=False)
+            compiled = _compiled[key]
+            c_params = [p.detach().clone() for p in params]
+            c_masters = [p.float() for p in c_params] if half else c_params
+            c_m = [torch.zeros_like(w) for w in c_masters]
+            c_v = [torch.zeros_like(w) for w in c_masters]
+            c_step = torch.zeros((), device=device)
+            c_scale, c_inv = torch.ones((), device=device), torch.ones((), device=device)
+            c_found = torch.zeros((), device=device)
+            c_tracker = torch.zeros((), dtype=torch.int32, device=device)
+
+            def compiled_step():
+                with torch.no_grad():
+                    compiled(c_params, grads, c_masters, c_m, c_v, c_step, c_inv, c_found)
+                    if half:  # the scale update, as in the pipeline
+                        torch._amp_update_scale_(c_scale, c_tracker, c_found, 2.0, 0.5, 2000)
+            steps["compile"] = compiled_step
         return {k: _synced(v, device) for k, v in steps.items()}
 
     # Bytes per parameter the fused step must move. Half: read the grad in the check pass (2),
@@ -217,14 +275,18 @@ def _optim_case(total: int, dtype, device) -> Case:
     dname = {torch.float32: "fp32", torch.bfloat16: "bf16+master",
              torch.float16: "fp16+master"}[dtype]
     label = f"{total / 1e6:.0f}M" if total >= 1e6 else str(total)
+    impls = ("fastcore_train", "pipeline" if half else "torch_fused")
     return Case("optim", f"adamw {dname} {label} in {OPTIM_TENSORS} tensors", nbytes, make,
-                rounds=10, impls=("fastcore_train", "pipeline" if half else "torch_fused"))
+                rounds=10, impls=impls + (("compile",) if compile_baseline else ()))
 
 
 def optim_cases(device, size="full") -> List[Case]:
     device = torch.device(device)
     total = OPTIM_PARAMS[size]
-    return [_optim_case(total, dt, device) for dt in (torch.float16, torch.bfloat16, torch.float32)]
+    # Compiling the 100-tensor step takes about a minute per dtype on a 2-core machine: the
+    # quick set leaves that baseline out.
+    return [_optim_case(total, dt, device, compile_baseline=size == "full")
+            for dt in (torch.float16, torch.bfloat16, torch.float32)]
 
 
 # ---------------------------------------------------------------------------------------------

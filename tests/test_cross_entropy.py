@@ -180,6 +180,44 @@ def test_nan_and_inf_propagate_like_torch(backend):
     torch.testing.assert_close(loss, ref, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_masked_logits_like_torch(backend, dtype, eps):
+    """Classes masked with -inf (a common way to restrict the label set): without smoothing
+    the loss is finite and the gradient of masked classes is zero, as in torch; with smoothing
+    the loss is +inf (the smoothed target puts mass on the masked classes). A row whose
+    target itself is masked has an infinite loss either way."""
+    x = _logits(6, 37, torch.float32)
+    x[:, 5:9] = float("-inf")
+    x[4, 20:] = float("-inf")
+    y = torch.tensor([0, 1, 2, 36, 3, 5])  # row 5: the target is masked
+    x = x.to(dtype)
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps,
+                                reduction="none")
+    ref_loss, ref_grad = _loss_and_grad(_torch_ce, x.double(), y, label_smoothing=eps,
+                                        reduction="none")
+    _assert_close(loss, ref_loss, dtype)
+    if eps == 0:
+        assert torch.isfinite(loss[:5]).all() and loss[5] == float("inf")
+        _assert_close(grad[:5], ref_grad[:5].to(dtype), dtype)
+        assert (grad[:5, 5:9] == 0).all()
+    else:
+        assert (loss == float("inf")).all()
+
+
+def test_no_classes_all_rows_ignored_like_torch(backend):
+    """Zero classes: every row must be ignored, each counts 0 and their mean is NaN. (With
+    smoothing torch also gives NaN for ignored rows, 0/0 in its smoothing term; ours stay 0.)"""
+    x = torch.zeros(3, 0)
+    y = torch.full((3,), -100)
+    for reduction in ("none", "sum", "mean"):
+        loss = ft.ops.cross_entropy(x, y, reduction=reduction)
+        ref = F.cross_entropy(x, y, reduction=reduction)
+        torch.testing.assert_close(loss, ref, equal_nan=True)
+    with pytest.raises(IndexError, match="out of range for 0 classes"):
+        ft.ops.cross_entropy(x, torch.tensor([-100, 0, -100]))
+
+
 def test_gradcheck_float64(backend):
     x = _logits(5, 7, torch.float64).requires_grad_(True)
     y = _targets(5, 7, ignore_every=4)

@@ -11,21 +11,9 @@
 #include <utility>
 #include <vector>
 
-namespace fastcore_train {
+#include "common/py_dtype.h"
 
-// Python's spelling of a dtype, so that messages read the same from C++ and Python.
-inline std::string py_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kDouble: return "torch.float64";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
+namespace fastcore_train {
 
 inline bool optim_dtype_ok(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;

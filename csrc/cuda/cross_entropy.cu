@@ -153,7 +153,11 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits, int64_t r
     // do: the blend would be 1*z_a + 0*z_a, NaN for z_a = -inf where the loss is +inf.
     const acc_t zt = t.a == t.b ? za : lm * za + (acc_t(1) - lm) * zb;
     lse[r] = l;
-    loss[r] = l - (acc_t(1) - eps) * zt - eps / static_cast<acc_t>(C) * st.z;
+    // Without smoothing the logit sum is not part of the loss (0 * -inf would be NaN); a +inf
+    // logit makes the loss NaN, as torch's log_softmax does.
+    const acc_t smooth = eps != acc_t(0) ? eps / static_cast<acc_t>(C) * st.z : acc_t(0);
+    loss[r] = (isinf(l) && l > acc_t(0)) ? static_cast<acc_t>(NAN)
+                                         : l - (acc_t(1) - eps) * zt - smooth;
   }
 }
 
@@ -269,7 +273,15 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
     return {reduction == kReduceMean ? total.div(valid_rows(in, ignore_index)) : total, lse};
   };
   if (B == 0) return reduce(loss);
-  TORCH_CHECK_VALUE(C > 0, "cross_entropy: logits must have at least one class");
+  if (C == 0) {
+    // Degenerate, as on the CPU and in torch: every row must be ignored (any other target is
+    // out of range) and each gives 0 (the mean of none is NaN). A host check is fine here.
+    TORCH_CHECK_INDEX(valid_rows(in, ignore_index).item<int64_t>() == 0,
+                      "cross_entropy: a target is out of range for 0 classes");
+    loss.zero_();
+    lse.zero_();
+    return reduce(loss);
+  }
   const unsigned blocks = blocks_for_rows(B);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),

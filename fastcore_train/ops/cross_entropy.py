@@ -165,8 +165,14 @@ def _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index):
         b = target_b.masked_fill(ignored, 0)
         zb = z.gather(1, b[:, None])[:, 0]
         lam = lam_t.to(acc) if lam_t is not None else lam_s
-        zt = lam * za + (1.0 - lam) * zb
-    rows = torch.logsumexp(z, dim=1) - (1.0 - eps) * zt - (eps / C) * z.sum(dim=1)
+        # a row whose two targets agree is one target: z_a itself (lam*z_a + (1-lam)*z_a
+        # is NaN for z_a = -inf and lam in {0, 1})
+        zt = torch.where(a == b, za, lam * za + (1.0 - lam) * zb)
+    lse = torch.logsumexp(z, dim=1)
+    rows = lse - (1.0 - eps) * zt
+    if eps != 0 and C > 0:  # without smoothing a -inf (masked) logit must not give 0*-inf
+        rows = rows - (eps / C) * z.sum(dim=1)
+    rows = rows.masked_fill(lse == float("inf"), float("nan"))  # torch's log_softmax: NaN
     return rows.masked_fill(ignored, 0.0)
 
 

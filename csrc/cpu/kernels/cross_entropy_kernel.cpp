@@ -135,7 +135,12 @@ void forward_vec(const CrossEntropyParams& p) {
       const float zb = static_cast<float>(x[t.b]);
       const float zt = t.a == t.b ? za : lam * za + (1.f - lam) * zb;
       lse[r] = l;
-      loss[r] = l - (1.f - eps) * zt - (eps / static_cast<float>(C)) * zsum;
+      // Without smoothing the sum of the logits is not part of the loss: a -inf (masked)
+      // logit must not turn it into 0 * -inf = NaN (torch gives the finite loss). A +inf
+      // logit makes torch's log_softmax, and so the loss, NaN.
+      loss[r] = l == std::numeric_limits<float>::infinity()
+                    ? std::numeric_limits<float>::quiet_NaN()
+                    : l - (1.f - eps) * zt - (eps != 0.f ? eps / static_cast<float>(C) * zsum : 0.f);
     }
   });
 }
@@ -224,9 +229,12 @@ void forward_f64(const CrossEntropyParams& p) {
       double s = 0.0;
       for (int64_t j = 0; j < C; ++j) s += std::exp(x[j] - m);
       const double l = m + std::log(s);
-      const double zt = t.lam * x[t.a] + (1.0 - t.lam) * x[t.b];
+      const double zt = t.a == t.b ? x[t.a] : t.lam * x[t.a] + (1.0 - t.lam) * x[t.b];
+      const double eps = p.smoothing;
       lse[r] = l;
-      loss[r] = l - (1.0 - p.smoothing) * zt - (p.smoothing / static_cast<double>(C)) * zsum;
+      loss[r] = l == std::numeric_limits<double>::infinity()
+                    ? std::numeric_limits<double>::quiet_NaN()
+                    : l - (1.0 - eps) * zt - (eps != 0.0 ? eps / static_cast<double>(C) * zsum : 0.0);
     }
   });
 }

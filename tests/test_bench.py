@@ -1,0 +1,90 @@
+"""The benchmark harness (fastcore_train/bench.py): its baselines must compute what our ops
+compute, or their timings compare different work."""
+import pytest
+import torch
+from torch import nn
+
+from fastcore_train import bench
+from fastcore_train.optim import FusedAdamW
+
+SIZES = [7, 33, 256, 1000]
+
+
+def _params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter((torch.randn(n, generator=g) * 0.1).to(dtype)) for n in SIZES]
+    grads = [[(torch.randn(n, generator=g) * 1e-2).to(dtype) for n in SIZES] for _ in range(5)]
+    return params, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_compiled_adamw_baseline_is_fused_adamw(backend, dtype, monkeypatch):
+    """bench._adamw_maths (run eagerly here; the benchmark compiles it) follows FusedAdamW's
+    trajectory, with master weights for half-precision parameters. A large lr and weight decay
+    make every term of the update visible at the tolerance."""
+    monkeypatch.setitem(bench.OPTIM_HPARAMS, "lr", 1e-2)
+    monkeypatch.setitem(bench.OPTIM_HPARAMS, "weight_decay", 0.1)
+    params, grads = _params(dtype)
+    opt = FusedAdamW(params, **bench.OPTIM_HPARAMS)
+    w = [p.detach().clone() for p in params]
+    masters = [x.float() for x in w] if dtype != torch.float32 else w
+    m = [torch.zeros_like(x) for x in masters]
+    v = [torch.zeros_like(x) for x in masters]
+    step, inv, found = torch.zeros(()), torch.ones(()), torch.zeros(())
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+        bench._adamw_maths(w, gs, masters, m, v, step, inv, found)
+    assert step.item() == len(grads) and found.item() == 0
+    for p, x, mw in zip(params, w, masters):
+        ours = opt.state[p].get("master", p.detach())
+        torch.testing.assert_close(mw, ours, atol=1e-6, rtol=1e-5)
+        # the weight: the master rounded to the dtype, so at most one ulp apart
+        torch.testing.assert_close(x.float(), p.detach().float(), atol=1e-6,
+                                   rtol=torch.finfo(dtype).eps)
+
+
+def test_compiled_adamw_baseline_skips_on_overflow():
+    params, grads = _params(torch.float16)
+    w = [p.detach().clone() for p in params]
+    masters = [x.float() for x in w]
+    m = [torch.full_like(x, 0.5) for x in masters]
+    v = [torch.full_like(x, 0.25) for x in masters]
+    step, inv, found = torch.full((), 3.0), torch.full((), 0.5), torch.zeros(())
+    before = [t.clone() for t in w + masters + m + v + [step]]
+    gs = grads[0]
+    gs[2][17] = float("inf")
+    bench._adamw_maths(w, gs, masters, m, v, step, inv, found)
+    assert found.item() == 1
+    for a, b in zip(before, w + masters + m + v + [step]):
+        assert torch.equal(a, b)
+
+
+def test_run_and_table():
+    x = torch.ones(1 << 16)
+    y = torch.empty_like(x)
+    case = bench.Case("copy", "copy 64k", 2 * x.numel() * 4,
+                      lambda: {"fastcore_train": lambda: y.copy_(x),
+                               "eager": lambda: y.copy_(x.clone())},
+                      rounds=3, impls=("fastcore_train", "eager"))
+    rows = bench.run([case], bandwidth=10.0)
+    (row,) = rows
+    assert row["case"] == "copy 64k" and set(row["speedup"]) == {"eager"}
+    assert row["gbps"] > 0 and row["pct_bandwidth"] == pytest.approx(10 * row["gbps"])
+    table = bench.format_table(rows, 10.0)
+    assert "| copy | copy 64k |" in table and "× eager" in table
+
+
+def test_bandwidth_probes():
+    assert bench.copy_bandwidth(nbytes=1 << 20, repeats=2) > 0
+    assert bench.rmw_bandwidth(nbytes=1 << 20, repeats=2) > 0
+
+
+def test_case_names_are_unique():
+    names = [(c.op, c.name) for c in bench.cases(size="quick")]
+    assert len(names) == len(set(names))
+    for op in bench.OPS:
+        assert bench.cases(op, size="quick")
+    with pytest.raises(ValueError, match="unknown op"):
+        bench.cases("nope")

@@ -180,6 +180,28 @@ def test_nan_and_inf_propagate_like_torch(backend):
     torch.testing.assert_close(loss, ref, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale,shift", [(3.0, 85.0), (3.0, -100.0), (3.0, -68.0), (500.0, 0.0),
+                                         (1.0, 200.0), (2e4, 0.0)])
+def test_extreme_logit_ranges(backend, dtype, scale, shift):
+    """The CPU forward sums exp(z) unshifted when the row max allows it and falls back to the
+    shifted form otherwise: rows on either side of the switch (max near 87 - ln C, below -70,
+    huge spreads) must all match torch. One batch mixes ordinary and extreme rows."""
+    if dtype == torch.float16 and scale * 4 + abs(shift) > 6e4:
+        pytest.skip("beyond float16's range")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 517, generator=g) * 3.0
+    x[::2] = torch.randn(4, 517, generator=g) * scale + shift
+    x = x.to(dtype)
+    y = _targets(8, 517, seed=2)
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.1,
+                                reduction="none")
+    ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, label_smoothing=0.1, reduction="none")
+    mag = float(x.double().abs().max())  # absolute errors scale with the logits
+    _assert_close(loss, ref_loss, dtype, scale=max(1.0, mag))
+    _assert_close(grad, ref_grad.to(dtype), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_masked_logits_like_torch(backend, dtype, eps):
@@ -297,6 +319,30 @@ def test_opcheck(extension):
                           (torch.rand(6), x.detach(), y, y_b, None, 0.3, lse, 0.1, -100, 0))
     torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
                           (torch.rand(()), x.detach(), y, y_b, None, 0.3, lse, 0.1, -100, 1))
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_eager_autograd_matches_registered_autograd(extension, reduction):
+    """ft.ops.cross_entropy uses a lean autograd.Function in eager mode; torch.ops calls (and
+    torch.compile) use the torch.library registration. Same loss, same gradient,
+    and the fast path is really taken."""
+    x = _logits(6, 37, torch.float32)
+    y = _targets(6, 37, ignore_every=5)
+    y_b = _targets(6, 37, seed=3)
+    lam = torch.rand(6)
+    name = {0: "none", 1: "mean", 2: "sum"}[reduction]
+    for extra in ({}, {"target_b": y_b, "lam": lam}, {"target_b": y_b, "lam": 0.3}):
+        loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.1,
+                                    reduction=name, **extra)
+        xr = x.clone().requires_grad_(True)
+        assert type(ft.ops.cross_entropy(xr, y, **extra).grad_fn).__name__.startswith(
+            "_CrossEntropyFunction")
+        lam_t = extra.get("lam") if isinstance(extra.get("lam"), torch.Tensor) else None
+        lam_s = extra.get("lam", 1.0) if lam_t is None else 1.0
+        ref, _ = torch.ops.fastcore_train.cross_entropy(xr, y, extra.get("target_b"), lam_t,
+                                                        lam_s, 0.1, -100, reduction)
+        (ref.sum() if ref.dim() else ref).backward()
+        assert torch.equal(loss, ref.detach()) and torch.equal(grad, xr.grad)
 
 
 def test_torch_compile_fullgraph(extension):

@@ -3,7 +3,8 @@
 // With q = (1-eps)*(lam*onehot(a) + (1-lam)*onehot(b)) + eps/C  (b = a, lam = 1 for one target):
 //   loss_i = lse_i - (1-eps)*(lam*z_ia + (1-lam)*z_ib) - (eps/C) * sum_j z_ij
 //   dloss_i/dz_ij = softmax_ij - q_ij
-// Forward reads each row once (online log-sum-exp over L1-sized chunks) and saves only lse;
+// Forward reads each row once (one unshifted pass when the logits allow it, else an online
+// log-sum-exp over L1-sized chunks) and saves only lse;
 // backward reads the row once more and writes the gradient once. Accumulation is float32
 // (float64 for float64 logits, used by gradcheck).
 //
@@ -58,9 +59,19 @@ inline RowTargets row_targets(const CrossEntropyParams& p, int64_t r) {
 
 // ---- float32 accumulation, vectorised (float, Half, BFloat16 logits) ----
 
-// Returns lse of the row; adds sum_j z_j to *zsum.
+// The unshifted form below is used when the row max lies in [kUnshiftedMinMax, hi(C)]: then no
+// exp(z) overflows, even summed over C terms, and every term that underflows is below 2^-24 of
+// the largest one (exp(-70 - 17) is still a normal float).
+constexpr float kUnshiftedMinMax = -70.f;
+
+inline float unshifted_max_limit(int64_t C) {
+  return 87.f - std::log(static_cast<float>(std::max<int64_t>(C, 1)));
+}
+
+// Returns lse of the row and sets *zsum_out to sum_j z_j: the shifted online form, exact for
+// any values (chunks of the row are read twice, the second time from L1).
 template <typename T>
-float row_lse(const T* x, int64_t C, float* zsum_out) {
+float row_lse_shifted(const T* x, int64_t C, float* zsum_out) {
   float m = kNegInf, s = 0.f, zsum = 0.f;
   alignas(64) float buf[kChunk];
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
@@ -111,6 +122,41 @@ float row_lse(const T* x, int64_t C, float* zsum_out) {
   return m + std::log(s);
 }
 
+// Returns lse of the row and sets *zsum_out to sum_j z_j. One pass: sum_j exp(z_j) with no
+// shift by the max, the max and the sum of z alongside -- a third less work than the shifted
+// form, which redoes the row when the max is outside the range where that is exact (huge or
+// tiny logits, +-inf, NaN).
+template <typename T>
+float row_lse(const T* x, int64_t C, float max_limit, float* zsum_out) {
+  const int64_t nv = C - C % kStep;
+  Vec vmax0(kNegInf), vmax1(kNegInf), vz0(0.f), vz1(0.f), e0(0.f), e1(0.f);
+  for (int64_t j = 0; j < nv; j += kStep) {
+    Vec a, b;
+    load2(x + j, a, b);
+    vmax0 = at::vec::maximum(vmax0, a);
+    vmax1 = at::vec::maximum(vmax1, b);
+    vz0 = vz0 + a;
+    vz1 = vz1 + b;
+    e0 = e0 + a.exp_u20();
+    e1 = e1 + b.exp_u20();
+  }
+  float m = at::vec::vec_reduce_all<float>(
+      [](Vec& u, Vec& v) { return at::vec::maximum(u, v); }, at::vec::maximum(vmax0, vmax1));
+  float zsum = at::vec::vec_reduce_all<float>([](Vec& u, Vec& v) { return u + v; }, vz0 + vz1);
+  float es = at::vec::vec_reduce_all<float>([](Vec& u, Vec& v) { return u + v; }, e0 + e1);
+  for (int64_t j = nv; j < C; ++j) {
+    const float v = static_cast<float>(x[j]);
+    m = nan_max(m, v);
+    zsum += v;
+    es += std::exp(v);
+  }
+  if (m >= kUnshiftedMinMax && m <= max_limit) {  // false for NaN
+    *zsum_out = zsum;
+    return std::log(es);
+  }
+  return row_lse_shifted(x, C, zsum_out);
+}
+
 template <typename T>
 void forward_vec(const CrossEntropyParams& p) {
   const T* logits = static_cast<const T*>(p.logits);
@@ -118,6 +164,7 @@ void forward_vec(const CrossEntropyParams& p) {
   float* lse = static_cast<float*>(p.lse);
   const int64_t C = p.classes;
   const float eps = static_cast<float>(p.smoothing);
+  const float max_limit = unshifted_max_limit(C);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -129,7 +176,7 @@ void forward_vec(const CrossEntropyParams& p) {
       }
       const T* x = logits + r * p.row_stride;
       float zsum;
-      const float l = row_lse(x, C, &zsum);
+      const float l = row_lse(x, C, max_limit, &zsum);
       const float lam = static_cast<float>(t.lam);
       const float za = static_cast<float>(x[t.a]);
       const float zb = static_cast<float>(x[t.b]);

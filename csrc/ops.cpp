@@ -3,6 +3,7 @@
 // registered from Python (fastcore_train/ops/) with torch.library.
 #include <torch/extension.h>
 
+#include "cpu/alloc.h"
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(fastcore_train, m) {
@@ -86,4 +87,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_cpu_capability", [](const std::string& name) {
     fastcore_train::cpu::set_isa(name.c_str());
   }, "Force a CPU kernel build ('' restores automatic choice). For tests.");
+  m.def("empty_cache", &fastcore_train::cpu::release_cached_blocks,
+        "Frees the cached large CPU output blocks not in use; returns the bytes freed.");
+  m.def("cached_bytes", &fastcore_train::cpu::cached_block_bytes,
+        "Bytes held by cached large CPU output blocks not in use.");
 }

@@ -1,5 +1,5 @@
 """fastcore_train: fused kernels and training recipes for PyTorch."""
-from fastcore_train._backend import backend, backend_reason
+from fastcore_train._backend import backend, backend_reason, empty_cache
 from fastcore_train import ops, nn
 from fastcore_train.nn import MixedTarget
 from fastcore_train.mixup import Mixup
@@ -12,7 +12,7 @@ from fastcore_train.lr_finder import lr_find, LRFinderResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "backend_reason", "ops", "nn", "MixedTarget", "Mixup",
+    "backend", "backend_reason", "empty_cache", "ops", "nn", "MixedTarget", "Mixup",
     "transfer", "callbacks", "distributed", "train", "fit", "EarlyStopping",
     "schedules", "lr_find", "LRFinderResult", "optim", "amp",
     "__version__",

@@ -67,6 +67,10 @@ class LossScaler:
     def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000,
                  enabled: bool = True) -> None:
+        if isinstance(init_scale, str):  # GradScaler("cuda", ...) habits
+            raise TypeError(f"LossScaler takes no device argument (got {init_scale!r} as "
+                            "init_scale): the scale lives on the device of the first loss it "
+                            "scales")
         if not growth_factor > 1.0:
             raise ValueError(f"LossScaler: growth_factor must be > 1, got {growth_factor}")
         if not 0.0 < backoff_factor < 1.0:

@@ -162,6 +162,8 @@ def test_state_dict_interchange_with_gradscaler():
 
 
 def test_protocol_errors():
+    with pytest.raises(TypeError, match="no device argument"):
+        LossScaler("cuda")
     model = _model()
     opt = FusedSGD(model.parameters(), lr=0.01)
     scaler = LossScaler()

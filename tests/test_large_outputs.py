@@ -55,9 +55,9 @@ def test_fresh_mixup_outputs_reuse_a_poisoned_block(extension, op):
     perm = torch.randperm(8, generator=g)
     if op == "mixup":
         def make():
-            return ft.ops.mixup(x, perm, 0.3)[0]
+            return ft.ops.mixup(x, perm, 0.3)
         with _backend.use_backend("reference"):
-            ref = ft.ops.mixup(x, perm, 0.3)[0]
+            ref = ft.ops.mixup(x, perm, 0.3)
     else:
         box = (10, 200, 100, 900)
 
@@ -73,8 +73,8 @@ def test_fresh_mixup_outputs_reuse_a_poisoned_block(extension, op):
 
 def test_empty_cache_frees_blocks_not_in_use(extension):
     _backend.empty_cache()
-    a = ft.ops.mixup(torch.ones(8, ROWS, COLS // 8), torch.arange(8), 0.5)[0]
-    b = ft.ops.mixup(torch.ones(8, ROWS, COLS // 8), torch.arange(8), 0.5)[0]
+    a = ft.ops.mixup(torch.ones(8, ROWS, COLS // 8), torch.arange(8), 0.5)
+    b = ft.ops.mixup(torch.ones(8, ROWS, COLS // 8), torch.arange(8), 0.5)
     assert _backend.cached_bytes() == 0  # both in use
     del a
     assert _backend.cached_bytes() == ROWS * COLS * 4
@@ -88,7 +88,7 @@ def test_empty_cache_frees_blocks_not_in_use(extension):
 def test_cache_limit_zero_disables_it(extension):
     code = ("import torch, fastcore_train as ft\n"
             "from fastcore_train import _backend\n"
-            "a = ft.ops.mixup(torch.ones(8, 1024, 1024), torch.arange(8), 0.5)[0]\n"
+            "a = ft.ops.mixup(torch.ones(8, 1024, 1024), torch.arange(8), 0.5)\n"
             "del a\n"
             "print(_backend.cached_bytes())\n")
     env = dict(os.environ, FASTCORE_TRAIN_CACHE_MB="0")

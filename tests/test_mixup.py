@@ -307,6 +307,14 @@ BAD_MIXUP = [
      "mixup: lam must be a float tensor, got torch.int64"),
     (lambda: (_x(), P, torch.rand(3)), {}, ValueError,
      "mixup: lam must have shape (4,) to match the batch of x, got [3]"),
+    (lambda: (_x(), P, torch.tensor([0.5, 0.2, 2.0, 0.1])), {}, ValueError,
+     "mixup: lam must be in [0, 1], got 2 (row 2)"),
+    (lambda: (_x(), P, torch.tensor([0.5, float("nan"), 0.3, 0.1])), {}, ValueError,
+     "mixup: lam must be in [0, 1], got nan (row 1)"),
+    (lambda: (_x(), P, torch.tensor(-0.5)), {}, ValueError,
+     "mixup: lam must be in [0, 1], got -0.5 (row 0)"),
+    (lambda: (_x(), P, torch.tensor([0.5, 0.2, 2.0, 0.1])), {"out": "x"}, ValueError,
+     "mixup: lam must be in [0, 1], got 2 (row 2)"),
     (lambda: (_x(), P, 0.5), {"out": torch.empty(4, 3, 5)}, ValueError,
      "mixup: out must have the shape of x, [4, 3, 5, 6], got [4, 3, 5]"),
     (lambda: (_x(), P, 0.5), {"out": torch.empty(4, 3, 5, 6, dtype=torch.float64)}, TypeError,
@@ -317,6 +325,8 @@ BAD_MIXUP = [
 @pytest.mark.parametrize("make,kw,exc,msg", BAD_MIXUP)
 def test_mixup_bad_input(backend, make, kw, exc, msg):
     x, perm, lam = make()
+    if isinstance(kw.get("out"), str):  # "x": in place
+        kw = {"out": x}
     with pytest.raises(exc) as info:
         ft.ops.mixup(x, perm, lam, **kw)
     assert str(info.value) == msg

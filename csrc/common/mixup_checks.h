@@ -58,6 +58,15 @@ inline void check_lam(const at::Tensor& x, const std::optional<at::Tensor>& lam,
   }
 }
 
+// Every per-sample lam in [0, 1] (NaN is refused too); lam_host is a contiguous float64 host copy.
+inline void check_lam_values(const char* op, const at::Tensor& lam_host) {
+  const double* l = lam_host.const_data_ptr<double>();
+  for (int64_t i = 0; i < lam_host.numel(); ++i) {
+    TORCH_CHECK_VALUE(l[i] >= 0.0 && l[i] <= 1.0, op, ": lam must be in [0, 1], got ", l[i],
+                      " (row ", i, ")");
+  }
+}
+
 // out= of a blend: same shape, dtype and device as x.
 inline void check_out(const char* op, const at::Tensor& x, const at::Tensor& out) {
   TORCH_CHECK_VALUE(out.sizes() == x.sizes(), op, ": out must have the shape of x, ", x.sizes(),

@@ -101,6 +101,11 @@ inline at::Tensor host_long(const at::Tensor& t) {
   return h.contiguous();
 }
 
+// Per-sample lam values checked on the host (B numbers; on CUDA a copy next to perm's).
+inline void check_lam_tensor(const char* op, const std::optional<at::Tensor>& lam) {
+  if (lam.has_value()) check_lam_values(op, lam->to(at::kCPU, at::kDouble).contiguous());
+}
+
 // inverse(perm) on perm's device, from a checked host copy.
 inline at::Tensor inverse_perm(const at::Tensor& perm_host, const at::Device& device) {
   const int64_t B = perm_host.numel();
@@ -147,6 +152,7 @@ at::Tensor mixup(const at::Tensor& x, const at::Tensor& perm, const std::optiona
   check_lam(x, lam, lam_scalar);
   at::Tensor ph = host_long(perm);
   check_perm_values("mixup", ph.const_data_ptr<int64_t>(), ph.numel(), false);
+  check_lam_tensor("mixup", lam);
   at::Tensor out = alloc_like<D>(x);
   if (out.numel() == 0) return out;
   blend_into<D>(x, perm, lam, lam_scalar, false, out, false);
@@ -162,6 +168,7 @@ void mixup_out(const at::Tensor& x, const at::Tensor& perm, const std::optional<
   check_no_overlap("mixup", x, out);
   at::Tensor ph = host_long(perm);
   check_perm_values("mixup", ph.const_data_ptr<int64_t>(), ph.numel(), false);
+  check_lam_tensor("mixup", lam);
   if (out.numel() == 0) return;
   if (rows_writable(out)) {
     blend_into<D>(x, perm, lam, lam_scalar, false, out, false);
@@ -177,6 +184,7 @@ void mixup_inplace(at::Tensor& x, const at::Tensor& perm, const std::optional<at
   check_lam(x, lam, lam_scalar);
   at::Tensor ph = host_long(perm);
   check_perm_values("mixup", ph.const_data_ptr<int64_t>(), ph.numel(), true);
+  check_lam_tensor("mixup", lam);
   if (x.numel() == 0) return;
   if (rows_writable(x)) {
     blend_into<D>(x, perm, lam, lam_scalar, false, x, true);

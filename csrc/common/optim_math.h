@@ -11,9 +11,10 @@
 //           b  = b*momentum + d                       (buf.mul_().add_(), dampening 0)
 //           d  = nesterov ? fma(b, momentum, d) : b   (grad.add(buf, alpha=momentum))
 //           w  = fma(d, -lr, w)                       (param.add_(d, alpha=-lr))
-// On the CPU the results are bit-identical to torch.optim.SGD and to torch.optim.AdamW(fused=True);
-// the single-tensor AdamW differs by an ulp of the update where its vectorised sqrt is not
-// correctly rounded (ours is).
+// On the CPU the results are bit-identical to torch.optim.SGD and to the vectorised body of
+// torch.optim.AdamW(fused=True) (its scalar remainder of each thread's chunk computes in double
+// and may differ by an ulp); the single-tensor AdamW differs by an ulp of the update where its
+// vectorised sqrt is not correctly rounded (ours is).
 //
 // `Ops` supplies, for the element type F: fma(a, b, c) = a*b + c rounded once; mul(a, b), a
 // product rounded on its own, which the compiler must not fuse into a following addition (GCC

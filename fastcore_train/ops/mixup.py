@@ -62,6 +62,7 @@ def mixup(x: torch.Tensor, perm: torch.Tensor, lam: Lam, *,
             torch.ops.fastcore_train.mixup_out(x, perm, lam_t, lam_s, out)
         return out
     check_perm_values("mixup", perm, involution=inplace)
+    check_lam_values("mixup", lam_t)
     y = _reference(x, perm, lam_t, lam_s)
     if out is None:
         return y
@@ -77,6 +78,7 @@ def mixup_reference(x: torch.Tensor, perm: torch.Tensor, lam: Lam, *,
     if out is not None and not inplace:
         _check_out("mixup", x, out)
     check_perm_values("mixup", perm, involution=inplace)
+    check_lam_values("mixup", lam_t)
     y = _reference(x, perm, lam_t, lam_s)
     if out is None:
         return y
@@ -206,6 +208,16 @@ def check_perm_values(op: str, perm: torch.Tensor, *, involution: bool = False) 
                 raise ValueError(f"{op}: in place (out=x) needs perm to be an involution "
                                  f"(perm[perm[i]] == i: a flip or pair swaps), but perm[{i}] = "
                                  f"{j} and perm[{j}] = {p[j]}")
+
+
+def check_lam_values(op: str, lam: Optional[torch.Tensor]) -> None:
+    """Every per-sample lam in [0, 1]. Syncs on CUDA; skipped while torch.compile traces."""
+    if lam is None or torch.compiler.is_compiling() or lam.numel() == 0:
+        return
+    bad = ~((lam >= 0) & (lam <= 1))  # NaN is bad too
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: lam must be in [0, 1], got {float(lam[i]):g} (row {i})")
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:

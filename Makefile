@@ -20,7 +20,7 @@ help:
 # torch and the build tools, once per venv (TORCH_SPEC picks another torch)
 $(VENV)/.deps:
 	$(PYTHON_BOOT) -m venv $(VENV)
-	$(PIP) install -q "$(TORCH_SPEC)" numpy pybind11 ninja "setuptools>=64" wheel
+	$(PIP) install -q "$(TORCH_SPEC)" numpy pybind11 ninja "setuptools>=77" wheel
 	@touch $@
 
 # the package, editable; the extension is built in place by the next rule, incrementally

@@ -21,7 +21,9 @@ ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
-CXX_FLAGS = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for (17 or 20)
+# the C++ standard is the one torch asks for (17 or 20); torch's headers carry pragmas GCC
+# does not know (#pragma unroll, clang diagnostics), a warning per include otherwise
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
 # No --use_fast_math: it flushes denormals and approximates division and sqrt, and the
 # optimizer must match torch (and our CPU kernels) on every value, as torch's own kernels do.
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]

@@ -23,7 +23,7 @@ echo "cuda_check: CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail
 
 if [[ ! -f "$VENV/.deps" ]]; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "$TORCH_CUDA_SPEC" numpy pybind11 ninja "setuptools>=64" wheel
+  "$VENV/bin/pip" install -q "$TORCH_CUDA_SPEC" numpy pybind11 ninja "setuptools>=77" wheel
   touch "$VENV/.deps"
 fi
 

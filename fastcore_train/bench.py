@@ -366,8 +366,17 @@ def cases(op: Optional[str] = None, device="cpu", size: str = "full") -> List[Ca
     return out
 
 
+def _is_variant(name: str) -> bool:
+    """Other forms of our op (``fastcore_train fresh``/``inplace``) and the same-size ``copy``:
+    shown as times, not as speed-ups over a baseline."""
+    return name.startswith("fastcore_train ") or name == "copy"
+
+
 def run(case_list: List[Case], *, bandwidth: Optional[float] = None, progress=None) -> List[dict]:
-    """Times every implementation of every case; one row per case with ratios and GB/s."""
+    """Times every implementation of every case; one row per case with ratios and GB/s.
+
+    ``speedup``: a baseline's time over ours (> 1: ours is faster), for torch's implementations;
+    ``variants_ms``: the times of our other forms and of a same-size copy."""
     rows = []
     for case in case_list:
         steps = case.make()
@@ -375,10 +384,12 @@ def run(case_list: List[Case], *, bandwidth: Optional[float] = None, progress=No
         del steps
         ours = times["fastcore_train"]
         gbps = case.nbytes / ours / 1e9
+        others = {k: v for k, v in times.items() if k != "fastcore_train"}
         rows.append(dict(
             op=case.op, case=case.name, ms=ours * 1e3,
-            baselines_ms={k: v * 1e3 for k, v in times.items() if k != "fastcore_train"},
-            speedup={k: v / ours for k, v in times.items() if k != "fastcore_train"},
+            baselines_ms={k: v * 1e3 for k, v in others.items() if not _is_variant(k)},
+            variants_ms={k: v * 1e3 for k, v in others.items() if _is_variant(k)},
+            speedup={k: v / ours for k, v in others.items() if not _is_variant(k)},
             gbps=gbps, pct_bandwidth=100 * gbps / bandwidth if bandwidth else None))
         if progress is not None:
             progress(rows[-1])
@@ -386,17 +397,25 @@ def run(case_list: List[Case], *, bandwidth: Optional[float] = None, progress=No
 
 
 def format_table(rows: List[dict], bandwidth: Optional[float] = None) -> str:
-    names = []
+    variants, names = [], []
     for r in rows:
+        variants += [k for k in r.get("variants_ms", {}) if k not in variants]
         names += [k for k in r["speedup"] if k not in names]
-    head = ["op", "case", "fastcore_train ms"] + [f"× {n}" for n in names] + ["GB/s", "% copy BW"]
+    head = (["op", "case", "fastcore_train ms"] + [f"{v} ms" for v in variants]
+            + [f"× {n}" for n in names] + ["GB/s", "% copy BW"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["op"], r["case"], f"{r['ms']:.2f}"]
+        cells += [f"{r['variants_ms'][v]:.2f}" if v in r.get("variants_ms", {}) else "-"
+                  for v in variants]
         cells += [f"{r['speedup'][n]:.2f}" if n in r["speedup"] else "-" for n in names]
         cells += [f"{r['gbps']:.1f}",
                   f"{r['pct_bandwidth']:.0f}%" if r["pct_bandwidth"] is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\n× X: X's time over fastcore_train's (above 1: fastcore_train is faster). "
+                 "GB/s: the bytes the op must move over its time.")
     if bandwidth:
-        lines.append(f"\ncopy bandwidth measured in the same run: {bandwidth:.1f} GB/s")
+        lines.append(f"% copy BW: of a 256 MB copy measured at the start of the run, "
+                     f"{bandwidth:.1f} GB/s; small cases run from cache and exceed it "
+                     f"(the 'copy ms' column, where shown, times a copy of the case's own size).")
     return "\n".join(lines)

@@ -77,6 +77,47 @@ def _add_launch(sub) -> None:
     ).set_defaults(func=_launch)
 
 
+# ---- argument types: a bad value is an argparse error (usage + message), not a traceback ----
+
+def _device_type(value: str) -> str:
+    import torch
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device; use cpu or cuda[:N]")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: CUDA is not available (torch {torch.__version__}, built with CUDA "
+                f"{torch.version.cuda or 'none'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected an accuracy in (0, 1], got {value!r}")
+    return x
+
+
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -112,7 +153,8 @@ def _add_bench(sub) -> None:
                     "and print one table: time, speed-up ratios, GB/s and the share of the copy "
                     "bandwidth measured in the same run. On a GPU the CUDA kernels are timed.")
     p.add_argument("--op", choices=sorted(bench.OPS), help="only this op (default: all)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=_device_type,
+                   help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_bench)
@@ -125,7 +167,8 @@ def _data_args(p) -> None:
     p.add_argument("--root", help="folder of the CIFAR-10 python batches")
     p.add_argument("--out", default="demo_out", help="folder for the plots (default demo_out)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -153,9 +196,9 @@ def _add_demo(sub) -> None:
                     "stopping). Prints epochs and wall time to the target accuracy and writes "
                     "lr_find.png, schedule.png and curves.png.")
     _data_args(p)
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=_positive_int, default=None,
                    help="epochs of each run (default: 40 baseline / 5 recipe on digits)")
-    p.add_argument("--target", type=float, default=0.97,
+    p.add_argument("--target", type=_fraction, default=0.97,
                    help="validation accuracy to reach (default 0.97)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=_demo)
@@ -180,7 +223,7 @@ def _add_lr_find(sub) -> None:
                                    "model and data, print the suggestions and write "
                                    "lr_find.png.")
     _data_args(p)
-    p.add_argument("--num-iter", type=int, default=100, help="steps of the sweep (default 100)")
+    p.add_argument("--num-iter", type=_positive_int, default=100, help="steps of the sweep (default 100)")
     p.set_defaults(func=_lr_find)
 
 
@@ -202,9 +245,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``fastcore-train``; returns the exit code."""
     argv: List[str] = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "data", None) == "cifar10" and not args.root:
+        parser.error("--data cifar10 needs --root, the folder of the CIFAR-10 python batches "
+                     "(data_batch_1 ... test_batch)")
     args.argv = argv  # the raw arguments, for subcommands that pass them on
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # bad data folders and the like: no traceback
+        print(f"fastcore-train {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -125,6 +125,13 @@ class LRFinderResult:
         """Whether the sweep stopped early on divergence or a non-finite loss."""
         return self.stop_reason != "completed"
 
+    def __repr__(self) -> str:  # the curve itself is in .lrs / .losses
+        span = f"{self.lrs[0]:.1e}..{self.lrs[-1]:.1e}" if self.lrs else "-"
+        sugg = ", ".join(f"{k}={v:.2e}" if v is not None else f"{k}=None"
+                         for k, v in self.suggestions.items())
+        return (f"LRFinderResult({len(self.lrs)} of {self.num_iter} steps over lr {span}, "
+                f"{self.stop_reason}; {sugg})")
+
     def plot(self, path: Any, *, show_raw: bool = True, dpi: int = 100) -> Any:
         """Write a PNG of loss against lr (log scale) with the suggestions marked; returns path.
 
@@ -277,12 +284,22 @@ def _batch_weight(x: Any) -> int:
     return 1
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class _Progress:
-    """tqdm when installed, else a line every 10 % on stderr; silent when disabled."""
+    """tqdm on a terminal when installed, else a line every 10 % on stderr; silent when
+    disabled."""
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.bar, self.done = total, enabled, None, 0
         if not enabled:
+            return
+        if not _stderr_is_terminal():  # logs, CI: plain lines, not carriage-return fragments
             return
         try:
             from tqdm.auto import tqdm
@@ -399,6 +416,15 @@ def lr_find(model: nn.Module, train_loader: Iterable, loss_fn: Callable[[Any, An
         if missing:
             raise TypeError(f"scaler lacks the GradScaler method(s) {missing}")
 
+    model_params = {id(p) for p in model.parameters()}
+    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not any(id(p) in model_params for p in opt_params):
+        raise ValueError("lr_find: none of the optimizer's parameters belong to the model, so the "
+                         "sweep could not change it; build the optimizer over model.parameters()")
+    if not any(p.requires_grad for p in opt_params if id(p) in model_params):
+        raise ValueError("lr_find: no parameter of the optimizer requires grad (is the whole "
+                         "model frozen?)")
+
     base = [float(g["lr"]) for g in optimizer.param_groups]
     ref = max(base) if base else 0.0
     # Keep discriminative lrs' ratios; if every group is at 0, sweep them all alike.
@@ -434,6 +460,11 @@ def lr_find(model: nn.Module, train_loader: Iterable, loss_fn: Callable[[Any, An
                 sync_skip = k < accumulation_steps - 1 and hasattr(model, "no_sync")
                 with model.no_sync() if sync_skip else contextlib.nullcontext():
                     loss = loss_fn(model(x), y)
+                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                        raise ValueError(
+                            "lr_find: loss_fn must return a one-element tensor (a reduced "
+                            "loss, e.g. reduction='mean'), got "
+                            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
                     scaled = loss / accumulation_steps
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 train_loss += loss.detach().float() / accumulation_steps

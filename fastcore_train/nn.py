@@ -43,6 +43,10 @@ class LabelSmoothingCrossEntropy(torch.nn.Module):
             return ops.cross_entropy(logits, target.y_a, target_b=target.y_b, lam=target.lam,
                                      label_smoothing=self.smoothing,
                                      ignore_index=self.ignore_index, reduction=self.reduction)
+        if isinstance(target, (tuple, list)):
+            raise TypeError("LabelSmoothingCrossEntropy: target must be a tensor of class indices "
+                            "or an ft.MixedTarget(y_a, y_b, lam), got a "
+                            f"{type(target).__name__}")
         return ops.cross_entropy(logits, target, label_smoothing=self.smoothing,
                                  ignore_index=self.ignore_index, reduction=self.reduction)
 

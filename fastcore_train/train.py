@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from typing import Callable, Dict, Iterable, Mapping, Optional
 
@@ -64,7 +65,8 @@ def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 
 
 def _progress_bar(total: Optional[int], enabled: bool, desc: str):
-    if not enabled:
+    # no bar in logs and CI (stderr not a terminal): only the per-epoch summary is printed there
+    if not enabled or not getattr(sys.stderr, "isatty", lambda: False)():
         return None
     try:
         from tqdm.auto import tqdm

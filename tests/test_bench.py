@@ -66,14 +66,18 @@ def test_run_and_table():
     y = torch.empty_like(x)
     case = bench.Case("copy", "copy 64k", 2 * x.numel() * 4,
                       lambda: {"fastcore_train": lambda: y.copy_(x),
-                               "eager": lambda: y.copy_(x.clone())},
-                      rounds=3, impls=("fastcore_train", "eager"))
+                               "fastcore_train inplace": lambda: y.mul_(1.0),
+                               "eager": lambda: y.copy_(x.clone()),
+                               "copy": lambda: y.copy_(x)},
+                      rounds=3, impls=("fastcore_train", "fastcore_train inplace", "eager", "copy"))
     rows = bench.run([case], bandwidth=10.0)
     (row,) = rows
     assert row["case"] == "copy 64k" and set(row["speedup"]) == {"eager"}
+    assert set(row["variants_ms"]) == {"fastcore_train inplace", "copy"}
     assert row["gbps"] > 0 and row["pct_bandwidth"] == pytest.approx(10 * row["gbps"])
     table = bench.format_table(rows, 10.0)
     assert "| copy | copy 64k |" in table and "× eager" in table
+    assert "| fastcore_train inplace ms | copy ms |" in table and "× copy" not in table
 
 
 def test_bandwidth_probes():

@@ -287,6 +287,25 @@ def test_bad_input(backend, make, kw, exc, msg):
         ft.ops.cross_entropy(x, y, **kw)
 
 
+def test_target_dtype_messages_match(extension):
+    """Probability targets get a hint, with the same text from the C++ check and Python."""
+    msg = ("cross_entropy: target must be int64 (torch.long) class indices, got torch.float32 "
+           "(probability targets are not supported; for mixup pass target_b and lam)")
+    x, y = torch.randn(2, 5), torch.rand(2)
+    with pytest.raises(TypeError) as info:
+        torch.ops.fastcore_train.cross_entropy(x, y, None, None, 1.0, 0.0, -100, 1)
+    assert msg in str(info.value)
+    with _backend.use_backend("reference"), pytest.raises(TypeError) as info:
+        ft.ops.cross_entropy(x, y)
+    assert str(info.value) == msg
+    with pytest.raises(TypeError, match="int64 \\(torch.long\\) class indices, got torch.int32$"):
+        ft.ops.cross_entropy(x, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="ft.MixedTarget"):
+        ft.nn.LabelSmoothingCrossEntropy()(x, (y, y, 0.5))
+    with pytest.raises(TypeError, match="for mixup targets pass target_b and lam"):
+        ft.ops.cross_entropy(x, (y, y, 0.5))
+
+
 def test_op_checks_direct_call(extension):
     """The C++ op checks its inputs itself too (for users of torch.ops directly)."""
     with pytest.raises(IndexError, match="target 7 is out of range"):

@@ -100,10 +100,34 @@ def test_cli_demo_cifar10(tmp_path, capsys, monkeypatch):
     assert "| baseline |" in printed and "| fast recipe |" in printed
 
 
-def test_cli_demo_cifar10_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no CIFAR-10 python batches"):
-        cli.main(["demo", "--data", "cifar10", "--root", str(tmp_path), "--epochs", "1",
-                  "--out", str(tmp_path / "out"), "--no-progress"])
+def test_cli_demo_cifar10_missing_files(tmp_path, capsys):
+    code = cli.main(["demo", "--data", "cifar10", "--root", str(tmp_path), "--epochs", "1",
+                     "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    assert "fastcore-train demo: error: no CIFAR-10 python batches" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["demo", "--data", "cifar10"], "--data cifar10 needs --root"),
+    (["demo", "--target", "1.5"], "expected an accuracy in (0, 1], got '1.5'"),
+    (["demo", "--epochs", "0"], "expected a positive integer, got '0'"),
+    (["lr-find", "--num-iter", "x"], "expected a positive integer, got 'x'"),
+    (["bench", "--device", "tpu"], "'tpu' is not a device"),
+    (["bench", "--device", "meta"], "'meta': only cpu and cuda are supported"),
+    (["bench", "--device", "gpu0"], "'gpu0' is not a device"),
+])
+def test_cli_argument_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2  # argparse's usage error, no traceback
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_device_without_cuda(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_cli_lr_find(tmp_path, capsys):

@@ -488,6 +488,14 @@ def test_progress_fallback_without_tqdm(digits, capsys, monkeypatch):
     assert len(lines) == 10 and lines[-1].startswith("lr_find: 20/20")
 
 
+def test_result_repr_is_short():
+    res = LRFinderResult.from_curve([1e-4 * 1.1 ** i for i in range(200)],
+                                    [2.0 - i / 400 for i in range(200)],
+                                    [2.0 - i / 400 for i in range(200)], num_iter=200)
+    text = repr(res)
+    assert len(text) < 300 and "200 of 200 steps" in text and "valley=" in text
+
+
 def test_progress_output(digits, capsys):
     model = mlp()
     lr_find(model, loader(digits[0]), F.cross_entropy, torch.optim.Adam(model.parameters()),
@@ -533,6 +541,18 @@ def test_input_errors(digits):
         x, y = digits[0]
         lr_find(model, iter([(x[:8], y[:8])]), F.cross_entropy, opt, num_iter=3,
                 progress=False)
+    with pytest.raises(ValueError, match=r"one-element tensor .* got \(8,\)"):
+        lr_find(model, data, lambda out, t: F.cross_entropy(out, t, reduction="none")[:8], opt,
+                num_iter=3, progress=False)
+    other = torch.optim.SGD(mlp().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="none of the optimizer's parameters belong"):
+        lr_find(model, data, F.cross_entropy, other, progress=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter of the optimizer requires grad"):
+        lr_find(model, data, F.cross_entropy, opt, progress=False)
+    for p in model.parameters():
+        p.requires_grad_(True)
     assert_restored(before, model, opt)
 
 

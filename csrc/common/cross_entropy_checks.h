@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include "common/py_dtype.h"
+
 namespace fastcore_train {
 
 inline void check_cross_entropy_inputs(const at::Tensor& logits, const at::Tensor& target,
@@ -16,11 +18,16 @@ inline void check_cross_entropy_inputs(const at::Tensor& logits, const at::Tenso
               logits.dim(), "-D");
   const auto dt = logits.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-              "cross_entropy: logits must be float32, float16, bfloat16 or float64, got ", dt);
+              "cross_entropy: logits must be float32, float16, bfloat16 or float64, got ",
+              py_dtype(dt));
   const int64_t B = logits.size(0);
   auto check_target = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "cross_entropy: ", name,
-                " must be int64 (torch.long), got ", t.scalar_type());
+                     " must be int64 (torch.long) class indices, got ", py_dtype(t.scalar_type()),
+                     at::isFloatingType(t.scalar_type())
+                         ? " (probability targets are not supported; for mixup pass target_b "
+                           "and lam)"
+                         : "");
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, "cross_entropy: ", name, " must have shape (",
                 B, ",) to match logits, got ", t.sizes());
     TORCH_CHECK_VALUE(t.device() == logits.device(), "cross_entropy: ", name, " is on ", t.device(),

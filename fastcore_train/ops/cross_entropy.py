@@ -70,7 +70,10 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, *,
 
 def _check_args(logits, target, target_b, lam, label_smoothing, reduction):
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError("cross_entropy: logits and target must be tensors")
+        hint = (" (for mixup targets pass target_b and lam, or an ft.MixedTarget to "
+                "LabelSmoothingCrossEntropy)" if isinstance(target, (tuple, list)) else "")
+        raise TypeError(f"cross_entropy: logits and target must be tensors, got "
+                        f"{type(logits).__name__} and {type(target).__name__}{hint}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if logits.dim() != 2:
@@ -83,7 +86,10 @@ def _check_args(logits, target, target_b, lam, label_smoothing, reduction):
         if t is None:
             continue
         if t.dtype != torch.long:
-            raise TypeError(f"cross_entropy: {name} must be int64 (torch.long), got {t.dtype}")
+            hint = (" (probability targets are not supported; for mixup pass target_b and lam)"
+                    if t.is_floating_point() else "")
+            raise TypeError(f"cross_entropy: {name} must be int64 (torch.long) class indices, "
+                            f"got {t.dtype}{hint}")
         if t.dim() != 1 or t.shape[0] != B:
             raise ValueError(f"cross_entropy: {name} must have shape ({B},) to match logits, "
                              f"got {list(t.shape)}")

@@ -5,10 +5,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <unordered_map>
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #endif
@@ -96,6 +98,10 @@ class BlockCache {
     return cached_;
   }
 
+  // A fork (DataLoader workers) copies the mutex in whatever state another thread left it;
+  // the child has only the forking thread, so it starts from a fresh, unlocked one.
+  void reset_lock_after_fork() { new (&mu_) std::mutex(); }
+
  private:
   static size_t default_limit() {
     if (const char* v = std::getenv("FASTCORE_TRAIN_CACHE_MB")) {
@@ -115,7 +121,11 @@ class BlockCache {
 
 // Never destroyed: tensors may be freed during interpreter shutdown, after static destructors.
 BlockCache& cache() {
-  static BlockCache* c = new BlockCache();
+  static BlockCache* c = [] {
+    auto* made = new BlockCache();
+    pthread_atfork(nullptr, nullptr, [] { cache().reset_lock_after_fork(); });
+    return made;
+  }();
   return *c;
 }
 #endif

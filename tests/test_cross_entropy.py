@@ -204,27 +204,30 @@ def test_extreme_logit_ranges(backend, dtype, scale, shift):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_masked_logits_like_torch(backend, dtype, eps):
-    """Classes masked with -inf (a common way to restrict the label set): without smoothing
-    the loss is finite and the gradient of masked classes is zero, as in torch; with smoothing
-    the loss is +inf (the smoothed target puts mass on the masked classes). A row whose
-    target itself is masked has an infinite loss either way."""
+@pytest.mark.parametrize("mask", [float("-inf"), -1e9, -100.0])
+def test_masked_logits_like_torch(backend, dtype, eps, mask):
+    """Classes masked with -inf or a huge negative value (common ways to restrict the label
+    set): without smoothing the loss is finite and the gradient of masked classes is zero, as
+    in torch; with smoothing the loss follows torch (+inf for -inf masks: the smoothed target
+    puts mass on the masked classes). A row whose target itself is masked has an infinite (or
+    huge) loss either way."""
     x = _logits(6, 37, torch.float32)
-    x[:, 5:9] = float("-inf")
-    x[4, 20:] = float("-inf")
+    x[:, 5:9] = mask
+    x[4, 20:] = mask
     y = torch.tensor([0, 1, 2, 36, 3, 5])  # row 5: the target is masked
     x = x.to(dtype)
     loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps,
                                 reduction="none")
     ref_loss, ref_grad = _loss_and_grad(_torch_ce, x.double(), y, label_smoothing=eps,
                                         reduction="none")
-    _assert_close(loss, ref_loss, dtype)
-    if eps == 0:
-        assert torch.isfinite(loss[:5]).all() and loss[5] == float("inf")
-        _assert_close(grad[:5], ref_grad[:5].to(dtype), dtype)
-        assert (grad[:5, 5:9] == 0).all()
-    else:
-        assert (loss == float("inf")).all()
+    _assert_close(loss, ref_loss, dtype, scale=max(1.0, abs(mask) if mask > -1e30 else 1.0))
+    _assert_close(grad[:5], ref_grad[:5].to(dtype), dtype)
+    if mask == float("-inf"):
+        if eps == 0:
+            assert torch.isfinite(loss[:5]).all() and loss[5] == float("inf")
+            assert (grad[:5, 5:9] == 0).all()
+        else:
+            assert (loss == float("inf")).all()
 
 
 def test_no_classes_all_rows_ignored_like_torch(backend):

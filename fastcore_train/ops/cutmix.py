@@ -54,8 +54,8 @@ def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
         _check_out("cutmix", x, out)
     if out is not None:
         _check_no_grad_out("cutmix", x, None)
-    lam = _lam(x, boxes, box_list)
     if _backend.use_extension("cutmix", x):
+        lam = _lam(x, boxes, box_list)
         if out is None:
             return torch.ops.fastcore_train.cutmix(x, perm, boxes, box_list), lam
         if inplace:
@@ -63,13 +63,7 @@ def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
         else:
             torch.ops.fastcore_train.cutmix_out(x, perm, boxes, box_list, out)
         return out, lam
-    _check_box_values(x, boxes)
-    check_perm_values("cutmix", perm, involution=inplace)
-    y = _reference(x, perm, boxes, box_list)
-    if out is None:
-        return y, lam
-    out.copy_(y)
-    return out, lam
+    return cutmix_reference(x, perm, box, out=out)
 
 
 def cutmix_reference(x: torch.Tensor, perm: torch.Tensor, box: Box, *,

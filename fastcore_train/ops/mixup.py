@@ -61,13 +61,7 @@ def mixup(x: torch.Tensor, perm: torch.Tensor, lam: Lam, *,
         else:
             torch.ops.fastcore_train.mixup_out(x, perm, lam_t, lam_s, out)
         return out
-    check_perm_values("mixup", perm, involution=inplace)
-    check_lam_values("mixup", lam_t)
-    y = _reference(x, perm, lam_t, lam_s)
-    if out is None:
-        return y
-    out.copy_(y)
-    return out
+    return mixup_reference(x, perm, lam, out=out)
 
 
 def mixup_reference(x: torch.Tensor, perm: torch.Tensor, lam: Lam, *,

@@ -27,6 +27,25 @@ if [[ ! -f "$VENV/.deps" ]]; then
   touch "$VENV/.deps"
 fi
 
+# Without a GPU and without TORCH_CUDA_ARCH_LIST, torch's own default crashes (IndexError in
+# _get_cuda_arch_flags); the build must pick its documented list instead. Checked without
+# compiling for all of them (CI builds sm_90 only, below).
+env -u TORCH_CUDA_ARCH_LIST "$VENV/bin/python" - <<'PY'
+import importlib.util, os
+import torch
+from torch.utils.cpp_extension import _get_cuda_arch_flags
+spec = importlib.util.spec_from_file_location("b", "fastcore_train/_build.py")
+b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
+if torch.cuda.is_available():
+    print("cuda_check: a GPU is visible; the no-GPU arch default is not exercised here")
+else:
+    archs = b.cuda_arch_list()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    flags = _get_cuda_arch_flags()
+    assert any("sm_90" in f for f in flags) and any(f.endswith("code=compute_120") for f in flags), flags
+    print(f"cuda_check: no GPU, no TORCH_CUDA_ARCH_LIST -> {archs}")
+PY
+
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 PY=$(cd "$VENV" && pwd)/bin/python
@@ -42,6 +61,9 @@ import torch, fastcore_train
 from fastcore_train import _backend
 assert _backend.extension_loaded(), _backend.backend_reason()
 assert _backend._C.compiled_with_cuda(), "extension built without CUDA"
+built = _backend.build_info()
+assert built["torch"] == torch.__version__ and built["cuda"] == torch.version.cuda, built
+assert built["cuda_archs"] == "9.0", built
 ops = sorted({n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
               if n.startswith("fastcore_train::")})
 missing = [op for op in ops

@@ -77,9 +77,15 @@ bool compiled_with_cuda() {
 
 }  // namespace
 
+namespace fastcore_train {
+const char* build_info();  // build_info.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcore_train compiled kernels (operators live in torch.ops.fastcore_train)";
   m.def("compiled_with_cuda", &compiled_with_cuda);
+  m.def("build_info", [] { return std::string(fastcore_train::build_info()); },
+        "What this build was made against: 'FASTCORE_TRAIN_BUILD_INFO|torch=...|cuda=...|END'.");
   m.def("cpu_capability", [] { return fastcore_train::cpu::isa_name(fastcore_train::cpu::isa()); },
         "The CPU kernel build in use: default, avx2 or avx512.");
   m.def("best_cpu_capability",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -35,6 +36,7 @@ def _info(args: argparse.Namespace) -> int:
     rows = [
         ("fastcore_train", info["version"]),
         ("backend", f"{info['backend']} ({info['reason']})"),
+        ("built against", info.get("built_against", "n/a (extension not loaded)")),
         ("extension CUDA", yes_no(info["extension_cuda"]) if "extension_cuda" in info
          else "n/a (extension not loaded)"),
         ("CPU kernels", info.get("cpu_kernels", "n/a")),
@@ -48,6 +50,62 @@ def _info(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    import subprocess
+
+    import torch
+
+    from fastcore_train import _backend, _build as build
+
+    if args.no_cuda:
+        os.environ["FASTCORE_TRAIN_NO_CUDA"] = "1"
+    loaded = _backend.extension_loaded()
+    if loaded and not args.force:
+        print(f"fastcore-train build: the kernels for torch {torch.__version__} are already "
+              f"built and in use ({_backend._C_path}); --force rebuilds them")
+        return 0
+    try:
+        path = build.jit_build(force=args.force, jobs=args.jobs, verbose=args.verbose)
+    except build.BuildError as e:
+        print(f"fastcore-train build: error: {e}", file=sys.stderr)
+        return 2
+    # a fresh interpreter proves that `import fastcore_train` picks the build up
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fastcore_train as ft; print(ft.backend()); "
+                               "print(ft.backend_reason())"],
+        capture_output=True, text=True, env=dict(os.environ, FASTCORE_TRAIN_BACKEND=""))
+    lines = probe.stdout.split("\n")
+    if probe.returncode != 0 or lines[0] != "extension":
+        detail = (lines[1] if len(lines) > 1 and lines[1] else probe.stderr.strip()[-500:])
+        print(f"fastcore-train build: error: built {path} but import fastcore_train does not "
+              f"use it: {detail}", file=sys.stderr)
+        return 2
+    if loaded:
+        print(f"fastcore-train build: rebuilt {path}; {lines[1]}")
+    else:
+        print(f"fastcore-train build: done; import fastcore_train now uses the kernels "
+              f"({path})")
+    return 0
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser(
+        "build", help="compile the fused kernels for the installed torch (once)",
+        description="Compile fastcore_train's C++ (and, with a CUDA torch and nvcc, CUDA) "
+                    "kernels against the torch that is installed, into torch's extension cache "
+                    "(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Needed once "
+                    "after `pip install fastcore_train` with build isolation, and after "
+                    "upgrading torch; `import fastcore_train` finds the build by itself. "
+                    "Concurrent builds wait for each other.")
+    p.add_argument("--force", action="store_true", help="rebuild even if a build exists")
+    p.add_argument("--jobs", type=_positive_int, default=None,
+                   help="parallel compiler jobs (default: MAX_JOBS or the number of CPUs)")
+    p.add_argument("--no-cuda", action="store_true",
+                   help="CPU kernels only, even with a CUDA torch (FASTCORE_TRAIN_NO_CUDA=1)")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    p.set_defaults(func=_build)
 
 
 def _add_info(sub) -> None:
@@ -227,7 +285,7 @@ def _add_lr_find(sub) -> None:
     p.set_defaults(func=_lr_find)
 
 
-_SUBCOMMANDS = (_add_info, _add_launch, _add_bench, _add_demo, _add_lr_find)
+_SUBCOMMANDS = (_add_info, _add_build, _add_launch, _add_bench, _add_demo, _add_lr_find)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -97,4 +97,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Frees the cached large CPU output blocks not in use; returns the bytes freed.");
   m.def("cached_bytes", &fastcore_train::cpu::cached_block_bytes,
         "Bytes held by cached large CPU output blocks not in use.");
+  m.def("cache_stats", &fastcore_train::cpu::large_block_stats,
+        "The large-output cache: cached/in-use/limit bytes, hits, misses, evictions.");
+  m.def("_empty_large", &fastcore_train::cpu::empty_large_bytes,
+        "A uint8 CPU tensor of n bytes from the large-output allocator (tests).");
 }

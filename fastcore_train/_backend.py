@@ -263,5 +263,8 @@ def info() -> dict:
         d["built_against"] = built_against()
         d["extension_cuda"] = bool(_C.compiled_with_cuda())
         d["cpu_kernels"] = _C.cpu_capability()
-        d["cached_bytes"] = cached_bytes()
+        stats = _C.cache_stats()
+        d["cached_bytes"] = stats["cached_bytes"]
+        d["cache_limit_bytes"] = stats["limit_bytes"]
+        d["cache_hits"] = stats["hits"]
     return d

@@ -40,6 +40,9 @@ def _info(args: argparse.Namespace) -> int:
         ("extension CUDA", yes_no(info["extension_cuda"]) if "extension_cuda" in info
          else "n/a (extension not loaded)"),
         ("CPU kernels", info.get("cpu_kernels", "n/a")),
+        ("output cache", f"{info['cached_bytes'] / 2**20:.0f} MiB of freed large CPU outputs "
+                         f"kept for reuse (bound now {info['cache_limit_bytes'] / 2**20:.0f} MiB)"
+         if "cached_bytes" in info else "n/a"),
         ("torch", info["torch"]),
         ("torch CUDA", info["torch_cuda"] or "none (CPU-only build)"),
         ("CUDA available", yes_no(info["cuda_available"])),
@@ -230,6 +233,21 @@ def _data_args(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _unwritable(folder: str) -> Optional[str]:
+    """Why plots cannot be written to ``folder`` (None if they can), checked before training
+    rather than after it."""
+    import tempfile
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "exists and is not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    return None
+
+
 def _device(args) -> str:
     import torch
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -308,6 +326,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "data", None) == "cifar10" and not args.root:
         parser.error("--data cifar10 needs --root, the folder of the CIFAR-10 python batches "
                      "(data_batch_1 ... test_batch)")
+    if getattr(args, "out", None) is not None:
+        problem = _unwritable(args.out)
+        if problem:
+            parser.error(f"--out {args.out!r}: {problem}")
     args.argv = argv  # the raw arguments, for subcommands that pass them on
     try:
         return args.func(args)

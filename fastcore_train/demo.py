@@ -90,11 +90,50 @@ def _load_digits():
     return _split(x[:, None], d.target.astype(np.int64), val_fraction=0.2)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 python batch holds: a dict of bytes, lists of ints and
+    bytes, and one uint8 numpy array. Any other global (os.system, builtins.eval, ...) is refused,
+    so a crafted file cannot run code: pickle.load would call whatever the file names."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch "
+                                         "never does")
+        if module == "_codecs":
+            import codecs
+            return codecs.encode
+        if name == "_reconstruct":
+            core = getattr(np, "_core", None) or np.core
+            return core.multiarray._reconstruct
+        return getattr(np, name)
+
+
 def _read_cifar_batch(path):
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
-    data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(d[b"labels"], dtype=np.int64)
+    """(images (N, 3, 32, 32) uint8, labels (N,) int64) of one batch file, or a ValueError that
+    names the file and what is wrong with it."""
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, MemoryError) as e:
+        raise ValueError(f"{name} is not a CIFAR-10 python batch ({type(e).__name__}: {e})") \
+            from None
+    data = d.get(b"data") if isinstance(d, dict) else None
+    labels = d.get(b"labels") if isinstance(d, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3 * 32 * 32 or not isinstance(labels, list) \
+            or len(labels) != data.shape[0] \
+            or not all(isinstance(v, int) and 0 <= v < 10 for v in labels):
+        raise ValueError(f"{name} is not a CIFAR-10 python batch (expected b'data': uint8 "
+                         "(N, 3072) and b'labels': N ints in 0..9)")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
 def _load_cifar10(root: str):

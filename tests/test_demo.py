@@ -138,3 +138,68 @@ def test_cli_lr_find(tmp_path, capsys):
     _assert_png(tmp_path / "lr_find.png")
     printed = capsys.readouterr().out
     assert "LR range test:" in printed and "valley" in printed
+
+
+# ---- untrusted data files and unwritable outputs ------------------------------------------------
+
+class _RunsCode:
+    """A pickle payload that runs a shell command when unpickled (what a hostile file does)."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.cmd,)
+
+
+def test_hostile_cifar_batch_runs_no_code(tmp_path, capsys):
+    _write_cifar(tmp_path)
+    marker = tmp_path / "PWNED"
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _RunsCode(f"touch {marker}"), b"labels": []}, f, protocol=2)
+    code = cli.main(["demo", "--data", "cifar10", "--root", str(tmp_path), "--epochs", "1",
+                     "--out", str(tmp_path / "out"), "--no-progress"])
+    assert not marker.exists(), "unpickling ran the file's code"
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fastcore-train demo: error: data_batch_1 is not a CIFAR-10 python batch "
+                   "(UnpicklingError: it refers to posix.system, which a CIFAR-10 batch never "
+                   "does)"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", b"not a pickle at all" * 10])
+def test_corrupt_cifar_batch_is_one_line(tmp_path, capsys, content):
+    _write_cifar(tmp_path)
+    (tmp_path / "test_batch").write_bytes(content)
+    code = cli.main(["demo", "--data", "cifar10", "--root", str(tmp_path), "--epochs", "1",
+                     "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "fastcore-train demo: error: test_batch is not a CIFAR-10 python batch")
+
+
+def test_cifar_batch_of_the_wrong_shape_is_refused(tmp_path):
+    _write_cifar(tmp_path)
+    with open(tmp_path / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, f, protocol=2)
+    with pytest.raises(ValueError, match="data_batch_2 is not a CIFAR-10 python batch"):
+        demo.load_data("cifar10", str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["file", "under_file", "sys"])
+def test_unwritable_out_is_a_usage_error(tmp_path, capsys, kind):
+    if kind == "file":
+        out = tmp_path / "taken"
+        out.write_text("x")
+    elif kind == "under_file":
+        (tmp_path / "taken").write_text("x")
+        out = tmp_path / "taken" / "plots"
+    else:
+        out = "/sys/fastcore_train_plots"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["lr-find", "--out", str(out), "--num-iter", "5", "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out '{out}'" in err and "Traceback" not in err

@@ -9,7 +9,11 @@ its work before returning (CUDA is synchronised), so wall-clock timing is honest
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 
 import fastcore_train as ft
 
-__all__ = ["Case", "cases", "copy_bandwidth", "rmw_bandwidth", "time_fn", "run", "format_table"]
+__all__ = ["Case", "cases", "copy_bandwidth", "rmw_bandwidth", "time_fn", "run", "format_table",
+           "ALLOC_CONFIGS", "alloc_config", "run_in_child", "format_multi"]
 
 
 
@@ -364,6 +369,88 @@ def cases(op: Optional[str] = None, device="cpu", size: str = "full") -> List[Ca
             raise ValueError(f"unknown op {name!r}; expected one of {sorted(_REGISTRY)}")
         out += _REGISTRY[name](device, size)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# allocator settings: torch at its best, as shipped, and our kernels without our output cache
+
+# torch's CPU allocator takes 2 MiB pages only with THP_MEM_ALLOC_ENABLE=1, read once per
+# process; without it every large fresh tensor page-faults 4 KiB at a time. Our large outputs
+# always come from 2 MiB pages and a cache of freed blocks (csrc/cpu/alloc.cpp), so the fair
+# comparison is against torch with THP on; the default setting is what users get unless they set
+# it. "THP, cache off" measures what our kernels alone bring.
+ALLOC_CONFIGS = {
+    "THP": {"THP_MEM_ALLOC_ENABLE": "1", "FASTCORE_TRAIN_CACHE_MB": None},
+    "default": {"THP_MEM_ALLOC_ENABLE": None, "FASTCORE_TRAIN_CACHE_MB": None},
+    "THP, cache off": {"THP_MEM_ALLOC_ENABLE": "1", "FASTCORE_TRAIN_CACHE_MB": "0"},
+}
+ALLOC_LABELS = {"THP": "torch with THP_MEM_ALLOC_ENABLE=1 (fair)",
+                "default": "torch's default allocator (as shipped)",
+                "THP, cache off": "torch with THP, our output cache off (kernels alone)"}
+
+
+def alloc_config(environ=None) -> str:
+    """The ALLOC_CONFIGS entry this process runs under ("other" if none)."""
+    env = os.environ if environ is None else environ
+    for name, want in ALLOC_CONFIGS.items():
+        if all((env.get(k) or None) == v for k, v in want.items()):
+            return name
+    return "other"
+
+
+def run_in_child(config: str, op: Optional[str], device: str, quick: bool) -> List[dict]:
+    """The rows of `fastcore-train bench` run in a fresh process under another allocator setting
+    (the setting is read once per process), with this process' thread count."""
+    env = dict(os.environ)
+    for k, v in ALLOC_CONFIGS[config].items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    cmd = [sys.executable, "-m", "fastcore_train.cli", "bench", "--json", "--alloc", "current",
+           "--device", device] + (["--op", op] if op else []) + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the benchmark under '{config}' failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout)["rows"]
+
+
+def format_multi(rows_by_config: Dict[str, List[dict]], bandwidth: Optional[float]) -> str:
+    """One table, a row per case: our time under each setting and each baseline's ratio, the
+    fair setting first."""
+    order = [c for c in ALLOC_CONFIGS if c in rows_by_config] + \
+        [c for c in rows_by_config if c not in ALLOC_CONFIGS]
+    cases, names = [], []
+    for c in order:
+        for r in rows_by_config[c]:
+            if (r["op"], r["case"]) not in cases:
+                cases.append((r["op"], r["case"]))
+            names += [k for k in r["speedup"] if k not in names]
+    head = ["op", "case"]
+    for c in order:
+        head += [f"ms [{c}]"] + [f"× {n} [{c}]" for n in names]
+    head += ["GB/s", "% copy BW"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by = {c: {(r["op"], r["case"]): r for r in rows_by_config[c]} for c in order}
+    for key in cases:
+        cells = list(key)
+        for c in order:
+            r = by[c].get(key)
+            cells += [f"{r['ms']:.2f}" if r else "-"]
+            cells += [f"{r['speedup'][n]:.2f}" if r and n in r["speedup"] else "-"
+                      for n in names]
+        first = next((by[c][key] for c in order if key in by[c]), None)
+        cells += [f"{first['gbps']:.1f}" if first else "-",
+                  f"{first['pct_bandwidth']:.0f}%" if first and first["pct_bandwidth"] else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for c in order:
+        lines.append(f"[{c}]: {ALLOC_LABELS.get(c, c)}; ratios against baselines timed in "
+                     "the same process.")
+    lines.append("× X: X's time over fastcore_train's (above 1: fastcore_train is faster). "
+                 "GB/s and % copy BW: of the first setting.")
+    return "\n".join(lines)
 
 
 def _is_variant(name: str) -> bool:

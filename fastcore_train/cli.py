@@ -186,23 +186,42 @@ def _bench(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     case_list = bench.cases(args.op, device=device, size="quick" if args.quick else "full")
+    here = bench.alloc_config()
+    # CPU: the other allocator settings run in child processes (torch reads its switch once)
+    others = []
+    if device == "cpu" and args.alloc != "current":
+        wanted = ["THP", "default"] + (["THP, cache off"] if args.alloc == "all" else [])
+        others = [c for c in wanted if c != here]
     bandwidth = bench.copy_bandwidth(device)
     if not args.json:
         print(f"fastcore-train bench on {device}: {len(case_list)} cases, "
-              f"copy bandwidth {bandwidth:.1f} GB/s (measured now)", flush=True)
+              f"copy bandwidth {bandwidth:.1f} GB/s (measured now); allocator setting here: "
+              f"{here}" + (f", then {', '.join(others)} in child processes" if others else ""),
+              flush=True)
 
     def progress(row):
         if not args.json:
-            print(f"  {row['op']} {row['case']}: {row['ms']:.2f} ms, "
+            print(f"  [{here}] {row['op']} {row['case']}: {row['ms']:.2f} ms, "
                   + ", ".join(f"{v:.2f}x {k}" for k, v in row["speedup"].items()), flush=True)
 
-    rows = bench.run(case_list, bandwidth=bandwidth, progress=progress)
+    by_config = {here: bench.run(case_list, bandwidth=bandwidth, progress=progress)}
+    for config in others:
+        if not args.json:
+            print(f"  [{config}] running in a child process ...", flush=True)
+        rows = bench.run_in_child(config, args.op, device, args.quick)
+        for r in rows:  # GB/s shares against this run's copy bandwidth
+            r["pct_bandwidth"] = 100 * r["gbps"] / bandwidth
+        by_config[config] = rows
     if args.json:
         print(json.dumps({"device": device, "copy_gbps": bandwidth, "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+                          "threads": torch.get_num_threads(), "alloc": here,
+                          "rows": by_config[here], "by_alloc": by_config}, indent=2))
+    elif len(by_config) > 1:
+        print()
+        print(bench.format_multi(by_config, bandwidth))
     else:
         print()
-        print(bench.format_table(rows, bandwidth))
+        print(bench.format_table(by_config[here], bandwidth))
     return 0
 
 
@@ -218,6 +237,11 @@ def _add_bench(sub) -> None:
                    help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--alloc", choices=["both", "current", "all"], default="both",
+                   help="CPU allocator settings to time under: both = torch with "
+                        "THP_MEM_ALLOC_ENABLE=1 (fair) and torch's default (as shipped), each "
+                        "in its own process (default); all = also our output cache off; "
+                        "current = this process only")
     p.set_defaults(func=_bench)
 
 

@@ -92,3 +92,21 @@ def test_case_names_are_unique():
         assert bench.cases(op, size="quick")
     with pytest.raises(ValueError, match="unknown op"):
         bench.cases("nope")
+
+
+def test_alloc_config_names_the_allocator_setting():
+    assert bench.alloc_config({"THP_MEM_ALLOC_ENABLE": "1"}) == "THP"
+    assert bench.alloc_config({}) == "default"
+    assert bench.alloc_config({"THP_MEM_ALLOC_ENABLE": "1",
+                               "FASTCORE_TRAIN_CACHE_MB": "0"}) == "THP, cache off"
+    assert bench.alloc_config({"FASTCORE_TRAIN_CACHE_MB": "7"}) == "other"
+
+
+def test_format_multi_leads_with_the_fair_setting():
+    row = dict(op="cross_entropy", case="fwd 2x3 fp32", ms=1.0, speedup={"eager": 2.0},
+               gbps=1.0, pct_bandwidth=10.0, baselines_ms={"eager": 2.0}, variants_ms={})
+    text = bench.format_multi({"default": [dict(row, speedup={"eager": 5.0})],
+                               "THP": [row]}, bandwidth=10.0)
+    head = text.splitlines()[0]
+    assert head.index("[THP]") < head.index("[default]")
+    assert "| 1.00 | 2.00 | 1.00 | 5.00 |" in text

@@ -1,0 +1,406 @@
+"""Bad and unusual inputs against torch's own ops (issue 13): run as a script by
+tests/test_fuzz.py in a subprocess, so that a crash is a failed test, not a lost run.
+
+Every case runs torch's op (the definition) and ours on both backends, then compares outcomes:
+
+* torch raises  -> ours raises too, with the same exception type unless a documented
+  difference (KNOWN) says otherwise, and a message that names our op;
+* torch returns -> ours returns values equal to torch's computed in float64 (same NaN/inf
+  positions; within twice torch's own error in the input dtype, or the dtype's tolerance);
+  unless KNOWN lists it as input we refuse on purpose (then ours must raise, clearly).
+
+Prints one JSON line: cases per family and every mismatch. `--list` prints the case ids.
+Before each case its id goes to stderr, so a crash names the case that caused it.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import fastcore_train as ft
+from fastcore_train import _backend
+
+BACKENDS = ["extension", "reference"] if _backend.extension_loaded() else ["reference"]
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# Inputs we refuse on purpose where torch computes something (README: "Not covered"), and the
+# exception type we raise there; or a different but clear exception type where torch raises.
+KNOWN = {
+    "ce.smoothing_negative": "ValueError",     # torch 2.13 accepts label_smoothing < 0
+    "ce.smoothing_above_one": "ValueError",    # torch: RuntimeError from its C++ check
+    "ce.target_float": "TypeError",            # probability targets: use target_b/lam
+    "ce.batch_mismatch": "ValueError",
+    "ce.logits_int": "TypeError",              # torch: NotImplementedError from the kernel
+    "mixup.perm_duplicate": "ValueError",      # x[perm] accepts duplicates; a blend needs a perm
+    "mixup.perm_negative": "IndexError",       # x[perm] wraps -1 around
+    "mixup.perm_int32": "TypeError",
+    "mixup.perm_length": "ValueError",         # eager: RuntimeError from broadcasting
+    "mixup.lam_outside": "ValueError",         # eager extrapolates
+    "mixup.lam_nan": "ValueError",
+    "mixup.x_int": "TypeError",                # eager blends ints into floats
+    "optim.lr_str": "TypeError",
+    "optim.lr_none": "TypeError",
+}
+
+
+def outcome(fn):
+    try:
+        return ("ok", fn())
+    except Exception as e:  # noqa: BLE001 - every exception is an outcome to compare
+        return ("raise", e)
+
+
+def _mask(t):
+    return torch.isnan(t), torch.isposinf(t), torch.isneginf(t)
+
+
+def same_values(ours, truth, native, dtype):
+    """ours vs float64 truth: identical non-finite positions, finite values within twice the
+    error torch's own op made in `dtype` (native), or the dtype's tolerance."""
+    ours, truth = ours.detach().double(), truth.detach().double()
+    if ours.shape != truth.shape:
+        return f"shape {list(ours.shape)} != {list(truth.shape)}"
+    for a, b, what in zip(_mask(ours), _mask(truth), ("NaN", "+inf", "-inf")):
+        if not torch.equal(a, b):
+            return f"{what} positions differ"
+    fin = torch.isfinite(truth)
+    if not fin.any():
+        return None
+    err = (ours[fin] - truth[fin]).abs()
+    scale = truth[fin].abs().clamp(min=1.0)
+    tol = TOL.get(dtype, 2e-5) * scale
+    if native is not None:
+        nat = native.detach().double()
+        if nat.shape == truth.shape:
+            nerr = (nat - truth)[fin].abs()
+            tol = torch.maximum(tol, 2 * torch.nan_to_num(nerr, nan=0.0, posinf=0.0))
+    bad = err > tol
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        return f"value {ours[fin][i].item():.6g} vs {truth[fin][i].item():.6g}"
+    return None
+
+
+class Harness:
+    def __init__(self):
+        self.counts, self.mismatches = {}, []
+
+    def case(self, family, case_id, kind, torch_fn, ours_fn, truth_fn=None, dtype=None):
+        """kind: a KNOWN key or "" ; *_fn return a tuple of tensors (or raise)."""
+        print(f"{family}:{case_id}", file=sys.stderr, flush=True)
+        self.counts[family] = self.counts.get(family, 0) + 1
+        t_kind, t_val = outcome(torch_fn)
+        truth = outcome(truth_fn)[1] if (truth_fn is not None and t_kind == "ok") else None
+        for backend in BACKENDS:
+            with _backend.use_backend(backend):
+                o_kind, o_val = outcome(ours_fn)
+            problem = self._compare(family, kind, t_kind, t_val, o_kind, o_val, truth, dtype)
+            if problem:
+                self.mismatches.append({"case": f"{family}:{case_id}", "backend": backend,
+                                        "problem": problem})
+
+    @staticmethod
+    def _compare(family, kind, t_kind, t_val, o_kind, o_val, truth, dtype):
+        known = KNOWN.get(kind)
+        if o_kind == "raise":
+            name = type(o_val).__name__
+            if not str(o_val).strip():
+                return f"{name} without a message"
+            if isinstance(o_val, (AssertionError, AttributeError, NameError, KeyError,
+                                  UnboundLocalError, ZeroDivisionError)):
+                return f"unclear {name}: {o_val}"
+            if t_kind == "ok" and known != name:
+                return f"torch computes a result, ours raises {name}: {o_val}"
+            if t_kind == "raise" and name != type(t_val).__name__ and known != name:
+                return (f"torch raises {type(t_val).__name__} ({t_val}), ours {name} "
+                        f"({o_val})")
+            return None
+        if t_kind == "raise":
+            return f"torch raises {type(t_val).__name__} ({t_val}), ours returns"
+        if known:
+            return f"ours computes where it should refuse ({kind})"
+        ref = truth if truth is not None else t_val
+        native = t_val if truth is not None else None
+        for i, (a, b) in enumerate(zip(o_val, ref)):
+            if a is None and b is None:
+                continue
+            if (a is None) != (b is None):
+                return f"output {i}: {'missing' if a is None else 'unexpected'} gradient"
+            why = same_values(a, b, native[i] if native is not None else None, dtype)
+            if why:
+                return f"output {i}: {why}"
+        return None
+
+
+# ---- cross-entropy -----------------------------------------------------------------------------
+
+def _logits(shape, dtype, kind, gen):
+    B, C = shape
+    z = torch.randn(B, C, generator=gen, dtype=torch.float64) * 3
+    if kind == "offset_1e6":
+        z += 1e6
+    elif kind == "offset_1e30":
+        z += 1e30
+    elif kind == "max_float" and C > 1:
+        z[:, 0] = 3e38
+        z[:, -1] = -3e38
+    elif kind == "nan_row" and B > 0:
+        z[0, C // 2] = float("nan")
+    elif kind == "posinf_row" and B > 0:
+        z[0, 0] = float("inf")
+    elif kind == "neginf_row" and B > 0:
+        z[0] = float("-inf")
+    elif kind == "masked" and C > 1:
+        z[:, ::2] = float("-inf")
+    return z.to(dtype)
+
+
+def ce_family(h: Harness, rng: random.Random):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(0, 5), (1, 1), (3, 5), (17, 1000), (4, 2)]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    values = ["randn", "offset_1e6", "offset_1e30", "max_float", "nan_row", "posinf_row",
+              "neginf_row", "masked"]
+    targets = ["valid", "ignored", "out_of_range", "negative", "uint8", "int32", "float",
+               "batch_mismatch"]
+    smoothing = [0.0, 0.1, 1.0, 1.1, -0.1, None, "0.1", float("nan")]
+    reductions = ["mean", "sum", "none", "bad"]
+    ignore = [-100, 0, 2 ** 70, 3.7]
+    combos = list(itertools.product(shapes, dtypes, values))
+    for i, (shape, dtype, vals) in enumerate(combos):
+        # every shape x dtype x values; the other axes drawn at random, plus the plain form
+        for j, draw in enumerate([("valid", 0.1, "mean", -100),
+                                  (rng.choice(targets), rng.choice(smoothing),
+                                   rng.choice(reductions), rng.choice(ignore))]):
+            tkind, eps, red, ign = draw
+            _ce_case(h, f"{i}.{j}", shape, dtype, vals, tkind, eps, red, ign, gen)
+    # single axes against a plain input
+    for tkind in targets:
+        _ce_case(h, f"t.{tkind}", (3, 5), torch.float32, "randn", tkind, 0.1, "mean", -100, gen)
+    for k, eps in enumerate(smoothing):
+        _ce_case(h, f"s.{k}", (3, 5), torch.float32, "randn", "valid", eps, "mean", -100, gen)
+    for k, ign in enumerate(ignore):
+        _ce_case(h, f"i.{k}", (3, 5), torch.float32, "randn", "ignored", 0.0, "sum", ign, gen)
+    _ce_case(h, "int_logits", (3, 5), torch.int64, "randn", "valid", 0.0, "mean", -100, gen)
+
+
+def _target(kind, B, C, ign, gen):
+    t = torch.randint(0, max(C, 1), (B,), generator=gen)
+    if kind == "ignored" and B > 0:
+        t[::2] = ign if isinstance(ign, int) and abs(ign) < 2 ** 63 else -100
+    elif kind == "out_of_range" and B > 0:
+        t[-1] = C
+    elif kind == "negative" and B > 0:
+        t[-1] = -1
+    elif kind == "uint8":
+        t = t.clamp(max=255).to(torch.uint8)
+    elif kind == "int32":
+        t = t.int()
+    elif kind == "float":
+        t = t.float()
+    elif kind == "batch_mismatch":
+        t = torch.cat([t, t[:1]]) if B > 0 else torch.zeros(1, dtype=torch.long)
+    return t
+
+
+def _ce_case(h, cid, shape, dtype, vals, tkind, eps, red, ign, gen):
+    B, C = shape
+    if dtype == torch.int64:
+        logits = torch.randint(-3, 3, shape, generator=gen)
+    else:
+        logits = _logits(shape, dtype, vals, gen)
+    target = _target(tkind, B, C, ign, gen)
+    kind = ""
+    if tkind == "float":
+        kind = "ce.target_float"
+    elif tkind == "batch_mismatch":
+        kind = "ce.batch_mismatch"
+    elif dtype == torch.int64:
+        kind = "ce.logits_int"
+    elif isinstance(eps, float) and eps < 0:
+        kind = "ce.smoothing_negative"
+    elif isinstance(eps, float) and eps > 1:
+        kind = "ce.smoothing_above_one"
+
+    def run(fn, x):
+        def go():
+            z = x.clone().requires_grad_(x.is_floating_point())
+            loss = fn(z, target, label_smoothing=eps, reduction=red, ignore_index=ign)
+            if z.requires_grad:
+                loss.sum().backward()
+            return (loss.detach(), z.grad)
+        return go
+
+    truth_x = logits.double() if logits.is_floating_point() else logits
+    h.case("cross_entropy", f"{cid}:{list(shape)}:{dtype}:{vals}:{tkind}:{eps}:{red}:{ign}",
+           kind, run(F.cross_entropy, logits), run(ft.ops.cross_entropy, logits),
+           run(F.cross_entropy, truth_x), dtype)
+
+
+# ---- mixup ---------------------------------------------------------------------------------------
+
+def mixup_family(h: Harness, rng: random.Random):
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(0, 3), (1,), (4, 3), (5, 2, 3, 3), (6, 3, 4, 5)]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    perms = ["flip", "random", "out_of_range", "negative", "duplicate", "int32", "length"]
+    lams = [0.3, 0.0, 1.0, -0.1, 1.5, float("nan"), "tensor", "tensor_nan"]
+    for i, (shape, dtype) in enumerate(itertools.product(shapes, dtypes)):
+        for pk, lk in [("flip", 0.3), (rng.choice(perms), rng.choice(lams)),
+                       (rng.choice(perms), rng.choice(lams))]:
+            _mixup_case(h, f"{i}", shape, dtype, pk, lk, gen)
+    for pk in perms:
+        _mixup_case(h, f"p.{pk}", (4, 3), torch.float32, pk, 0.3, gen)
+    for k, lk in enumerate(lams):
+        _mixup_case(h, f"l.{k}", (4, 3), torch.float32, "random", lk, gen)
+    _mixup_case(h, "x_int", (4, 3), torch.int64, "flip", 0.3, gen)
+
+
+def _perm(kind, B, gen):
+    p = torch.arange(B - 1, -1, -1) if kind != "random" else torch.randperm(B, generator=gen)
+    if kind == "out_of_range" and B > 0:
+        p[0] = B
+    elif kind == "negative" and B > 0:
+        p[0] = -1
+    elif kind == "duplicate" and B > 1:
+        p[1] = p[0]
+    elif kind == "int32":
+        p = p.int()
+    elif kind == "length":
+        p = torch.arange(B + 1)
+    return p
+
+
+def _mixup_case(h, cid, shape, dtype, pk, lk, gen):
+    B = shape[0]
+    x = (torch.randn(shape, generator=gen) if dtype != torch.int64
+         else torch.randint(0, 5, shape, generator=gen)).to(dtype)
+    perm = _perm(pk, B, gen)
+    if lk == "tensor":
+        lam = torch.rand(B, generator=gen)
+    elif lk == "tensor_nan":
+        lam = torch.rand(B, generator=gen)
+        if B:
+            lam[0] = float("nan")
+    else:
+        lam = lk
+    kind = ""
+    if dtype == torch.int64:
+        kind = "mixup.x_int"
+    elif pk == "duplicate" and B > 1:
+        kind = "mixup.perm_duplicate"
+    elif pk == "negative" and B > 0:
+        kind = "mixup.perm_negative"
+    elif pk == "int32":
+        kind = "mixup.perm_int32"
+    elif pk == "length":
+        kind = "mixup.perm_length"
+    elif isinstance(lam, float) and math.isnan(lam):
+        kind = "mixup.lam_nan"
+    elif isinstance(lam, float) and not 0 <= lam <= 1:
+        kind = "mixup.lam_outside"
+    elif lk == "tensor_nan" and B > 0:
+        kind = "mixup.lam_nan"
+
+    def eager(xx):
+        def go():
+            lt = lam.reshape((-1,) + (1,) * (xx.dim() - 1)).double() \
+                if isinstance(lam, torch.Tensor) else lam
+            return ((lt * xx.double() + (1 - lt) * xx.double()[perm]),)
+        return go
+
+    def ours():
+        return (ft.ops.mixup(x, perm, lam),)
+
+    def native():  # eager in x's dtype: torch's own rounding, for the tolerance
+        lt = lam.reshape((-1,) + (1,) * (x.dim() - 1)) if isinstance(lam, torch.Tensor) else lam
+        return ((lt * x + (1 - lt) * x[perm]),)
+
+    h.case("mixup", f"{cid}:{list(shape)}:{dtype}:{pk}:{lk}", kind, native, ours, eager(x),
+           dtype)
+
+
+# ---- optimizers ----------------------------------------------------------------------------------
+
+def optim_family(h: Harness, rng: random.Random):
+    values = {
+        "lr": [1e-3, 0.0, -1.0, float("nan"), "0.01", None, "tensor"],
+        "weight_decay": [0.0, 0.1, -1.0],
+        "eps": [1e-8, 0.0, -1.0],
+        "betas": [(0.9, 0.999), (1.5, 0.9), (0.9, -0.1), (0.0, 0.0)],
+        "momentum": [0.0, 0.9, -1.0],
+        "dampening": [0.0, 0.5],
+        "nesterov": [False, True],
+        "maximize": [False, True],
+        "amsgrad": [False, True],
+        "foreach": [None, False],
+    }
+    adam_keys = ["lr", "weight_decay", "eps", "betas", "maximize", "amsgrad", "foreach"]
+    sgd_keys = ["lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize", "foreach"]
+    for name, tcls, ocls, keys in (("AdamW", torch.optim.AdamW, ft.optim.FusedAdamW, adam_keys),
+                                   ("SGD", torch.optim.SGD, ft.optim.FusedSGD, sgd_keys)):
+        for key in keys:  # one argument at a time
+            for v in values[key]:
+                _optim_case(h, name, tcls, ocls, {key: v})
+        for k in range(25):  # random combinations
+            kw = {key: rng.choice(values[key]) for key in keys if rng.random() < 0.5}
+            _optim_case(h, name, tcls, ocls, kw, f"r{k}")
+
+
+def _optim_case(h, name, tcls, ocls, kw, tag=""):
+    kw = dict(kw)
+    if kw.get("lr") == "tensor":
+        kw["lr"] = "T"
+    kind = ""
+    if kw.get("lr") == "0.01":
+        kind = "optim.lr_str"
+    elif "lr" in kw and kw["lr"] is None:
+        kind = "optim.lr_none"
+
+    def run(cls):
+        def go():
+            torch.manual_seed(0)
+            model = torch.nn.Linear(5, 3)
+            args = {k: (torch.tensor(1e-3) if v == "T" else v) for k, v in kw.items()}
+            if cls is torch.optim.SGD and "lr" not in args:
+                args["lr"] = 1e-2
+            opt = cls(model.parameters(), **args)
+            g = torch.Generator().manual_seed(1)
+            for _ in range(3):
+                opt.zero_grad()
+                model(torch.randn(4, 5, generator=g)).square().mean().backward()
+                opt.step()
+            return tuple(p.detach().clone() for p in model.parameters())
+        return go
+
+    h.case("optim", f"{name}{tag}:{kw}", kind, run(tcls), run(ocls), None, torch.float32)
+
+
+FAMILIES = {"cross_entropy": ce_family, "mixup": mixup_family, "optim": optim_family}
+
+
+def main(argv):
+    only = [a for a in argv if not a.startswith("-")]
+    h = Harness()
+    torch.set_num_threads(1)
+    for fam, fn in FAMILIES.items():
+        if only and fam not in only:
+            continue
+        try:
+            fn(h, random.Random(0))
+        except Exception:  # a bug in a family's generator, not in the ops
+            h.mismatches.append({"case": f"{fam}:generator", "backend": "-",
+                                 "problem": traceback.format_exc(limit=3)})
+    print(json.dumps({"counts": h.counts, "mismatches": h.mismatches}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

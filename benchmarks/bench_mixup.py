@@ -5,6 +5,7 @@ The cases live in fastcore_train/bench.py (shared with `fastcore-train bench`). 
   fastcore_train fresh    ft.ops.mixup(x, perm, lam)                 a new output every call
   fastcore_train inplace  ft.ops.mixup(x, pairs, lam, out=x)         random pair swaps, in place
   eager                   lam * x + (1 - lam) * x[perm]
+  eager out=              lerp(index_select(x, 0, perm, out=buf), x, lam, out=out): preallocated
   lerp                    torch.lerp(x[perm], x, lam, out=out)
   timm flip               x.mul_(lam).add_(x.flip(0).mul_(1 - lam))  timm's in-place idiom
   compile                 torch.compile of the eager one-liner

@@ -35,6 +35,7 @@ class Case:
     make: Callable[[], Dict[str, Callable[[], None]]]
     rounds: int = 5
     impls: Tuple[str, ...] = ("fastcore_train", "eager", "compile")  # the keys make() returns
+    threads: Optional[int] = None  # torch threads while this case runs (None: as set)
 
 
 def _sync(device: torch.device) -> None:
@@ -307,6 +308,15 @@ def _mixup_eager(x, perm, lam):
     return lam * x + (1 - lam) * x[perm]
 
 
+def timm_flip_(x, lam):
+    """timm's in-place batch mixup: the scaled flip first (a full temporary), then x blended
+    into it. (Written as one expression, x.mul_(lam).add_(x.flip(0)...) would flip the already
+    scaled x.)"""
+    flipped = x.flip(0).mul_(1.0 - lam)
+    return x.mul_(lam).add_(flipped)
+
+
+
 def _mixup_case(shape, dtype, device) -> Case:
     es = torch.finfo(dtype).bits // 8
     numel = 1
@@ -338,7 +348,7 @@ def _mixup_case(shape, dtype, device) -> Case:
             "eager out=": lambda: torch.lerp(torch.index_select(x, 0, perm, out=gathered), x,
                                              lam, out=out),
             "lerp": lambda: torch.lerp(x[perm], x, lam, out=out),
-            "timm flip": lambda: xi.mul_(lam).add_(xi.flip(0).mul_(1 - lam)),
+            "timm flip": lambda: timm_flip_(xi, lam),
             "compile": lambda: compiled(x, perm, lam),
             "copy": lambda: out.copy_(x),
         }
@@ -360,7 +370,13 @@ def mixup_cases(device, size="full") -> List[Case]:
 
 # ---------------------------------------------------------------------------------------------
 
-_REGISTRY = {"cross_entropy": cross_entropy_cases, "optim": optim_cases, "mixup": mixup_cases}
+def step_cases(device, size="full") -> List[Case]:
+    from fastcore_train.bench_step import step_cases as cases_
+    return cases_(device, size)
+
+
+_REGISTRY = {"cross_entropy": cross_entropy_cases, "optim": optim_cases, "mixup": mixup_cases,
+             "step": step_cases}
 OPS = tuple(_REGISTRY)
 
 
@@ -458,9 +474,9 @@ def format_multi(rows_by_config: Dict[str, List[dict]], bandwidth: Optional[floa
 
 
 def _is_variant(name: str) -> bool:
-    """Other forms of our op (``fastcore_train fresh``/``inplace``) and the same-size ``copy``:
-    shown as times, not as speed-ups over a baseline."""
-    return name.startswith("fastcore_train ") or name == "copy"
+    """Other forms of our op (``fastcore_train fresh``/``inplace``), the same-size ``copy`` and
+    the whole-step ``model only``: shown as times, not as speed-ups over a baseline."""
+    return name.startswith("fastcore_train ") or name in ("copy", "model only")
 
 
 def run(case_list: List[Case], *, bandwidth: Optional[float] = None, progress=None) -> List[dict]:
@@ -470,9 +486,15 @@ def run(case_list: List[Case], *, bandwidth: Optional[float] = None, progress=No
     ``variants_ms``: the times of our other forms and of a same-size copy."""
     rows = []
     for case in case_list:
-        steps = case.make()
-        times = {name: time_fn(fn, repeats=case.rounds) for name, fn in steps.items()}
-        del steps
+        threads = torch.get_num_threads()
+        if case.threads:
+            torch.set_num_threads(case.threads)
+        try:
+            steps = case.make()
+            times = {name: time_fn(fn, repeats=case.rounds) for name, fn in steps.items()}
+            del steps
+        finally:
+            torch.set_num_threads(threads)
         ours = times["fastcore_train"]
         gbps = case.nbytes / ours / 1e9
         others = {k: v for k, v in times.items() if k != "fastcore_train"}
@@ -481,7 +503,13 @@ def run(case_list: List[Case], *, bandwidth: Optional[float] = None, progress=No
             baselines_ms={k: v * 1e3 for k, v in others.items() if not _is_variant(k)},
             variants_ms={k: v * 1e3 for k, v in others.items() if _is_variant(k)},
             speedup={k: v / ours for k, v in others.items() if not _is_variant(k)},
-            gbps=gbps, pct_bandwidth=100 * gbps / bandwidth if bandwidth else None))
+            gbps=gbps, pct_bandwidth=100 * gbps / bandwidth if bandwidth and gbps else None))
+        if "model only" in times:  # whole steps: what each recipe adds around the model
+            base = times["model only"]
+            rows[-1]["added_ms"] = {k: (v - base) * 1e3 for k, v in times.items()
+                                    if k != "model only"}
+            rows[-1]["added_share"] = {k: (v - base) / v for k, v in times.items()
+                                       if k != "model only"}
         if progress is not None:
             progress(rows[-1])
     return rows
@@ -492,19 +520,28 @@ def format_table(rows: List[dict], bandwidth: Optional[float] = None) -> str:
     for r in rows:
         variants += [k for k in r.get("variants_ms", {}) if k not in variants]
         names += [k for k in r["speedup"] if k not in names]
+    added = [k for r in rows for k in r.get("added_ms", {})]
+    added = list(dict.fromkeys(added))
     head = (["op", "case", "fastcore_train ms"] + [f"{v} ms" for v in variants]
-            + [f"× {n}" for n in names] + ["GB/s", "% copy BW"])
+            + [f"× {n}" for n in names] + [f"{a}: added ms (share)" for a in added]
+            + ["GB/s", "% copy BW"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["op"], r["case"], f"{r['ms']:.2f}"]
         cells += [f"{r['variants_ms'][v]:.2f}" if v in r.get("variants_ms", {}) else "-"
                   for v in variants]
         cells += [f"{r['speedup'][n]:.2f}" if n in r["speedup"] else "-" for n in names]
-        cells += [f"{r['gbps']:.1f}",
+        cells += [f"{r['added_ms'][a]:.2f} ({100 * r['added_share'][a]:.0f}%)"
+                  if a in r.get("added_ms", {}) else "-" for a in added]
+        cells += [f"{r['gbps']:.1f}" if r["gbps"] else "-",
                   f"{r['pct_bandwidth']:.0f}%" if r["pct_bandwidth"] is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("\n× X: X's time over fastcore_train's (above 1: fastcore_train is faster). "
                  "GB/s: the bytes the op must move over its time.")
+    if added:
+        lines.append("added ms (share): a whole step's time minus the model's forward and "
+                     "backward alone ('model only'): what mixup, targets, loss and optimizer "
+                     "cost in that recipe, and their share of its step.")
     if bandwidth:
         lines.append(f"% copy BW: of a 256 MB copy measured at the start of the run, "
                      f"{bandwidth:.1f} GB/s; small cases run from cache and exceed it "

@@ -110,3 +110,26 @@ def test_format_multi_leads_with_the_fair_setting():
     head = text.splitlines()[0]
     assert head.index("[THP]") < head.index("[default]")
     assert "| 1.00 | 2.00 | 1.00 | 5.00 |" in text
+
+
+def test_step_recipes_train_the_same_model_the_same_way():
+    """The whole-step benchmark compares recipes, not different maths: one eager step and one
+    fastcore_train step from the same weights give the same loss (same lam, same smoothing)."""
+    import fastcore_train as ft
+    from fastcore_train import bench_step
+
+    torch.manual_seed(0)
+    model = bench_step.StepCNN(classes=10)
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    eager = bench_step._eager_loss(model, x.clone(), y, 0.7, 10)
+    xm = ft.ops.mixup(x, torch.arange(7, -1, -1), 0.7)
+    ours = ft.nn.LabelSmoothingCrossEntropy(bench_step.SMOOTHING)(
+        model(xm), ft.MixedTarget(y, y.flip(0), 0.7))
+    torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_timm_flip_baseline_is_a_mixup():
+    from fastcore_train import bench as b
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(b.timm_flip_(x.clone(), 0.3), 0.3 * x + 0.7 * x.flip(0))

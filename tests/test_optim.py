@@ -541,6 +541,14 @@ OP_ERRORS = [
      ValueError, "fused_adamw_: steps[0] must have one element, got 2"),
     ("clip without norm", dict(max_grad_norm=lambda t: 1.0),
      ValueError, "fused_adamw_: max_grad_norm > 0 needs sq_norm (from grad_stats_)"),
+    ("amsgrad without max_exp_avg_sqs", dict(amsgrad=lambda t: True),
+     ValueError, "fused_adamw_: got 2 params but 0 max_exp_avg_sqs"),
+    ("max_exp_avg_sqs without amsgrad",
+     dict(max_exp_avg_sqs=lambda t: [torch.zeros(p.shape) for p in t["params"]]),
+     ValueError, "fused_adamw_: max_exp_avg_sqs must be empty when amsgrad is False, got 2"),
+    ("max_exp_avg_sq shape", dict(amsgrad=lambda t: True, max_exp_avg_sqs=lambda t: [
+        torch.zeros(3), torch.zeros(7)]),
+     ValueError, "fused_adamw_: max_exp_avg_sqs[0] has shape [3] but params[0] has shape [5]"),
 ]
 
 
@@ -548,10 +556,10 @@ def _adamw_args():
     ps = [torch.randn(5), torch.randn(7, dtype=torch.bfloat16)]
     return dict(params=ps, grads=[torch.randn_like(p) for p in ps],
                 exp_avgs=[torch.zeros(p.shape) for p in ps],
-                exp_avg_sqs=[torch.zeros(p.shape) for p in ps], masters=[],
+                exp_avg_sqs=[torch.zeros(p.shape) for p in ps], max_exp_avg_sqs=[], masters=[],
                 steps=[torch.zeros(()) for _ in ps], lr=1e-3, lr_tensor=None, beta1=0.9,
-                beta2=0.999, eps=1e-8, weight_decay=0.0, grad_scale=None, found_inf=None,
-                sq_norm=None, max_grad_norm=0.0)
+                beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                grad_scale=None, found_inf=None, sq_norm=None, max_grad_norm=0.0)
 
 
 @pytest.mark.parametrize("case", OP_ERRORS, ids=[c[0] for c in OP_ERRORS])
@@ -569,22 +577,32 @@ def test_op_errors_match_reference(case):
         assert str(ext_err.value).splitlines()[0] == msg
 
 
+def _sgd_call(params, buffers, steps=(), momentum=0.9, dampening=0.0, nesterov=False):
+    return lambda f: f(params, [torch.randn(p.shape) for p in params], buffers, [], list(steps),
+                       0.1, None, momentum, dampening, nesterov, False, 0.0, None, None, None, 0.0)
+
+
 def test_sgd_and_stats_op_errors_match_reference():
     g = [torch.randn(3), torch.randn(3, dtype=torch.float64)]
+    p3 = [torch.randn(3)]
+    stats = (ops.grad_stats_reference_, "grad_stats_")
+    sgd = (ops.fused_sgd_reference_, "fused_sgd_")
     cases = [
         (lambda f: f(g, torch.zeros(()), None), TypeError,
-         "grad_stats_: grads[1] must be float32, float16 or bfloat16, got torch.float64",
-         (ops.grad_stats_reference_, "grad_stats_")),
+         "grad_stats_: grads[1] must be float32, float16 or bfloat16, got torch.float64", stats),
         (lambda f: f([torch.randn(3)], None, torch.zeros(2)), ValueError,
-         "grad_stats_: sq_norm must have one element, got 2",
-         (ops.grad_stats_reference_, "grad_stats_")),
-        (lambda f: f([torch.randn(3)], [torch.randn(3)], [], [], 0.1, None, 0.0, True, 0.0, None,
-                     None, None, 0.0), ValueError, "fused_sgd_: nesterov needs momentum > 0",
-         (ops.fused_sgd_reference_, "fused_sgd_")),
-        (lambda f: f([torch.randn(3)], [torch.randn(3)], [], [], 0.1, None, 0.9, False, 0.0,
-                     None, None, None, 0.0), ValueError,
-         "fused_sgd_: got 1 params but 0 momentum_buffers",
-         (ops.fused_sgd_reference_, "fused_sgd_")),
+         "grad_stats_: sq_norm must have one element, got 2", stats),
+        (_sgd_call(p3, [], momentum=0.0, nesterov=True), ValueError,
+         "fused_sgd_: nesterov needs momentum > 0 and dampening 0", sgd),
+        (_sgd_call(p3, [torch.zeros(3)], dampening=0.1, nesterov=True), ValueError,
+         "fused_sgd_: nesterov needs momentum > 0 and dampening 0", sgd),
+        (_sgd_call(p3, []), ValueError, "fused_sgd_: got 1 params but 0 momentum_buffers", sgd),
+        (_sgd_call(p3, [], steps=[torch.zeros(())], momentum=0.0), ValueError,
+         "fused_sgd_: steps must be empty when momentum is 0, got 1", sgd),
+        (_sgd_call(p3, [torch.zeros(3)], steps=[torch.zeros(()), torch.zeros(())]), ValueError,
+         "fused_sgd_: got 1 params but 2 steps", sgd),
+        (_sgd_call(p3, [torch.zeros(3)], steps=[torch.zeros((), dtype=torch.int64)]), TypeError,
+         "fused_sgd_: steps[0] must be a torch.float32 tensor, got torch.int64", sgd),
     ]
     for call, exc, msg, (ref_fn, op) in cases:
         with pytest.raises(exc) as e:
@@ -616,24 +634,59 @@ def test_grad_stats_values(backend):
     assert found.item() == 1.0  # never cleared
 
 
+def test_ops_bump_versions_of_what_they_write(backend):
+    """As torch's in-place ops do; the gradients, only read, keep theirs."""
+    a = _adamw_args()
+    a.update(amsgrad=True, max_exp_avg_sqs=[torch.zeros(p.shape) for p in a["params"]],
+             masters=[p.float() for p in a["params"]])
+    written = [a[k] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters",
+                              "steps")]
+    before = [[t._version for t in ts] for ts in written]
+    grads = [g._version for g in a["grads"]]
+    kw = {k: v for k, v in a.items() if k not in ("params", "grads", "exp_avgs", "exp_avg_sqs",
+                                                  "masters", "steps")}
+    ops.fused_adamw_(a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], a["masters"],
+                     a["steps"], **kw)
+    assert all(t._version > v for ts, vs in zip(written, before) for t, v in zip(ts, vs))
+    assert [g._version for g in a["grads"]] == grads
+
+    p, g, b, s = torch.randn(4), torch.randn(4), torch.zeros(4), torch.zeros(())
+    versions = [t._version for t in (p, b, s)]
+    ops.fused_sgd_([p], [g], [b], [], lr=0.1, momentum=0.9, dampening=0.5, steps=[s],
+                   nesterov=False, weight_decay=0.0)
+    assert all(t._version > v for t, v in zip((p, b, s), versions))
+    assert s.item() == 1.0 and torch.equal(b, g)  # the first step: the buffer is d, undampened
+
+    found, sq = torch.zeros(()), torch.zeros(())
+    ops.grad_stats_([torch.randn(3)], found, sq)
+    assert found._version > 0 and sq._version > 0
+
+
 def _opcheck_samples():
     ps = [torch.randn(5), torch.randn(7, dtype=torch.bfloat16)]
     gs = [torch.randn_like(p) for p in ps]
     st = lambda: [torch.zeros(p.shape) for p in ps]  # noqa: E731
+    steps = lambda v=0.0: [torch.full((), v) for _ in ps]  # noqa: E731
     masters = [p.float() for p in ps]
     scalars = (torch.tensor(8.0), torch.zeros(()), torch.tensor(2.0))
     return [
         ("grad_stats_", (gs, torch.zeros(()), torch.zeros(()))),
-        ("fused_adamw_", (ps, gs, st(), st(), [], [torch.zeros(()) for _ in ps], 1e-3, None, 0.9,
-                          0.999, 1e-8, 0.01, None, None, None, 0.0)),
-        ("fused_adamw_", (ps, gs, st(), st(), masters, [torch.zeros(()) for _ in ps], 1e-3,
-                          torch.tensor(2e-3), 0.9, 0.999, 1e-8, 0.01, *scalars, 1.0)),
-        ("fused_sgd_", (ps, gs, st(), masters, 1e-2, None, 0.9, True, 1e-4, *scalars, 1.0)),
-        ("fused_sgd_", (ps, gs, [], [], 1e-2, None, 0.0, False, 0.0, None, None, None, 0.0)),
+        ("fused_adamw_", (ps, gs, st(), st(), [], [], steps(), 1e-3, None, 0.9, 0.999, 1e-8,
+                          0.01, False, False, None, None, None, 0.0)),
+        ("fused_adamw_", (ps, gs, st(), st(), st(), masters, steps(), 1e-3, torch.tensor(2e-3),
+                          0.9, 0.999, 1e-8, 0.01, True, True, *scalars, 1.0)),
+        ("fused_sgd_", (ps, gs, st(), masters, [], 1e-2, None, 0.9, 0.0, True, False, 1e-4,
+                        *scalars, 1.0)),
+        ("fused_sgd_", (ps, gs, [], [], [], 1e-2, None, 0.0, 0.0, False, True, 0.0, None, None,
+                        None, 0.0)),
+        ("fused_sgd_", (ps, gs, st(), [], steps(), 1e-2, None, 0.9, 0.3, False, False, 0.0,
+                        None, None, None, 0.0)),
+        ("fused_sgd_", (ps, gs, st(), [], steps(2.0), 1e-2, None, 0.9, 0.3, False, True, 0.0,
+                        None, None, None, 0.0)),
     ]
 
 
-@pytest.mark.parametrize("idx", range(5))
+@pytest.mark.parametrize("idx", range(7))
 def test_opcheck(extension, idx):
     op, args = _opcheck_samples()[idx]
     torch.library.opcheck(getattr(torch.ops.fastcore_train, op).default, args)

@@ -150,9 +150,21 @@ def test_tensor_lr(backend):
     _assert_params(ours, ref, atol=1e-7)
 
 
-def test_extension_matches_reference():
+EXT_REF_CONFIGS = [
+    (FusedAdamW, dict(lr=1e-3, max_grad_norm=5.0)),
+    (FusedAdamW, dict(lr=1e-2, amsgrad=True, maximize=True, weight_decay=0.1)),
+    (FusedAdamW, dict(lr=1e-2, betas=(0.3, 0.9), amsgrad=True, master_weights=True)),
+    (FusedSGD, dict(lr=1e-2, momentum=0.9, dampening=0.4, maximize=True, max_grad_norm=5.0)),
+    (FusedSGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1)),
+]
+
+
+@pytest.mark.parametrize("cls, kw", EXT_REF_CONFIGS,
+                         ids=[f"{c.__name__}-{'-'.join(k)}" for c, k in EXT_REF_CONFIGS])
+def test_extension_matches_reference(cls, kw):
     """The kernels and the pure-torch reference compute the same thing (mixed dtypes in one
-    group, masters, scale and clipping included)."""
+    group, masters, scale, clipping, amsgrad, maximize and dampening included; a parameter that
+    gets its first gradient late starts its momentum buffer then)."""
     if not _backend.extension_loaded():
         pytest.skip("fastcore_train._C is not built")
     results = []
@@ -161,15 +173,16 @@ def test_extension_matches_reference():
             torch.manual_seed(0)
             ps = [torch.randn(n, dtype=dt) for n, dt in
                   [(70000, torch.float32), (33, torch.bfloat16), (1, torch.float16),
-                   (0, torch.float32), (4097, torch.float16)]]
+                   (0, torch.float32), (4097, torch.float16), (40, torch.float32)]]
             ps = [nn.Parameter(p) for p in ps]
-            opt = FusedAdamW(ps, lr=1e-3, max_grad_norm=5.0)
-            for it in range(3):
-                for p in ps:
+            opt = cls(ps, **kw)
+            for it in range(4):
+                for p in ps[:5] if it < 2 else ps:
                     p.grad = (torch.randn(p.shape) * 128).to(p.dtype)
                 opt._fused_step(grad_scale=torch.tensor(128.0), check_finite=False)
             results.append([p.detach().clone() for p in ps] +
                            [opt.state[p][k].clone() for p in ps for k in opt.state[p]])
+    assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-7, rtol=1e-6)
 
@@ -187,15 +200,17 @@ def test_every_cpu_build(extension, isa):
         ps = [nn.Parameter(torch.randn(n).to(dt)) for n, dt in
               [(1000, torch.float32), (77, torch.float16), (130, torch.bfloat16)]]
         opts = [FusedAdamW(ps, lr=1e-2, weight_decay=0.1, max_grad_norm=3.0),
-                FusedSGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1)]
+                FusedSGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+                FusedAdamW(ps, lr=1e-2, amsgrad=True, maximize=True),
+                FusedSGD(ps, lr=1e-2, momentum=0.9, dampening=0.3, maximize=True)]
         try:
             C_._set_cpu_capability(isa)
             with _backend.use_backend(name):
-                for it in range(4):
+                for it in range(8):
                     for p in ps:
                         p.grad = torch.randn(p.shape).to(p.dtype)
                     found = torch.zeros(())
-                    opts[it % 2]._fused_step(grad_scale=torch.tensor(2.0), found_inf=found,
+                    opts[it % 4]._fused_step(grad_scale=torch.tensor(2.0), found_inf=found,
                                              check_finite=True)
         finally:
             C_._set_cpu_capability("")
@@ -449,16 +464,21 @@ def test_loaded_state_is_a_copy(backend):
     assert other.state[p]["exp_avg"].data_ptr() != opt.state[p]["exp_avg"].data_ptr()
 
 
-@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+CHECKPOINT_KINDS = {
+    "adamw": (torch.optim.AdamW, FusedAdamW, {}),
+    "adamw-amsgrad-maximize": (torch.optim.AdamW, FusedAdamW, dict(amsgrad=True, maximize=True)),
+    "sgd": (torch.optim.SGD, FusedSGD, dict(momentum=0.9, nesterov=True)),
+    "sgd-dampening": (torch.optim.SGD, FusedSGD, dict(momentum=0.9, dampening=0.3)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CHECKPOINT_KINDS))
 def test_torch_checkpoint_interchange(backend, kind):
     """torch.optim checkpoint -> fused optimizer -> torch.optim, training continued at each
     stage, against an uninterrupted torch run."""
-    if kind == "adamw":
-        make_t = lambda m: torch.optim.AdamW(_groups(m))  # noqa: E731
-        make_f = lambda m: FusedAdamW(_groups(m))  # noqa: E731
-    else:
-        make_t = lambda m: torch.optim.SGD(_groups(m), momentum=0.9, nesterov=True)  # noqa: E731
-        make_f = lambda m: FusedSGD(_groups(m), lr=0.0, momentum=0.9, nesterov=True)  # noqa: E731
+    torch_cls, fused_cls, kw = CHECKPOINT_KINDS[kind]
+    make_t = lambda m: torch_cls(_groups(m), **kw)  # noqa: E731
+    make_f = lambda m: fused_cls(_groups(m), lr=0.0, **kw)  # noqa: E731
     b1, b2, b3 = _batches(5), _batches(5, seed=2), _batches(5, seed=3)
     ref = _model()
     ropt = make_t(ref)
@@ -478,20 +498,19 @@ def test_torch_checkpoint_interchange(backend, kind):
     _assert_params(model, ref, atol=1e-6)
 
 
-def test_refuses_unsupported_torch_options():
+def test_checks_hyperparameters_at_construction():
     model = _model()
-    with pytest.raises(ValueError, match="amsgrad"):
-        FusedAdamW(model.parameters()).load_state_dict(
-            torch.optim.AdamW(model.parameters(), amsgrad=True).state_dict())
-    with pytest.raises(ValueError, match="dampening"):
-        FusedSGD(model.parameters(), lr=0.1).load_state_dict(
-            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.1).state_dict())
-    with pytest.raises(ValueError, match="nesterov needs momentum"):
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0 and dampening 0"):
         FusedSGD(model.parameters(), lr=0.1, momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0 and dampening 0"):
+        FusedSGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)
     with pytest.raises(ValueError, match="betas"):
         FusedAdamW(model.parameters(), betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="max_grad_norm"):
         FusedAdamW(model.parameters(), max_grad_norm=0.0)
+    with pytest.raises(ValueError, match=r"use torch.optim.Adam \(parameter group 0 of the state"):
+        FusedAdamW(model.parameters()).load_state_dict(
+            torch.optim.Adam(model.parameters(), weight_decay=0.1).state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,19 +524,28 @@ def test_bad_inputs(backend):
     with pytest.raises(TypeError, match=r"FusedAdamW: parameter 0 of param group 0 has a sparse "
                                         r"gradient; fused optimizers need dense gradients"):
         opt.step()
+    assert p not in opt.state
 
+    # at construction, not at the first step
     d = nn.Parameter(torch.randn(3, dtype=torch.float64))
-    d.grad = torch.randn(3, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"parameter 0 of param group 0 is torch.float64; fused "
-                                        r"optimizers support float32, float16 and bfloat16"):
-        FusedSGD([d], lr=0.1).step()
-
+    with pytest.raises(TypeError, match=r"^FusedSGD: parameter 0 of param group 0 is "
+                                        r"torch.float64; fused optimizers support float32, float16 "
+                                        r"and bfloat16 parameters \(use torch.optim.SGD for "
+                                        r"torch.float64\)$"):
+        FusedSGD([d], lr=0.1)
     a, m = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3, device="meta"))
-    a.grad, m.grad = torch.randn(3), torch.randn(3, device="meta")
-    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 or its gradient is on "
-                                         r"meta but other parameters are on cpu"):
-        FusedAdamW([a, m]).step()
-    assert torch.equal(opt.state[p]["step"], torch.zeros(())) if p in opt.state else True
+    with pytest.raises(ValueError, match=r"^FusedAdamW: parameter 1 of param group 0 is on meta "
+                                         r"but other parameters are on cpu"):
+        FusedAdamW([a, m])
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 1 is on meta"):
+        FusedAdamW([{"params": [a]}, {"params": [m]}])
+
+    # a dtype changed after construction is still caught at the step
+    opt = FusedAdamW([a])
+    a.data = a.data.double()
+    a.grad = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"parameter 0 of param group 0 is torch.float64"):
+        opt.step()
 
 
 OP_ERRORS = [
@@ -744,3 +772,55 @@ def test_cuda_matches_cpu(dtype):
     assert cpu_s == gpu_s
     for a, b in zip(cpu_p, gpu_p):
         torch.testing.assert_close(a, b, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls, kw", EXT_REF_CONFIGS,
+                         ids=[f"{c.__name__}-{'-'.join(k)}" for c, k in EXT_REF_CONFIGS])
+def test_cuda_options_match_cpu(cls, kw):
+    """amsgrad, maximize, dampening (first step decided on the device), masters, scaling and
+    clipping: the CUDA kernels compute what the CPU ones do."""
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(n).to(device, dt)) for n, dt in
+              [(70000, torch.float32), (33, torch.bfloat16), (1, torch.float16),
+               (0, torch.float32), (4097, torch.float16), (40, torch.float32)]]
+        opt = cls(ps, **kw)
+        for it in range(4):
+            for p in ps[:5] if it < 2 else ps:
+                p.grad = (torch.randn(p.shape) * 128).to(device, p.dtype)
+            found = torch.zeros((), device=device)
+            opt._fused_step(grad_scale=torch.tensor(128.0, device=device), found_inf=found,
+                            check_finite=True)
+        results.append([p.detach().float().cpu() for p in ps] +
+                       [opt.state[p][k].float().cpu() for p in ps for k in opt.state[p]])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("opt_cls, kw", [(FusedAdamW, dict(amsgrad=True, max_grad_norm=1.0)),
+                                         (FusedSGD, dict(momentum=0.9, dampening=0.5))])
+def test_cuda_step_never_syncs(opt_cls, kw):
+    """A whole LossScaler step, overflowing or not, runs without a host-device sync."""
+    model = _model(dtype=torch.float16).cuda()
+    opt = opt_cls(model.parameters(), lr=1e-3, **kw)
+    scaler = LossScaler(init_scale=2.0 ** 10)
+    batches = [(x.cuda(), y.cuda()) for x, y in _batches(3, dtype=torch.float16)]
+    _train(model, opt, batches[:1], scaler=scaler)  # state created, caches warm
+    torch.cuda.synchronize()
+    version = next(model.parameters())._version
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, (x, y) in enumerate(batches[1:]):
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(((model(x).float() - y.float()) ** 2).mean()).backward()
+            if i == 0:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert next(model.parameters())._version > version
+    assert scaler.get_scale() == 2.0 ** 9

@@ -27,27 +27,32 @@ TORCH_LIBRARY(fastcore_train, m) {
   // (float32 accumulation) to sq_norm. Either output may be absent. Scalars are float32,
   // one element, on the gradients' device.
   m.def("grad_stats_(Tensor[] grads, Tensor(a!)? found_inf, Tensor(b!)? sq_norm) -> ()");
-  // Pass 2, AdamW with torch.optim.AdamW's maths (decoupled weight decay, bias corrections).
-  // Each gradient is multiplied by 1/grad_scale and, when max_grad_norm > 0, by the clip
-  // coefficient min(1, max_grad_norm / (sqrt(sq_norm)/grad_scale + 1e-6)); grads are never
-  // written. With `masters` (float32, one per param) the update runs on the master and the
-  // param receives it rounded to its dtype; with `masters` empty it runs on the param itself.
-  // Moments and steps are float32; each step is incremented by one. When found_inf is
+  // Pass 2, AdamW with torch.optim.AdamW's maths (decoupled weight decay, bias corrections,
+  // amsgrad, maximize). Each gradient is multiplied by 1/grad_scale and, when max_grad_norm > 0,
+  // by the clip coefficient min(1, max_grad_norm / (sqrt(sq_norm)/grad_scale + 1e-6)), and
+  // negated with maximize; grads are never written. With `masters` (float32, one per param) the
+  // update runs on the master and the param receives it rounded to its dtype; with `masters`
+  // empty it runs on the param itself. Moments and steps are float32; each step is incremented
+  // by one. max_exp_avg_sqs: one per param with amsgrad, empty without. When found_inf is
   // non-zero nothing at all is written. lr_tensor, when given, replaces lr.
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] steps, float lr, "
-      "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor? sq_norm, float max_grad_norm) -> ()");
-  // Pass 2, SGD with torch.optim.SGD's maths (coupled weight decay, momentum without
-  // dampening, optional Nesterov). momentum_buffers is empty when momentum == 0; a new buffer
-  // must be zeros (equivalent to torch's "first step copies the gradient" when dampening is 0).
-  // Scaling, clipping, masters and skipping as for fused_adamw_.
+      "Tensor(c!)[] exp_avg_sqs, Tensor(f!)[] max_exp_avg_sqs, Tensor(d!)[] masters, "
+      "Tensor(e!)[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
+      "float weight_decay, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? sq_norm, float max_grad_norm) -> ()");
+  // Pass 2, SGD with torch.optim.SGD's maths (coupled weight decay, momentum with dampening,
+  // optional Nesterov, maximize). momentum_buffers is empty when momentum == 0. `steps` (float32
+  // scalars) counts each buffer's steps: a buffer at step 0 becomes the gradient itself (torch's
+  // first step: buf = d, undampened), and each count is incremented unless the step is skipped.
+  // Without `steps` every buffer is taken as started, so a new one must be zeros, which equals
+  // torch's first step only when dampening is 0. Scaling, clipping, masters and skipping as for
+  // fused_adamw_.
   m.def(
       "fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor(d!)[] masters, float lr, Tensor? lr_tensor, float momentum, bool nesterov, "
-      "float weight_decay, Tensor? grad_scale, Tensor? found_inf, Tensor? sq_norm, "
-      "float max_grad_norm) -> ()");
+      "Tensor(d!)[] masters, Tensor(e!)[] steps, float lr, Tensor? lr_tensor, float momentum, "
+      "float dampening, bool nesterov, bool maximize, float weight_decay, Tensor? grad_scale, "
+      "Tensor? found_inf, Tensor? sq_norm, float max_grad_norm) -> ()");
 
   // Mixup blend: lam * x + (1 - lam) * x[perm] over the batch (dim 0) of x, any shape and
   // layout. lam: per-sample weights (shape (B,)); when absent, lam_scalar is used. perm must be

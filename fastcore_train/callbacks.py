@@ -3,8 +3,8 @@
 ``fit`` calls whichever of these methods a callback has (subclassing :class:`Callback` is
 optional)::
 
-    on_train_begin(model)       on_epoch_begin(epoch)       on_step_end(step, loss)
-    on_epoch_end(epoch, logs)   on_train_end(model)
+    set_optimizer(optimizer)    on_train_begin(model)       on_epoch_begin(epoch)
+    on_step_end(step, loss)     on_epoch_end(epoch, logs)   on_train_end(model)
 
 ``step`` counts optimizer steps from 1 over the whole run; ``loss`` is the step's detached loss
 tensor (call ``.item()`` only when needed: it synchronises with the GPU); ``logs`` is the epoch's
@@ -32,6 +32,7 @@ class Callback:
     """Base class with no-op hooks; override the ones you need."""
     stop_training: bool = False
 
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None: ...
     def on_train_begin(self, model: torch.nn.Module) -> None: ...
     def on_epoch_begin(self, epoch: int) -> None: ...
     def on_step_end(self, step: int, loss: torch.Tensor) -> None: ...
@@ -77,15 +78,27 @@ class EarlyStopping(Callback, _Monitor):
     Outside :func:`~fastcore_train.train.fit`, call ``on_epoch_end(epoch, {"val_loss": v})`` each
     epoch and stop when ``stop_training`` is set (``on_train_begin(model)`` and
     ``on_train_end(model)`` add the best-weights restore).
+
+    ``optimizer`` (``fit`` passes its own through ``set_optimizer``): after restoring the best
+    weights, an optimizer that keeps float32 master weights (``FusedAdamW``/``FusedSGD`` with
+    float16/bfloat16 parameters) gets them refreshed from the restored weights
+    (``sync_masters_from_params``); otherwise its next step would write the last epoch's
+    weights back.
     """
 
     def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3,
-                 min_delta: float = 0.0, restore_best: bool = True):
+                 min_delta: float = 0.0, restore_best: bool = True,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience}")
         _Monitor.__init__(self, monitor, mode, min_delta)
         self.patience, self.restore_best = patience, restore_best
+        self.optimizer = optimizer
         self.on_train_begin(None)
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer whose master weights follow a restore (``fit`` calls this)."""
+        self.optimizer = optimizer
 
     def on_train_begin(self, model: Optional[torch.nn.Module]) -> None:
         """Start afresh; ``model`` is the one whose best weights are kept (``None``: none)."""
@@ -121,6 +134,9 @@ class EarlyStopping(Callback, _Monitor):
     def on_train_end(self, model: torch.nn.Module) -> None:
         if self.restore_best and self.best_state is not None:
             model.load_state_dict(self.best_state)
+            sync = getattr(self.optimizer, "sync_masters_from_params", None)
+            if sync is not None:
+                sync()
 
 
 class Checkpoint(Callback, _Monitor):

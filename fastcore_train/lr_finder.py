@@ -188,6 +188,27 @@ def _clone_cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
 
+def _has_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) or (
+        isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v))
+
+
+def _clone_tensors(v: Any) -> Any:
+    """Copies of the tensors in ``v`` (a tensor, or a tuple/list such as betas)."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    return [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in v]
+
+
+def _copy_tensors(dst: Any, src: Any) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    else:
+        for d, s in zip(dst, src):
+            if isinstance(d, torch.Tensor):
+                d.copy_(s)
+
+
 class _Snapshot:
     """Everything lr_find may change, copied so it can be put back bit for bit."""
 
@@ -204,6 +225,13 @@ class _Snapshot:
         self.modes = [(m, m.training) for m in model.modules()]
         # state_dict() returns references to the live state tensors; deepcopy detaches them.
         self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+        # Tensor hyperparameters (lr=torch.tensor(...), tensor betas): the sweep fills the lr in
+        # place and load_state_dict puts copies in the groups, so the user's objects (which
+        # they, or a scheduler, may hold) are put back with their values.
+        self.group_tensors = [
+            {k: (v, _clone_tensors(v)) for k, v in group.items()
+             if k != "params" and _has_tensor(v)}
+            for group in optimizer.param_groups]
         self.scaler_state = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
         self.rng_torch = torch.get_rng_state()
         self.rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -221,6 +249,10 @@ class _Snapshot:
         for module, training in self.modes:
             module.training = training
         optimizer.load_state_dict(self.optimizer_state)
+        for group, saved in zip(optimizer.param_groups, self.group_tensors):
+            for key, (original, values) in saved.items():
+                _copy_tensors(original, values)
+                group[key] = original
         if scaler is not None and self.scaler_state:
             scaler.load_state_dict(self.scaler_state)
         torch.set_rng_state(self.rng_torch)

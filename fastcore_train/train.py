@@ -118,6 +118,7 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, loss_fn: Calla
         if scheduler is not None:
             scheduler.step()
 
+    _call(callbacks, "set_optimizer", optimizer)
     _call(callbacks, "on_train_begin", model)
     for epoch in range(epochs):
         _call(callbacks, "on_epoch_begin", epoch)

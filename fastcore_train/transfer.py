@@ -272,8 +272,8 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def load_pretrained(model: nn.Module, state_dict_or_path,
-                    skip_mismatched: bool = True) -> LoadReport:
+def load_pretrained(model: nn.Module, state_dict_or_path, skip_mismatched: bool = True, *,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> LoadReport:
     """Load the tensors of a checkpoint that fit ``model`` and report the rest.
 
     ``state_dict_or_path`` is a state dict or a file saved with ``torch.save`` (read with
@@ -281,6 +281,10 @@ def load_pretrained(model: nn.Module, state_dict_or_path,
     is stripped when the model's own keys lack it. Tensors whose shape differs (typically the old
     head) are skipped, or raise when ``skip_mismatched=False``. Missing and unexpected keys never
     raise. The report is logged and returned.
+
+    ``optimizer``: an optimizer already built over ``model`` that keeps float32 master weights
+    (``FusedAdamW``/``FusedSGD`` with float16/bfloat16 parameters) gets them refreshed from the
+    loaded weights (``sync_masters_from_params``), so its next step starts from them.
     """
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         state = torch.load(state_dict_or_path, map_location="cpu", weights_only=True)
@@ -304,6 +308,9 @@ def load_pretrained(model: nn.Module, state_dict_or_path,
     if report.mismatched and not skip_mismatched:
         raise RuntimeError(f"shape mismatch loading pretrained weights: {report}")
     model.load_state_dict(to_load, strict=False)
+    sync = getattr(optimizer, "sync_masters_from_params", None)
+    if sync is not None:
+        sync()
     report.loaded = list(to_load)
     clean = not (report.mismatched or report.missing or report.unexpected)
     log.log(logging.INFO if clean else logging.WARNING, "load_pretrained: %s", report)

@@ -1,5 +1,9 @@
 """LossScaler: torch.amp.GradScaler's behaviour and scale sequence, with the scale and the
 found-inf flags kept on the device and no host read when the optimizer is fused."""
+import inspect
+import pickle
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -161,31 +165,138 @@ def test_state_dict_interchange_with_gradscaler():
     assert back.get_scale() == 16.0 and back.state_dict()["_growth_tracker"] == 3
 
 
-def test_protocol_errors():
-    with pytest.raises(TypeError, match="no device argument"):
-        LossScaler("cuda")
+def _protocol_misuses(scaler_cls, make_opt):
+    """Each misuse of the scaler protocol, with the exception it raised (or None)."""
+    model = _model()
+    opt = make_opt(model.parameters())
+    scaler = scaler_cls(init_scale=2.0 ** 8)
+    x, y = _batches(1)[0]
+    out = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            out[name] = None
+        except Exception as e:  # noqa: BLE001 - recorded and compared
+            out[name] = (type(e), str(e))
+
+    attempt("step before scale", lambda: scaler.step(opt))
+    scaler.scale(((model(x) - y) ** 2).mean()).backward()
+    attempt("update before step", lambda: scaler.update())
+    attempt("closure", lambda: scaler.step(opt, closure=lambda: None))
+    attempt("unscale_", lambda: scaler.unscale_(opt))
+    attempt("unscale_ twice", lambda: scaler.unscale_(opt))
+    attempt("step", lambda: scaler.step(opt))
+    attempt("step twice", lambda: scaler.step(opt))
+    attempt("unscale_ after step", lambda: scaler.unscale_(opt))
+    attempt("update", lambda: scaler.update())
+    attempt("growth_factor", lambda: scaler_cls(growth_factor=1.0))
+    attempt("backoff_factor", lambda: scaler_cls(backoff_factor=1.5))
+    return out
+
+
+@pytest.mark.parametrize("make_opt", [lambda ps: FusedSGD(ps, lr=0.01),
+                                      lambda ps: torch.optim.SGD(ps, lr=0.01)],
+                         ids=["fused", "torch"])
+def test_protocol_errors_are_gradscalers(make_opt):
+    """The same misuses raise the same errors as torch.amp.GradScaler (a fused optimizer under
+    LossScaler against torch's SGD under GradScaler)."""
+    ours = _protocol_misuses(LossScaler, make_opt)
+    theirs = _protocol_misuses(lambda **kw: torch.amp.GradScaler("cpu", **kw),
+                               lambda ps: torch.optim.SGD(ps, lr=0.01))
+    assert ours == theirs
+    assert ours["step"] is None and ours["step twice"] is not None
+    assert ours["update before step"] is not None
+
+
+def test_is_a_gradscaler_with_its_signature():
+    scaler = LossScaler()
+    assert isinstance(scaler, torch.amp.GradScaler)
+    ours = list(inspect.signature(LossScaler.__init__).parameters.values())
+    theirs = list(inspect.signature(torch.amp.GradScaler.__init__).parameters.values())
+    assert [p.name for p in ours] == [p.name for p in theirs]
+    assert [p.default for p in ours[2:]] == [p.default for p in theirs[2:]]
+    assert ours[1].default is None  # device: where the first scaled loss lives
+    # GradScaler's configuration API is there
+    scaler.set_growth_factor(3.0)
+    scaler.set_backoff_factor(0.25)
+    scaler.set_growth_interval(7)
+    assert (scaler.get_growth_factor(), scaler.get_backoff_factor(),
+            scaler.get_growth_interval()) == (3.0, 0.25, 7)
+
+
+def test_device_argument():
+    with pytest.raises(TypeError, match="the first argument is the device"):
+        LossScaler(2.0 ** 10)
     model = _model()
     opt = FusedSGD(model.parameters(), lr=0.01)
-    scaler = LossScaler()
-    with pytest.raises(RuntimeError, match="before any scale"):
-        scaler.step(opt)
+    for scaler in (LossScaler("cpu", init_scale=4.0), LossScaler(torch.device("cpu"), 4.0),
+                   LossScaler(init_scale=4.0)):
+        x, y = _batches(1)[0]
+        _iteration(model, opt, scaler, x, y)
+        assert scaler.get_scale() == 4.0 and scaler._device == "cpu"
+    if not torch.cuda.is_available():  # as GradScaler("cuda") does on such a machine
+        with pytest.warns(UserWarning, match="CUDA is not available"):
+            assert not LossScaler("cuda").is_enabled()
+
+
+@pytest.mark.parametrize("opt_cls", [FusedAdamW, FusedSGD])
+def test_scheduler_and_hooks_see_the_step(backend, opt_cls):
+    """scaler.step(fused optimizer) goes through optimizer.step: step hooks run and LR
+    schedulers count it (no "lr_scheduler.step() before optimizer.step()" warning), skipped
+    steps included, as for torch's fused optimizers under GradScaler."""
+    model = _model()
+    opt = opt_cls(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scaler = LossScaler(init_scale=2.0 ** 8)
+    calls = []
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, (x, y) in enumerate(_batches(3)):
+            _iteration(model, opt, scaler, x, y, poison=i == 0)
+            sched.step()
+    assert len(calls) == 3
+    assert opt.param_groups[0]["lr"] == 0.01 * 0.5 ** 3
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+def test_unscale_fp16_grads_on_cpu(backend):
+    """fp16 parameters with fp32 masters: unscale_ (to clip by hand) works on any device;
+    GradScaler refuses fp16 gradients there."""
+    torch.manual_seed(0)
+    model = _model().half()
+    ref = _model().half()
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    ropt = FusedAdamW(ref.parameters(), lr=1e-2)
     x, y = _batches(1)[0]
-    scaler.scale(((model(x) - y) ** 2).mean()).backward()
-    with pytest.raises(RuntimeError, match="no optimizer step was recorded"):
-        scaler.update()
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        tscaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        tscaler.scale(((ref(x.half()) - y.half()) ** 2).float().mean()).backward()
+        tscaler.unscale_(ropt)
+    scaler = LossScaler(init_scale=2.0 ** 8)
+    scaler.scale(((model(x.half()) - y.half()) ** 2).float().mean()).backward()
+    scaled = [p.grad.clone() for p in model.parameters()]
     scaler.unscale_(opt)
-    with pytest.raises(RuntimeError, match="already been called"):
-        scaler.unscale_(opt)
+    for p, g in zip(model.parameters(), scaled):
+        assert torch.equal(p.grad, g / 2 ** 8)  # a power of two: exact
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    before = [p.detach().clone() for p in model.parameters()]
     scaler.step(opt)
-    with pytest.raises(RuntimeError, match="step\\(\\) has already been called"):
-        scaler.step(opt)
-    with pytest.raises(RuntimeError, match="after step"):
-        scaler.unscale_(opt)
     scaler.update()
-    with pytest.raises(ValueError, match="growth_factor"):
-        LossScaler(growth_factor=1.0)
-    with pytest.raises(ValueError, match="backoff_factor"):
-        LossScaler(backoff_factor=1.5)
+    assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_pickles_like_gradscaler():
+    model = _model()
+    opt = FusedSGD(model.parameters(), lr=0.01)
+    scaler = LossScaler(init_scale=2.0 ** 5, growth_interval=1)
+    x, y = _batches(1)[0]
+    _iteration(model, opt, scaler, x, y)
+    back = pickle.loads(pickle.dumps(scaler))
+    assert isinstance(back, LossScaler) and back.state_dict() == scaler.state_dict()
+    _iteration(model, opt, back, x, y)
+    assert back.get_scale() == 2.0 ** 7
 
 
 def test_disabled_and_iterables():

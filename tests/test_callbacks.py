@@ -144,3 +144,68 @@ def test_usable_in_a_hand_written_loop_without_fit():
             stopped = epoch
             break
     assert stopped == 2 and es.best == 2.0 and es.best_state is None
+
+
+# ---------------------------------------------------------------------------------------------
+# restoring the best weights under an optimizer with fp32 master weights
+
+
+def _masters_model(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+
+
+def _lr0_step_keeps_weights(model, opt):
+    """A step at lr 0 with zero gradients must leave the (restored) weights where they are."""
+    restored = [p.detach().clone() for p in model.parameters()]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return all(torch.equal(p, r) for p, r in zip(model.parameters(), restored))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
+def test_restore_best_refreshes_master_weights(backend, dtype, opt_name):
+    from fastcore_train.optim import FusedAdamW, FusedSGD
+
+    model = _masters_model(dtype)
+    opt = (FusedAdamW(model.parameters(), lr=0.05) if opt_name == "adamw"
+           else FusedSGD(model.parameters(), lr=0.05, momentum=0.9))
+    es = EarlyStopping(patience=2, optimizer=opt)
+    es.on_train_begin(model)
+    g = torch.Generator().manual_seed(1)
+    for epoch, v in enumerate([1.0, 2.0, 3.0]):  # the best epoch is the first
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            opt.step()
+        es.on_epoch_end(epoch, {"val_loss": v})
+    assert es.stop_training and es.best_epoch == 0
+    assert all("master" in s for s in opt.state.values())
+    es.on_train_end(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, es.best_state[k])
+    assert _lr0_step_keeps_weights(model, opt)
+
+
+def test_fit_hands_its_optimizer_to_early_stopping(backend):
+    from fastcore_train.optim import FusedAdamW
+    from fastcore_train.train import fit
+
+    dtype = torch.bfloat16
+    model = _masters_model(dtype)
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, 8, generator=g).to(dtype), torch.randn(16, 4, generator=g))
+            for _ in range(4)]
+    opt = FusedAdamW(model.parameters(), lr=0.02)
+    # the validation loss falls as the model trains, so in "max" mode epoch 0 stays the best
+    es = EarlyStopping(mode="max", patience=2)
+    fit(model, data, epochs=6, loss_fn=lambda out, y: ((out.float() - y) ** 2).mean(),
+        optimizer=opt, val_loader=data, metrics={}, callbacks=[es], progress=False)
+    assert es.optimizer is opt and es.best_epoch == 0 and es.stopped_epoch == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, es.best_state[k])
+    assert _lr0_step_keeps_weights(model, opt)

@@ -222,6 +222,31 @@ def test_state_restored_after_exception_mid_sweep(digits):
     assert_restored(before, model, optimizer, scaler)
 
 
+@pytest.mark.parametrize("fail_at", [None, 7])
+def test_tensor_lr_object_and_value_restored(digits, fail_at):
+    """lr=torch.tensor(...): the sweep writes the group's lr; afterwards (also after an
+    exception) the group holds the user's own tensor object again, with its own value."""
+    model = mlp()
+    lr = torch.tensor(1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    calls = {"n": 0}
+
+    def loss_fn(out, y):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise RuntimeError("boom")
+        return F.cross_entropy(out, y)
+
+    if fail_at is None:
+        lr_find(model, loader(digits[0]), loss_fn, optimizer, num_iter=20, progress=False)
+    else:
+        with pytest.raises(RuntimeError, match="boom"):
+            lr_find(model, loader(digits[0]), loss_fn, optimizer, num_iter=20, progress=False)
+    assert calls["n"] > 5
+    assert optimizer.param_groups[0]["lr"] is lr
+    assert lr.item() == torch.tensor(1e-3).item()
+
+
 def test_rng_restored_and_sweep_is_repeatable(digits):
     model, optimizer = _prepared(digits)
     torch.manual_seed(5)

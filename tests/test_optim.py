@@ -150,9 +150,21 @@ def test_tensor_lr(backend):
     _assert_params(ours, ref, atol=1e-7)
 
 
-def test_extension_matches_reference():
+EXT_REF_CONFIGS = [
+    (FusedAdamW, dict(lr=1e-3, max_grad_norm=5.0)),
+    (FusedAdamW, dict(lr=1e-2, amsgrad=True, maximize=True, weight_decay=0.1)),
+    (FusedAdamW, dict(lr=1e-2, betas=(0.3, 0.9), amsgrad=True, master_weights=True)),
+    (FusedSGD, dict(lr=1e-2, momentum=0.9, dampening=0.4, maximize=True, max_grad_norm=5.0)),
+    (FusedSGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1)),
+]
+
+
+@pytest.mark.parametrize("cls, kw", EXT_REF_CONFIGS,
+                         ids=[f"{c.__name__}-{'-'.join(k)}" for c, k in EXT_REF_CONFIGS])
+def test_extension_matches_reference(cls, kw):
     """The kernels and the pure-torch reference compute the same thing (mixed dtypes in one
-    group, masters, scale and clipping included)."""
+    group, masters, scale, clipping, amsgrad, maximize and dampening included; a parameter that
+    gets its first gradient late starts its momentum buffer then)."""
     if not _backend.extension_loaded():
         pytest.skip("fastcore_train._C is not built")
     results = []
@@ -161,15 +173,16 @@ def test_extension_matches_reference():
             torch.manual_seed(0)
             ps = [torch.randn(n, dtype=dt) for n, dt in
                   [(70000, torch.float32), (33, torch.bfloat16), (1, torch.float16),
-                   (0, torch.float32), (4097, torch.float16)]]
+                   (0, torch.float32), (4097, torch.float16), (40, torch.float32)]]
             ps = [nn.Parameter(p) for p in ps]
-            opt = FusedAdamW(ps, lr=1e-3, max_grad_norm=5.0)
-            for it in range(3):
-                for p in ps:
+            opt = cls(ps, **kw)
+            for it in range(4):
+                for p in ps[:5] if it < 2 else ps:
                     p.grad = (torch.randn(p.shape) * 128).to(p.dtype)
                 opt._fused_step(grad_scale=torch.tensor(128.0), check_finite=False)
             results.append([p.detach().clone() for p in ps] +
                            [opt.state[p][k].clone() for p in ps for k in opt.state[p]])
+    assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-7, rtol=1e-6)
 
@@ -187,15 +200,17 @@ def test_every_cpu_build(extension, isa):
         ps = [nn.Parameter(torch.randn(n).to(dt)) for n, dt in
               [(1000, torch.float32), (77, torch.float16), (130, torch.bfloat16)]]
         opts = [FusedAdamW(ps, lr=1e-2, weight_decay=0.1, max_grad_norm=3.0),
-                FusedSGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1)]
+                FusedSGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+                FusedAdamW(ps, lr=1e-2, amsgrad=True, maximize=True),
+                FusedSGD(ps, lr=1e-2, momentum=0.9, dampening=0.3, maximize=True)]
         try:
             C_._set_cpu_capability(isa)
             with _backend.use_backend(name):
-                for it in range(4):
+                for it in range(8):
                     for p in ps:
                         p.grad = torch.randn(p.shape).to(p.dtype)
                     found = torch.zeros(())
-                    opts[it % 2]._fused_step(grad_scale=torch.tensor(2.0), found_inf=found,
+                    opts[it % 4]._fused_step(grad_scale=torch.tensor(2.0), found_inf=found,
                                              check_finite=True)
         finally:
             C_._set_cpu_capability("")
@@ -449,16 +464,21 @@ def test_loaded_state_is_a_copy(backend):
     assert other.state[p]["exp_avg"].data_ptr() != opt.state[p]["exp_avg"].data_ptr()
 
 
-@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+CHECKPOINT_KINDS = {
+    "adamw": (torch.optim.AdamW, FusedAdamW, {}),
+    "adamw-amsgrad-maximize": (torch.optim.AdamW, FusedAdamW, dict(amsgrad=True, maximize=True)),
+    "sgd": (torch.optim.SGD, FusedSGD, dict(momentum=0.9, nesterov=True)),
+    "sgd-dampening": (torch.optim.SGD, FusedSGD, dict(momentum=0.9, dampening=0.3)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CHECKPOINT_KINDS))
 def test_torch_checkpoint_interchange(backend, kind):
     """torch.optim checkpoint -> fused optimizer -> torch.optim, training continued at each
     stage, against an uninterrupted torch run."""
-    if kind == "adamw":
-        make_t = lambda m: torch.optim.AdamW(_groups(m))  # noqa: E731
-        make_f = lambda m: FusedAdamW(_groups(m))  # noqa: E731
-    else:
-        make_t = lambda m: torch.optim.SGD(_groups(m), momentum=0.9, nesterov=True)  # noqa: E731
-        make_f = lambda m: FusedSGD(_groups(m), lr=0.0, momentum=0.9, nesterov=True)  # noqa: E731
+    torch_cls, fused_cls, kw = CHECKPOINT_KINDS[kind]
+    make_t = lambda m: torch_cls(_groups(m), **kw)  # noqa: E731
+    make_f = lambda m: fused_cls(_groups(m), lr=0.0, **kw)  # noqa: E731
     b1, b2, b3 = _batches(5), _batches(5, seed=2), _batches(5, seed=3)
     ref = _model()
     ropt = make_t(ref)
@@ -478,20 +498,19 @@ def test_torch_checkpoint_interchange(backend, kind):
     _assert_params(model, ref, atol=1e-6)
 
 
-def test_refuses_unsupported_torch_options():
+def test_checks_hyperparameters_at_construction():
     model = _model()
-    with pytest.raises(ValueError, match="amsgrad"):
-        FusedAdamW(model.parameters()).load_state_dict(
-            torch.optim.AdamW(model.parameters(), amsgrad=True).state_dict())
-    with pytest.raises(ValueError, match="dampening"):
-        FusedSGD(model.parameters(), lr=0.1).load_state_dict(
-            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.1).state_dict())
-    with pytest.raises(ValueError, match="nesterov needs momentum"):
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0 and dampening 0"):
         FusedSGD(model.parameters(), lr=0.1, momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0 and dampening 0"):
+        FusedSGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)
     with pytest.raises(ValueError, match="betas"):
         FusedAdamW(model.parameters(), betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="max_grad_norm"):
         FusedAdamW(model.parameters(), max_grad_norm=0.0)
+    with pytest.raises(ValueError, match=r"use torch.optim.Adam \(parameter group 0 of the state"):
+        FusedAdamW(model.parameters()).load_state_dict(
+            torch.optim.Adam(model.parameters(), weight_decay=0.1).state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,19 +524,28 @@ def test_bad_inputs(backend):
     with pytest.raises(TypeError, match=r"FusedAdamW: parameter 0 of param group 0 has a sparse "
                                         r"gradient; fused optimizers need dense gradients"):
         opt.step()
+    assert p not in opt.state
 
+    # at construction, not at the first step
     d = nn.Parameter(torch.randn(3, dtype=torch.float64))
-    d.grad = torch.randn(3, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"parameter 0 of param group 0 is torch.float64; fused "
-                                        r"optimizers support float32, float16 and bfloat16"):
-        FusedSGD([d], lr=0.1).step()
-
+    with pytest.raises(TypeError, match=r"^FusedSGD: parameter 0 of param group 0 is "
+                                        r"torch.float64; fused optimizers support float32, float16 "
+                                        r"and bfloat16 parameters \(use torch.optim.SGD for "
+                                        r"torch.float64\)$"):
+        FusedSGD([d], lr=0.1)
     a, m = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3, device="meta"))
-    a.grad, m.grad = torch.randn(3), torch.randn(3, device="meta")
-    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 or its gradient is on "
-                                         r"meta but other parameters are on cpu"):
-        FusedAdamW([a, m]).step()
-    assert torch.equal(opt.state[p]["step"], torch.zeros(())) if p in opt.state else True
+    with pytest.raises(ValueError, match=r"^FusedAdamW: parameter 1 of param group 0 is on meta "
+                                         r"but other parameters are on cpu"):
+        FusedAdamW([a, m])
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 1 is on meta"):
+        FusedAdamW([{"params": [a]}, {"params": [m]}])
+
+    # a dtype changed after construction is still caught at the step
+    opt = FusedAdamW([a])
+    a.data = a.data.double()
+    a.grad = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"parameter 0 of param group 0 is torch.float64"):
+        opt.step()
 
 
 OP_ERRORS = [
@@ -541,6 +569,14 @@ OP_ERRORS = [
      ValueError, "fused_adamw_: steps[0] must have one element, got 2"),
     ("clip without norm", dict(max_grad_norm=lambda t: 1.0),
      ValueError, "fused_adamw_: max_grad_norm > 0 needs sq_norm (from grad_stats_)"),
+    ("amsgrad without max_exp_avg_sqs", dict(amsgrad=lambda t: True),
+     ValueError, "fused_adamw_: got 2 params but 0 max_exp_avg_sqs"),
+    ("max_exp_avg_sqs without amsgrad",
+     dict(max_exp_avg_sqs=lambda t: [torch.zeros(p.shape) for p in t["params"]]),
+     ValueError, "fused_adamw_: max_exp_avg_sqs must be empty when amsgrad is False, got 2"),
+    ("max_exp_avg_sq shape", dict(amsgrad=lambda t: True, max_exp_avg_sqs=lambda t: [
+        torch.zeros(3), torch.zeros(7)]),
+     ValueError, "fused_adamw_: max_exp_avg_sqs[0] has shape [3] but params[0] has shape [5]"),
 ]
 
 
@@ -548,10 +584,10 @@ def _adamw_args():
     ps = [torch.randn(5), torch.randn(7, dtype=torch.bfloat16)]
     return dict(params=ps, grads=[torch.randn_like(p) for p in ps],
                 exp_avgs=[torch.zeros(p.shape) for p in ps],
-                exp_avg_sqs=[torch.zeros(p.shape) for p in ps], masters=[],
+                exp_avg_sqs=[torch.zeros(p.shape) for p in ps], max_exp_avg_sqs=[], masters=[],
                 steps=[torch.zeros(()) for _ in ps], lr=1e-3, lr_tensor=None, beta1=0.9,
-                beta2=0.999, eps=1e-8, weight_decay=0.0, grad_scale=None, found_inf=None,
-                sq_norm=None, max_grad_norm=0.0)
+                beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                grad_scale=None, found_inf=None, sq_norm=None, max_grad_norm=0.0)
 
 
 @pytest.mark.parametrize("case", OP_ERRORS, ids=[c[0] for c in OP_ERRORS])
@@ -569,22 +605,32 @@ def test_op_errors_match_reference(case):
         assert str(ext_err.value).splitlines()[0] == msg
 
 
+def _sgd_call(params, buffers, steps=(), momentum=0.9, dampening=0.0, nesterov=False):
+    return lambda f: f(params, [torch.randn(p.shape) for p in params], buffers, [], list(steps),
+                       0.1, None, momentum, dampening, nesterov, False, 0.0, None, None, None, 0.0)
+
+
 def test_sgd_and_stats_op_errors_match_reference():
     g = [torch.randn(3), torch.randn(3, dtype=torch.float64)]
+    p3 = [torch.randn(3)]
+    stats = (ops.grad_stats_reference_, "grad_stats_")
+    sgd = (ops.fused_sgd_reference_, "fused_sgd_")
     cases = [
         (lambda f: f(g, torch.zeros(()), None), TypeError,
-         "grad_stats_: grads[1] must be float32, float16 or bfloat16, got torch.float64",
-         (ops.grad_stats_reference_, "grad_stats_")),
+         "grad_stats_: grads[1] must be float32, float16 or bfloat16, got torch.float64", stats),
         (lambda f: f([torch.randn(3)], None, torch.zeros(2)), ValueError,
-         "grad_stats_: sq_norm must have one element, got 2",
-         (ops.grad_stats_reference_, "grad_stats_")),
-        (lambda f: f([torch.randn(3)], [torch.randn(3)], [], [], 0.1, None, 0.0, True, 0.0, None,
-                     None, None, 0.0), ValueError, "fused_sgd_: nesterov needs momentum > 0",
-         (ops.fused_sgd_reference_, "fused_sgd_")),
-        (lambda f: f([torch.randn(3)], [torch.randn(3)], [], [], 0.1, None, 0.9, False, 0.0,
-                     None, None, None, 0.0), ValueError,
-         "fused_sgd_: got 1 params but 0 momentum_buffers",
-         (ops.fused_sgd_reference_, "fused_sgd_")),
+         "grad_stats_: sq_norm must have one element, got 2", stats),
+        (_sgd_call(p3, [], momentum=0.0, nesterov=True), ValueError,
+         "fused_sgd_: nesterov needs momentum > 0 and dampening 0", sgd),
+        (_sgd_call(p3, [torch.zeros(3)], dampening=0.1, nesterov=True), ValueError,
+         "fused_sgd_: nesterov needs momentum > 0 and dampening 0", sgd),
+        (_sgd_call(p3, []), ValueError, "fused_sgd_: got 1 params but 0 momentum_buffers", sgd),
+        (_sgd_call(p3, [], steps=[torch.zeros(())], momentum=0.0), ValueError,
+         "fused_sgd_: steps must be empty when momentum is 0, got 1", sgd),
+        (_sgd_call(p3, [torch.zeros(3)], steps=[torch.zeros(()), torch.zeros(())]), ValueError,
+         "fused_sgd_: got 1 params but 2 steps", sgd),
+        (_sgd_call(p3, [torch.zeros(3)], steps=[torch.zeros((), dtype=torch.int64)]), TypeError,
+         "fused_sgd_: steps[0] must be a torch.float32 tensor, got torch.int64", sgd),
     ]
     for call, exc, msg, (ref_fn, op) in cases:
         with pytest.raises(exc) as e:
@@ -616,24 +662,59 @@ def test_grad_stats_values(backend):
     assert found.item() == 1.0  # never cleared
 
 
+def test_ops_bump_versions_of_what_they_write(backend):
+    """As torch's in-place ops do; the gradients, only read, keep theirs."""
+    a = _adamw_args()
+    a.update(amsgrad=True, max_exp_avg_sqs=[torch.zeros(p.shape) for p in a["params"]],
+             masters=[p.float() for p in a["params"]])
+    written = [a[k] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters",
+                              "steps")]
+    before = [[t._version for t in ts] for ts in written]
+    grads = [g._version for g in a["grads"]]
+    kw = {k: v for k, v in a.items() if k not in ("params", "grads", "exp_avgs", "exp_avg_sqs",
+                                                  "masters", "steps")}
+    ops.fused_adamw_(a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], a["masters"],
+                     a["steps"], **kw)
+    assert all(t._version > v for ts, vs in zip(written, before) for t, v in zip(ts, vs))
+    assert [g._version for g in a["grads"]] == grads
+
+    p, g, b, s = torch.randn(4), torch.randn(4), torch.zeros(4), torch.zeros(())
+    versions = [t._version for t in (p, b, s)]
+    ops.fused_sgd_([p], [g], [b], [], lr=0.1, momentum=0.9, dampening=0.5, steps=[s],
+                   nesterov=False, weight_decay=0.0)
+    assert all(t._version > v for t, v in zip((p, b, s), versions))
+    assert s.item() == 1.0 and torch.equal(b, g)  # the first step: the buffer is d, undampened
+
+    found, sq = torch.zeros(()), torch.zeros(())
+    ops.grad_stats_([torch.randn(3)], found, sq)
+    assert found._version > 0 and sq._version > 0
+
+
 def _opcheck_samples():
     ps = [torch.randn(5), torch.randn(7, dtype=torch.bfloat16)]
     gs = [torch.randn_like(p) for p in ps]
     st = lambda: [torch.zeros(p.shape) for p in ps]  # noqa: E731
+    steps = lambda v=0.0: [torch.full((), v) for _ in ps]  # noqa: E731
     masters = [p.float() for p in ps]
     scalars = (torch.tensor(8.0), torch.zeros(()), torch.tensor(2.0))
     return [
         ("grad_stats_", (gs, torch.zeros(()), torch.zeros(()))),
-        ("fused_adamw_", (ps, gs, st(), st(), [], [torch.zeros(()) for _ in ps], 1e-3, None, 0.9,
-                          0.999, 1e-8, 0.01, None, None, None, 0.0)),
-        ("fused_adamw_", (ps, gs, st(), st(), masters, [torch.zeros(()) for _ in ps], 1e-3,
-                          torch.tensor(2e-3), 0.9, 0.999, 1e-8, 0.01, *scalars, 1.0)),
-        ("fused_sgd_", (ps, gs, st(), masters, 1e-2, None, 0.9, True, 1e-4, *scalars, 1.0)),
-        ("fused_sgd_", (ps, gs, [], [], 1e-2, None, 0.0, False, 0.0, None, None, None, 0.0)),
+        ("fused_adamw_", (ps, gs, st(), st(), [], [], steps(), 1e-3, None, 0.9, 0.999, 1e-8,
+                          0.01, False, False, None, None, None, 0.0)),
+        ("fused_adamw_", (ps, gs, st(), st(), st(), masters, steps(), 1e-3, torch.tensor(2e-3),
+                          0.9, 0.999, 1e-8, 0.01, True, True, *scalars, 1.0)),
+        ("fused_sgd_", (ps, gs, st(), masters, [], 1e-2, None, 0.9, 0.0, True, False, 1e-4,
+                        *scalars, 1.0)),
+        ("fused_sgd_", (ps, gs, [], [], [], 1e-2, None, 0.0, 0.0, False, True, 0.0, None, None,
+                        None, 0.0)),
+        ("fused_sgd_", (ps, gs, st(), [], steps(), 1e-2, None, 0.9, 0.3, False, False, 0.0,
+                        None, None, None, 0.0)),
+        ("fused_sgd_", (ps, gs, st(), [], steps(2.0), 1e-2, None, 0.9, 0.3, False, True, 0.0,
+                        None, None, None, 0.0)),
     ]
 
 
-@pytest.mark.parametrize("idx", range(5))
+@pytest.mark.parametrize("idx", range(7))
 def test_opcheck(extension, idx):
     op, args = _opcheck_samples()[idx]
     torch.library.opcheck(getattr(torch.ops.fastcore_train, op).default, args)
@@ -691,3 +772,55 @@ def test_cuda_matches_cpu(dtype):
     assert cpu_s == gpu_s
     for a, b in zip(cpu_p, gpu_p):
         torch.testing.assert_close(a, b, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls, kw", EXT_REF_CONFIGS,
+                         ids=[f"{c.__name__}-{'-'.join(k)}" for c, k in EXT_REF_CONFIGS])
+def test_cuda_options_match_cpu(cls, kw):
+    """amsgrad, maximize, dampening (first step decided on the device), masters, scaling and
+    clipping: the CUDA kernels compute what the CPU ones do."""
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(n).to(device, dt)) for n, dt in
+              [(70000, torch.float32), (33, torch.bfloat16), (1, torch.float16),
+               (0, torch.float32), (4097, torch.float16), (40, torch.float32)]]
+        opt = cls(ps, **kw)
+        for it in range(4):
+            for p in ps[:5] if it < 2 else ps:
+                p.grad = (torch.randn(p.shape) * 128).to(device, p.dtype)
+            found = torch.zeros((), device=device)
+            opt._fused_step(grad_scale=torch.tensor(128.0, device=device), found_inf=found,
+                            check_finite=True)
+        results.append([p.detach().float().cpu() for p in ps] +
+                       [opt.state[p][k].float().cpu() for p in ps for k in opt.state[p]])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("opt_cls, kw", [(FusedAdamW, dict(amsgrad=True, max_grad_norm=1.0)),
+                                         (FusedSGD, dict(momentum=0.9, dampening=0.5))])
+def test_cuda_step_never_syncs(opt_cls, kw):
+    """A whole LossScaler step, overflowing or not, runs without a host-device sync."""
+    model = _model(dtype=torch.float16).cuda()
+    opt = opt_cls(model.parameters(), lr=1e-3, **kw)
+    scaler = LossScaler(init_scale=2.0 ** 10)
+    batches = [(x.cuda(), y.cuda()) for x, y in _batches(3, dtype=torch.float16)]
+    _train(model, opt, batches[:1], scaler=scaler)  # state created, caches warm
+    torch.cuda.synchronize()
+    version = next(model.parameters())._version
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, (x, y) in enumerate(batches[1:]):
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(((model(x).float() - y.float()) ** 2).mean()).backward()
+            if i == 0:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert next(model.parameters())._version > version
+    assert scaler.get_scale() == 2.0 ** 9

@@ -309,3 +309,27 @@ def test_gradual_unfreezer_adds_trainable_bn_of_frozen_groups(model):
 def test_all_public_names_documented():
     for name in transfer.__all__:
         assert getattr(transfer, name).__doc__, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_load_pretrained_refreshes_master_weights(backend, dtype):
+    from fastcore_train.optim import FusedAdamW
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+    pretrained = {k: torch.randn(v.shape).to(dtype)
+                  for k, v in nn.Sequential(nn.Linear(6, 8), nn.ReLU(),
+                                            nn.Linear(8, 3)).state_dict().items()}
+    opt = FusedAdamW(model.parameters(), lr=0.05)
+    for _ in range(2):  # the masters exist
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape).to(dtype)
+        opt.step()
+    transfer.load_pretrained(model, pretrained, optimizer=opt)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, pretrained[k])

@@ -131,17 +131,34 @@ inline void check_optim_steps(const char* op, at::TensorList params, at::TensorL
   }
 }
 
-// fused_sgd_'s hyperparameters and buffers.
+// fused_adamw_'s max_exp_avg_sqs: one per param with amsgrad (checked with the other state
+// lists), none without.
+inline void check_amsgrad_args(const char* op, at::TensorList max_exp_avg_sqs, bool amsgrad) {
+  TORCH_CHECK_VALUE(amsgrad || max_exp_avg_sqs.empty(), op,
+                    ": max_exp_avg_sqs must be empty when amsgrad is False, got ",
+                    max_exp_avg_sqs.size());
+}
+
+// fused_sgd_'s hyperparameters, buffers and buffer step counts.
 inline void check_sgd_args(const char* op, at::TensorList params, at::TensorList buffers,
-                           double momentum, bool nesterov) {
-  TORCH_CHECK_VALUE(!nesterov || momentum > 0.0, op, ": nesterov needs momentum > 0");
+                           at::TensorList steps, double momentum, double dampening,
+                           bool nesterov) {
+  TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0), op,
+                    ": nesterov needs momentum > 0 and dampening 0");
   if (momentum == 0.0) {
     TORCH_CHECK_VALUE(buffers.empty(), op,
                       ": momentum_buffers must be empty when momentum is 0, got ",
                       buffers.size());
+    TORCH_CHECK_VALUE(steps.empty(), op, ": steps must be empty when momentum is 0, got ",
+                      steps.size());
   } else {
     TORCH_CHECK_VALUE(buffers.size() == params.size(), op, ": got ", params.size(),
                       " params but ", buffers.size(), " momentum_buffers");
+    TORCH_CHECK_VALUE(steps.empty() || steps.size() == params.size(), op, ": got ",
+                      params.size(), " params but ", steps.size(), " steps");
+    for (size_t i = 0; i < steps.size(); ++i) {
+      check_optim_scalar(op, "steps[" + std::to_string(i) + "]", steps[i], params[0].device());
+    }
   }
 }
 

@@ -6,11 +6,15 @@
 //   AdamW:  w  = w * (1 - lr*wd)                      (param.mul_, decoupled decay)
 //           m  = fma(1 - beta1, g - m, m)             (exp_avg.lerp_: ATen's lerp is an FMA)
 //           v  = fma((1 - beta2)*g, g, v*beta2)       (exp_avg_sq.mul_().addcmul_())
-//           w  = w + (-step_size*m) / (sqrt(v)/sqrt(bc2) + eps)  (addcdiv_, step_size = lr/bc1)
+//           u  = amsgrad ? (vmax = max(vmax, v)) : v  (torch.maximum, NaN propagates)
+//           w  = w + (-step_size*m) / (sqrt(u)/sqrt(bc2) + eps)  (addcdiv_, step_size = lr/bc1)
 //   SGD:    d  = fma(w, wd, g)                        (grad.add(param, alpha=wd))
-//           b  = b*momentum + d                       (buf.mul_().add_(), dampening 0)
+//           b  = first ? d                            (torch's first step: buf = clone(d))
+//                      : fma(d, 1 - dampening, b*momentum)  (buf.mul_().add_(d, alpha=1-damp))
 //           d  = nesterov ? fma(b, momentum, d) : b   (grad.add(buf, alpha=momentum))
 //           w  = fma(d, -lr, w)                       (param.add_(d, alpha=-lr))
+// maximize (g <- -g) is folded into the gradient multiplier by the callers: negation is exact,
+// so g * (-mul) rounds exactly like torch's (-g) * mul.
 // On the CPU the results are bit-identical to torch.optim.SGD and to the vectorised body of
 // torch.optim.AdamW(fused=True) (its scalar remainder of each thread's chunk computes in double
 // and may differ by an ulp); the single-tensor AdamW differs by an ulp of the update where its
@@ -20,7 +24,7 @@
 // product rounded on its own, which the compiler must not fuse into a following addition (GCC
 // and nvcc contract a*b + c into an FMA by default, which would round differently from torch's
 // separate ops); div and sqrt, correctly rounded (nvcc's --use_fast_math would otherwise
-// approximate them).
+// approximate them); max(a, b), NaN when either is NaN (torch.maximum).
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -45,16 +49,19 @@ struct AdamWConsts {
 struct AdamWFlags {
   bool decay;       // weight_decay != 0
   bool lerp_small;  // 1 - beta1 < 0.5
+  bool amsgrad;     // vmax (max_exp_avg_sq) exists and normalises the step
 };
 
+// `vmax` is only read and written with f.amsgrad.
 template <typename Ops, typename F>
-C10_HOST_DEVICE inline void adamw_update(F& w, F& m, F& v, const F& g, const AdamWConsts<F>& c,
-                                         AdamWFlags f) {
+C10_HOST_DEVICE inline void adamw_update(F& w, F& m, F& v, F& vmax, const F& g,
+                                         const AdamWConsts<F>& c, AdamWFlags f) {
   if (f.decay) w = Ops::mul(w, c.decay);
   // ATen's lerp(start, end, weight): small weights step from start, large ones from end.
   m = Ops::fma(c.lerp_weight, g - m, f.lerp_small ? m : g);
   v = Ops::fma(c.one_minus_beta2 * g, g, v * c.beta2);
-  const F denom = Ops::div(Ops::sqrt(v), c.bc2_sqrt) + c.eps;
+  if (f.amsgrad) vmax = Ops::max(vmax, v);
+  const F denom = Ops::div(Ops::sqrt(f.amsgrad ? vmax : v), c.bc2_sqrt) + c.eps;
   w = w + Ops::div(Ops::mul(c.neg_step_size, m), denom);
 }
 
@@ -62,6 +69,7 @@ template <typename F>
 struct SGDConsts {
   F weight_decay;
   F momentum;
+  F one_minus_dampening;
   F neg_lr;
 };
 
@@ -69,6 +77,7 @@ struct SGDFlags {
   bool decay;     // weight_decay != 0
   bool momentum;  // momentum != 0 (a buffer exists)
   bool nesterov;
+  bool first;     // the buffer's first step: it becomes d, whatever it holds
 };
 
 template <typename Ops, typename F>
@@ -76,7 +85,8 @@ C10_HOST_DEVICE inline void sgd_update(F& w, F& buf, const F& g, const SGDConsts
                                        SGDFlags f) {
   F d = f.decay ? Ops::fma(w, c.weight_decay, g) : g;
   if (f.momentum) {
-    buf = Ops::mul(buf, c.momentum) + d;
+    // fma(d, 1, x) == x + d exactly, so dampening 0 costs nothing and rounds as before
+    buf = f.first ? d : Ops::fma(d, c.one_minus_dampening, Ops::mul(buf, c.momentum));
     d = f.nesterov ? Ops::fma(buf, c.momentum, d) : buf;
   }
   w = Ops::fma(d, c.neg_lr, w);
@@ -112,6 +122,7 @@ struct HostFloatOps {
   }
   static float sqrt(float x) { return std::sqrt(x); }
   static float div(float a, float b) { return a / b; }
+  static float max(float a, float b) { return (a > b || a != a) ? a : b; }
 };
 #endif
 

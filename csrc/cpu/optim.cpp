@@ -41,7 +41,8 @@ struct Slots {
   std::vector<cpu::ParamSlot> slots;
 
   cpu::ParamSlot& add(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* master,
-                      const at::Tensor* state0, const at::Tensor* state1) {
+                      const at::Tensor* state0, const at::Tensor* state1,
+                      const at::Tensor* state2) {
     at::Tensor p = stager.reference(param, true);
     at::Tensor g = stager.stage(p, grad, false);
     cpu::ParamSlot s;
@@ -58,6 +59,7 @@ struct Slots {
     s.master = state(master);
     s.state0 = state(state0);
     s.state1 = state(state1);
+    s.state2 = state(state2);
     keep.push_back(p);
     keep.push_back(g);
     slots.push_back(s);
@@ -86,13 +88,16 @@ void grad_stats_cpu(at::TensorList grads, const Opt& found_inf, const Opt& sq_no
 }
 
 void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList steps,
-                     double lr, const Opt& lr_tensor, double beta1, double beta2, double eps,
-                     double weight_decay, const Opt& grad_scale, const Opt& found_inf,
-                     const Opt& sq_norm, double max_grad_norm) {
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                     at::TensorList masters, at::TensorList steps, double lr,
+                     const Opt& lr_tensor, double beta1, double beta2, double eps,
+                     double weight_decay, bool amsgrad, bool maximize, const Opt& grad_scale,
+                     const Opt& found_inf, const Opt& sq_norm, double max_grad_norm) {
   constexpr const char* op = "fused_adamw_";
+  check_amsgrad_args(op, max_exp_avg_sqs, amsgrad);
   check_optim_lists(op, params, grads,
                     {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                     {"max_exp_avg_sqs", max_exp_avg_sqs, /*optional=*/!amsgrad},
                      {"masters", masters, /*optional=*/true}});
   check_optim_steps(op, params, steps);
   check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
@@ -101,6 +106,7 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const double lr_v = lr_tensor.has_value() ? *lr_tensor->const_data_ptr<float>() : lr;
   cpu::AdamWKernelParams k;
   k.grad_mul = grad_mul(grad_scale, sq_norm, max_grad_norm);
+  if (maximize) k.grad_mul = -k.grad_mul;
   k.has_decay = weight_decay != 0.0;
   k.decay = static_cast<float>(1.0 - lr_v * weight_decay);
   // ATen's lerp with weight w >= 0.5 computes end - (end - start)*(1 - w) as fma(w - 1, ...).
@@ -110,6 +116,7 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   k.beta2 = static_cast<float>(beta2);
   k.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   k.eps = static_cast<float>(eps);
+  k.amsgrad = amsgrad;
 
   Slots slots;
   std::vector<float*> step_ptrs;
@@ -122,7 +129,8 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     const double bc1 = 1.0 - std::pow(beta1, t);
     const double bc2 = 1.0 - std::pow(beta2, t);
     cpu::ParamSlot& s = slots.add(params[i], grads[i], masters.empty() ? nullptr : &masters[i],
-                                  &exp_avgs[i], &exp_avg_sqs[i]);
+                                  &exp_avgs[i], &exp_avg_sqs[i],
+                                  amsgrad ? &max_exp_avg_sqs[i] : nullptr);
     s.neg_step_size = static_cast<float>(-(lr_v / bc1));
     s.bc2_sqrt = static_cast<float>(std::pow(bc2, 0.5));
   }
@@ -134,11 +142,12 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
 }
 
 void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                   at::TensorList masters, double lr, const Opt& lr_tensor, double momentum,
-                   bool nesterov, double weight_decay, const Opt& grad_scale,
-                   const Opt& found_inf, const Opt& sq_norm, double max_grad_norm) {
+                   at::TensorList masters, at::TensorList steps, double lr, const Opt& lr_tensor,
+                   double momentum, double dampening, bool nesterov, bool maximize,
+                   double weight_decay, const Opt& grad_scale, const Opt& found_inf,
+                   const Opt& sq_norm, double max_grad_norm) {
   constexpr const char* op = "fused_sgd_";
-  check_sgd_args(op, params, momentum_buffers, momentum, nesterov);
+  check_sgd_args(op, params, momentum_buffers, steps, momentum, dampening, nesterov);
   check_optim_lists(op, params, grads,
                     {{"momentum_buffers", momentum_buffers, /*optional=*/true},
                      {"masters", masters, /*optional=*/true}});
@@ -148,23 +157,29 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const double lr_v = lr_tensor.has_value() ? *lr_tensor->const_data_ptr<float>() : lr;
   cpu::SGDKernelParams k;
   k.grad_mul = grad_mul(grad_scale, sq_norm, max_grad_norm);
+  if (maximize) k.grad_mul = -k.grad_mul;
   k.has_decay = weight_decay != 0.0;
   k.weight_decay = static_cast<float>(weight_decay);
   k.has_momentum = momentum != 0.0;
   k.momentum = static_cast<float>(momentum);
+  k.one_minus_dampening = static_cast<float>(1.0 - dampening);
   k.nesterov = nesterov;
   k.neg_lr = static_cast<float>(-lr_v);
 
   Slots slots;
   for (size_t i = 0; i < params.size(); ++i) {
     if (params[i].numel() == 0) continue;
-    slots.add(params[i], grads[i], masters.empty() ? nullptr : &masters[i],
-              k.has_momentum ? &momentum_buffers[i] : nullptr, nullptr);
+    cpu::ParamSlot& s = slots.add(params[i], grads[i], masters.empty() ? nullptr : &masters[i],
+                                  k.has_momentum ? &momentum_buffers[i] : nullptr, nullptr,
+                                  nullptr);
+    // A buffer that has taken no step yet becomes d (torch: buf = clone(d)).
+    s.first = !steps.empty() && *steps[i].const_data_ptr<float>() == 0.f;
   }
   k.slots = slots.slots.data();
   k.count = static_cast<int64_t>(slots.slots.size());
   FT_ISA_CALL(sgd_kernel, k);
   slots.stager.finish();
+  for (const at::Tensor& step : steps) *step.data_ptr<float>() += 1.f;
 }
 
 }  // namespace

@@ -62,6 +62,8 @@ struct DeviceOps {
     return a / b;
 #endif
   }
+  // torch.maximum: NaN when either is NaN (fmaxf would return the other one)
+  __host__ __device__ static float max(float a, float b) { return (a > b || a != a) ? a : b; }
 };
 
 // Kernel-argument packs. Tensors with no elements are never packed, so chunk_start is strictly
@@ -80,7 +82,8 @@ struct ParamPack {
   float* master[kMaxTensors];  // null without master weights
   float* state0[kMaxTensors];  // exp_avg / momentum buffer (null without momentum)
   float* state1[kMaxTensors];  // exp_avg_sq
-  const float* step[kMaxTensors];
+  float* state2[kMaxTensors];  // max_exp_avg_sq (AdamW with amsgrad)
+  const float* step[kMaxTensors];  // AdamW's steps; SGD's buffer steps, or null
   int64_t numel[kMaxTensors];
   int64_t chunk_start[kMaxTensors + 1];
   int count;
@@ -99,14 +102,19 @@ struct UpdateScalars {
   const float* sq_norm;
   double lr;
   double max_grad_norm;
+  bool maximize;
   // AdamW
   double beta1, beta2, weight_decay;
   float eps;
   bool lerp_small;
   // SGD
   float momentum;
+  float one_minus_dampening;
   bool nesterov;
 };
+
+// Both are passed by value as kernel arguments, which must stay within 4 KiB.
+static_assert(sizeof(ParamPack) + sizeof(UpdateScalars) <= 4096, "kernel arguments too large");
 
 __device__ __forceinline__ bool skip_step(const float* found_inf) {
   return found_inf != nullptr && *found_inf != 0.f;
@@ -209,7 +217,8 @@ __device__ __forceinline__ BlockRange block_range(const ParamPack& pack) {
   return r;
 }
 
-template <typename T, bool kMaster>
+// kAmsgrad is a per-call option; as a template argument it leaves the usual loop unchanged.
+template <typename T, bool kMaster, bool kAmsgrad>
 __global__ void adamw_kernel(const ParamPack pack, const UpdateScalars s) {
   if (skip_step(s.found_inf)) return;
   const BlockRange r = block_range(pack);
@@ -229,15 +238,18 @@ __global__ void adamw_kernel(const ParamPack pack, const UpdateScalars s) {
     c.bc2_sqrt = static_cast<float>(sqrt(bc2));
     c.eps = s.eps;
     c.neg_step_size = static_cast<float>(-(lr / bc1));
-    mul = optim_math::grad_multiplier<DeviceOps>(s.grad_scale, s.sq_norm, s.max_grad_norm);
+    const float gm = optim_math::grad_multiplier<DeviceOps>(s.grad_scale, s.sq_norm,
+                                                            s.max_grad_norm);
+    mul = s.maximize ? -gm : gm;  // exact: g * -gm == (-g) * gm
   }
   __syncthreads();
-  const optim_math::AdamWFlags f{s.weight_decay != 0.0, s.lerp_small};
+  const optim_math::AdamWFlags f{s.weight_decay != 0.0, s.lerp_small, kAmsgrad};
   const T* g = static_cast<const T*>(pack.grad[r.t]);
   T* p = static_cast<T*>(pack.param[r.t]);
   float* w = pack.master[r.t];
   float* m = pack.state0[r.t];
   float* v = pack.state1[r.t];
+  float* vmax = pack.state2[r.t];  // null without amsgrad
   const optim_math::AdamWConsts<float> cc = c;
   const float gm = mul;
   for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
@@ -245,9 +257,29 @@ __global__ void adamw_kernel(const ParamPack pack, const UpdateScalars s) {
     float wi = kMaster ? w[i] : static_cast<float>(p[i]);
     float mi = m[i];
     float vi = v[i];
-    optim_math::adamw_update<DeviceOps>(wi, mi, vi, gi, cc, f);
+    float xi = kAmsgrad ? vmax[i] : 0.f;
+    optim_math::adamw_update<DeviceOps>(wi, mi, vi, xi, gi, cc, f);
     m[i] = mi;
     v[i] = vi;
+    if (kAmsgrad) vmax[i] = xi;
+    if (kMaster) w[i] = wi;
+    p[i] = static_cast<T>(wi);
+  }
+}
+
+// One block's elements; kFirst (a buffer's first step, once per parameter) is a template
+// argument so the usual loop is unchanged.
+template <typename T, bool kMaster, bool kFirst>
+__device__ void sgd_range(T* p, const T* g, float* w, float* b, int64_t begin, int64_t end,
+                          float gm, const optim_math::SGDConsts<float>& c,
+                          optim_math::SGDFlags f) {
+  f.first = kFirst;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float gi = DeviceOps::mul(static_cast<float>(g[i]), gm);
+    float wi = kMaster ? w[i] : static_cast<float>(p[i]);
+    float bi = f.momentum && !kFirst ? b[i] : 0.f;
+    optim_math::sgd_update<DeviceOps>(wi, bi, gi, c, f);
+    if (f.momentum) b[i] = bi;
     if (kMaster) w[i] = wi;
     p[i] = static_cast<T>(wi);
   }
@@ -259,33 +291,34 @@ __global__ void sgd_kernel(const ParamPack pack, const UpdateScalars s) {
   const BlockRange r = block_range(pack);
   __shared__ optim_math::SGDConsts<float> c;
   __shared__ float mul;
+  __shared__ bool first;
   if (threadIdx.x == 0) {
     const double lr = s.lr_tensor != nullptr ? static_cast<double>(*s.lr_tensor) : s.lr;
     c.weight_decay = static_cast<float>(s.weight_decay);
     c.momentum = s.momentum;
+    c.one_minus_dampening = s.one_minus_dampening;
     c.neg_lr = static_cast<float>(-lr);
-    mul = optim_math::grad_multiplier<DeviceOps>(s.grad_scale, s.sq_norm, s.max_grad_norm);
+    const float gm = optim_math::grad_multiplier<DeviceOps>(s.grad_scale, s.sq_norm,
+                                                            s.max_grad_norm);
+    mul = s.maximize ? -gm : gm;
+    // a buffer at step 0 becomes d (torch's first step); no steps: every buffer has started
+    first = pack.step[r.t] != nullptr && *pack.step[r.t] == 0.f;
   }
   __syncthreads();
-  const optim_math::SGDFlags f{s.weight_decay != 0.0, s.momentum != 0.f, s.nesterov};
+  const optim_math::SGDFlags f{s.weight_decay != 0.0, s.momentum != 0.f, s.nesterov, false};
   const T* g = static_cast<const T*>(pack.grad[r.t]);
   T* p = static_cast<T*>(pack.param[r.t]);
   float* w = pack.master[r.t];
   float* b = pack.state0[r.t];
   const optim_math::SGDConsts<float> cc = c;
-  const float gm = mul;
-  for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
-    const float gi = DeviceOps::mul(static_cast<float>(g[i]), gm);
-    float wi = kMaster ? w[i] : static_cast<float>(p[i]);
-    float bi = f.momentum ? b[i] : 0.f;
-    optim_math::sgd_update<DeviceOps>(wi, bi, gi, cc, f);
-    if (f.momentum) b[i] = bi;
-    if (kMaster) w[i] = wi;
-    p[i] = static_cast<T>(wi);
+  if (first) {
+    sgd_range<T, kMaster, true>(p, g, w, b, r.begin, r.end, mul, cc, f);
+  } else {
+    sgd_range<T, kMaster, false>(p, g, w, b, r.begin, r.end, mul, cc, f);
   }
 }
 
-// Runs after every adamw_kernel of the call (stream order), which read the old steps.
+// Runs after every update kernel of the call (stream order), which read the old steps.
 __global__ void increment_steps_kernel(const StepPack pack, const float* found_inf) {
   if (skip_step(found_inf)) return;
   if (static_cast<int>(threadIdx.x) < pack.count) *pack.step[threadIdx.x] += 1.f;
@@ -352,9 +385,9 @@ void grad_stats_cuda(at::TensorList grads, const Opt& found_inf, const Opt& sq_n
 // `kernel_for(dtype, has_master)` on packs of kMaxTensors.
 template <typename KernelFor>
 void launch_updates(at::TensorList params, at::TensorList grads, at::TensorList masters,
-                    at::TensorList state0, at::TensorList state1, at::TensorList steps,
-                    const UpdateScalars& s, LayoutStager& stager, std::vector<at::Tensor>& keep,
-                    KernelFor kernel_for) {
+                    at::TensorList state0, at::TensorList state1, at::TensorList state2,
+                    at::TensorList steps, const UpdateScalars& s, LayoutStager& stager,
+                    std::vector<at::Tensor>& keep, KernelFor kernel_for) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool has_master = !masters.empty();
   for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
@@ -379,6 +412,7 @@ void launch_updates(at::TensorList params, at::TensorList grads, at::TensorList 
       at::Tensor w = stage(masters, true);
       at::Tensor a = stage(state0, true);
       at::Tensor b = stage(state1, true);
+      at::Tensor x = stage(state2, true);
       keep.push_back(p);
       const int k = pack.count;
       pack.param[k] = p.data_ptr();
@@ -386,6 +420,7 @@ void launch_updates(at::TensorList params, at::TensorList grads, at::TensorList 
       pack.master[k] = w.defined() ? w.data_ptr<float>() : nullptr;
       pack.state0[k] = a.defined() ? a.data_ptr<float>() : nullptr;
       pack.state1[k] = b.defined() ? b.data_ptr<float>() : nullptr;
+      pack.state2[k] = x.defined() ? x.data_ptr<float>() : nullptr;
       pack.step[k] = steps.empty() ? nullptr : steps[i].const_data_ptr<float>();
       pack.numel[k] = p.numel();
       pack.chunk_start[k + 1] = pack.chunk_start[k] + chunks_of(p.numel());
@@ -398,13 +433,18 @@ void launch_updates(at::TensorList params, at::TensorList grads, at::TensorList 
 
 using UpdateKernel = void (*)(ParamPack, UpdateScalars);
 
+template <bool kAmsgrad>
 UpdateKernel adamw_kernel_for(at::ScalarType dtype, bool master) {
   switch (dtype) {
-    case at::kFloat: return master ? &adamw_kernel<float, true> : &adamw_kernel<float, false>;
+    case at::kFloat:
+      return master ? &adamw_kernel<float, true, kAmsgrad>
+                    : &adamw_kernel<float, false, kAmsgrad>;
     case at::kHalf:
-      return master ? &adamw_kernel<c10::Half, true> : &adamw_kernel<c10::Half, false>;
+      return master ? &adamw_kernel<c10::Half, true, kAmsgrad>
+                    : &adamw_kernel<c10::Half, false, kAmsgrad>;
     default:
-      return master ? &adamw_kernel<c10::BFloat16, true> : &adamw_kernel<c10::BFloat16, false>;
+      return master ? &adamw_kernel<c10::BFloat16, true, kAmsgrad>
+                    : &adamw_kernel<c10::BFloat16, false, kAmsgrad>;
   }
 }
 
@@ -417,43 +457,11 @@ UpdateKernel sgd_kernel_for(at::ScalarType dtype, bool master) {
   }
 }
 
-void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList steps,
-                      double lr, const Opt& lr_tensor, double beta1, double beta2, double eps,
-                      double weight_decay, const Opt& grad_scale, const Opt& found_inf,
-                      const Opt& sq_norm, double max_grad_norm) {
-  constexpr const char* op = "fused_adamw_";
-  check_optim_lists(op, params, grads,
-                    {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
-                     {"masters", masters, /*optional=*/true}});
-  check_optim_steps(op, params, steps);
-  check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
-  if (params.empty()) return;
-  c10::cuda::CUDAGuard guard(params[0].device());
+void increment_steps(at::TensorList steps, const float* found_inf) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-
-  UpdateScalars s{};
-  s.lr_tensor = scalar_ptr(lr_tensor);
-  s.grad_scale = scalar_ptr(grad_scale);
-  s.found_inf = scalar_ptr(found_inf);
-  s.sq_norm = scalar_ptr(sq_norm);
-  s.lr = lr;
-  s.max_grad_norm = max_grad_norm;
-  s.beta1 = beta1;
-  s.beta2 = beta2;
-  s.weight_decay = weight_decay;
-  s.eps = static_cast<float>(eps);
-  s.lerp_small = std::abs(static_cast<float>(1.0 - beta1)) < 0.5f;
-
-  LayoutStager stager;
-  std::vector<at::Tensor> keep;
-  launch_updates(params, grads, masters, exp_avgs, exp_avg_sqs, steps, s, stager, keep,
-                 adamw_kernel_for);
-  stager.finish();
-
   StepPack pack{};
   auto launch = [&]() {
-    increment_steps_kernel<<<1, kMaxSteps, 0, stream>>>(pack, s.found_inf);
+    increment_steps_kernel<<<1, kMaxSteps, 0, stream>>>(pack, found_inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pack = StepPack{};
   };
@@ -464,12 +472,52 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   if (pack.count > 0) launch();
 }
 
+void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                      at::TensorList masters, at::TensorList steps, double lr,
+                      const Opt& lr_tensor, double beta1, double beta2, double eps,
+                      double weight_decay, bool amsgrad, bool maximize, const Opt& grad_scale,
+                      const Opt& found_inf, const Opt& sq_norm, double max_grad_norm) {
+  constexpr const char* op = "fused_adamw_";
+  check_amsgrad_args(op, max_exp_avg_sqs, amsgrad);
+  check_optim_lists(op, params, grads,
+                    {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                     {"max_exp_avg_sqs", max_exp_avg_sqs, /*optional=*/!amsgrad},
+                     {"masters", masters, /*optional=*/true}});
+  check_optim_steps(op, params, steps);
+  check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
+  if (params.empty()) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+
+  UpdateScalars s{};
+  s.lr_tensor = scalar_ptr(lr_tensor);
+  s.grad_scale = scalar_ptr(grad_scale);
+  s.found_inf = scalar_ptr(found_inf);
+  s.sq_norm = scalar_ptr(sq_norm);
+  s.lr = lr;
+  s.max_grad_norm = max_grad_norm;
+  s.maximize = maximize;
+  s.beta1 = beta1;
+  s.beta2 = beta2;
+  s.weight_decay = weight_decay;
+  s.eps = static_cast<float>(eps);
+  s.lerp_small = std::abs(static_cast<float>(1.0 - beta1)) < 0.5f;
+
+  LayoutStager stager;
+  std::vector<at::Tensor> keep;
+  launch_updates(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, s,
+                 stager, keep, amsgrad ? adamw_kernel_for<true> : adamw_kernel_for<false>);
+  stager.finish();
+  increment_steps(steps, s.found_inf);
+}
+
 void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    at::TensorList masters, double lr, const Opt& lr_tensor, double momentum,
-                    bool nesterov, double weight_decay, const Opt& grad_scale,
+                    at::TensorList masters, at::TensorList steps, double lr,
+                    const Opt& lr_tensor, double momentum, double dampening, bool nesterov,
+                    bool maximize, double weight_decay, const Opt& grad_scale,
                     const Opt& found_inf, const Opt& sq_norm, double max_grad_norm) {
   constexpr const char* op = "fused_sgd_";
-  check_sgd_args(op, params, momentum_buffers, momentum, nesterov);
+  check_sgd_args(op, params, momentum_buffers, steps, momentum, dampening, nesterov);
   check_optim_lists(op, params, grads,
                     {{"momentum_buffers", momentum_buffers, /*optional=*/true},
                      {"masters", masters, /*optional=*/true}});
@@ -484,15 +532,18 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   s.sq_norm = scalar_ptr(sq_norm);
   s.lr = lr;
   s.max_grad_norm = max_grad_norm;
+  s.maximize = maximize;
   s.weight_decay = weight_decay;
   s.momentum = static_cast<float>(momentum);
+  s.one_minus_dampening = static_cast<float>(1.0 - dampening);
   s.nesterov = nesterov;
 
   LayoutStager stager;
   std::vector<at::Tensor> keep;
-  launch_updates(params, grads, masters, momentum_buffers, at::TensorList(), at::TensorList(), s,
-                 stager, keep, sgd_kernel_for);
+  launch_updates(params, grads, masters, momentum_buffers, at::TensorList(), at::TensorList(),
+                 steps, s, stager, keep, sgd_kernel_for);
   stager.finish();
+  increment_steps(steps, s.found_inf);
 }
 
 }  // namespace

@@ -11,10 +11,15 @@ to the compiled kernels (``torch.ops.fastcore_train.*``):
 ``fused_sgd_(params, grads, momentum_buffers, masters, ...)``
     Pass 2. Each gradient is multiplied by ``1/grad_scale`` and, when ``max_grad_norm > 0``,
     by ``clip_grad_norm_``'s coefficient ``min(1, max_grad_norm / (norm + 1e-6))`` where
-    ``norm = sqrt(sq_norm) / grad_scale``. The update (torch.optim.AdamW's or SGD's maths) runs
-    in float32 on ``masters`` when given (then written to the params rounded to their dtype),
-    else on the params themselves. When ``found_inf`` is non-zero nothing is written, steps
-    included. Gradients are never written.
+    ``norm = sqrt(sq_norm) / grad_scale``, and negated with ``maximize``. The update
+    (torch.optim.AdamW's maths with ``amsgrad``, or SGD's with ``dampening``) runs in float32 on
+    ``masters`` when given (then written to the params rounded to their dtype), else on the
+    params themselves. When ``found_inf`` is non-zero nothing is written, steps included.
+    Gradients are never written. SGD's optional ``steps`` count each momentum buffer's steps:
+    at 0 the buffer becomes the gradient itself (torch's first step, undampened).
+
+Every tensor an op writes gets its version counter bumped (csrc/optim_inplace.cpp; the
+reference writes with in-place torch ops), so autograd sees the writes as it sees torch's.
 
 No op reads a device value on the host: the skip decision, the scale, the clip coefficient,
 the learning rate (as ``lr_tensor``) and the bias corrections are all computed on the device.
@@ -128,15 +133,29 @@ def _check_steps(op, params, steps):
         _check_scalar(op, f"steps[{i}]", s, params[0].device)
 
 
-def _check_sgd(op, params, buffers, momentum, nesterov):
-    if nesterov and not momentum > 0:
-        raise ValueError(f"{op}: nesterov needs momentum > 0")
+def _check_amsgrad(op, max_exp_avg_sqs, amsgrad):
+    if not amsgrad and len(max_exp_avg_sqs) != 0:
+        raise ValueError(f"{op}: max_exp_avg_sqs must be empty when amsgrad is False, got "
+                         f"{len(max_exp_avg_sqs)}")
+
+
+def _check_sgd(op, params, buffers, steps, momentum, dampening, nesterov):
+    if nesterov and not (momentum > 0 and dampening == 0):
+        raise ValueError(f"{op}: nesterov needs momentum > 0 and dampening 0")
     if momentum == 0:
         if len(buffers) != 0:
             raise ValueError(f"{op}: momentum_buffers must be empty when momentum is 0, got "
                              f"{len(buffers)}")
-    elif len(buffers) != len(params):
-        raise ValueError(f"{op}: got {len(params)} params but {len(buffers)} momentum_buffers")
+        if len(steps) != 0:
+            raise ValueError(f"{op}: steps must be empty when momentum is 0, got {len(steps)}")
+    else:
+        if len(buffers) != len(params):
+            raise ValueError(f"{op}: got {len(params)} params but {len(buffers)} "
+                             "momentum_buffers")
+        if len(steps) not in (0, len(params)):
+            raise ValueError(f"{op}: got {len(params)} params but {len(steps)} steps")
+        for i, s in enumerate(steps):
+            _check_scalar(op, f"steps[{i}]", s, params[0].device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,14 +178,17 @@ def grad_stats_(grads: Tensors, found_inf: Optional[torch.Tensor] = None,
 
 def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
                  masters: Tensors, steps: Tensors, *, lr: float, beta1: float, beta2: float,
-                 eps: float, weight_decay: float, lr_tensor: Optional[torch.Tensor] = None,
+                 eps: float, weight_decay: float, amsgrad: bool = False,
+                 max_exp_avg_sqs: Tensors = (), maximize: bool = False,
+                 lr_tensor: Optional[torch.Tensor] = None,
                  grad_scale: Optional[torch.Tensor] = None,
                  found_inf: Optional[torch.Tensor] = None,
                  sq_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0) -> None:
     """Pass 2 of AdamW (torch.optim.AdamW's maths) in place; see the module docstring."""
-    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masters),
-            list(steps), float(lr), lr_tensor, float(beta1), float(beta2), float(eps),
-            float(weight_decay), grad_scale, found_inf, sq_norm, float(max_grad_norm))
+    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
+            list(masters), list(steps), float(lr), lr_tensor, float(beta1), float(beta2),
+            float(eps), float(weight_decay), bool(amsgrad), bool(maximize), grad_scale,
+            found_inf, sq_norm, float(max_grad_norm))
     if _use_extension("fused_adamw_", args[0]):
         torch.ops.fastcore_train.fused_adamw_(*args)
     else:
@@ -175,14 +197,16 @@ def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs
 
 def fused_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, masters: Tensors, *,
                lr: float, momentum: float, nesterov: bool, weight_decay: float,
+               dampening: float = 0.0, steps: Tensors = (), maximize: bool = False,
                lr_tensor: Optional[torch.Tensor] = None,
                grad_scale: Optional[torch.Tensor] = None,
                found_inf: Optional[torch.Tensor] = None,
                sq_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0) -> None:
-    """Pass 2 of SGD (torch.optim.SGD's maths, dampening 0) in place; see the module docstring."""
-    args = (list(params), list(grads), list(momentum_buffers), list(masters), float(lr),
-            lr_tensor, float(momentum), bool(nesterov), float(weight_decay), grad_scale,
-            found_inf, sq_norm, float(max_grad_norm))
+    """Pass 2 of SGD (torch.optim.SGD's maths) in place; see the module docstring."""
+    args = (list(params), list(grads), list(momentum_buffers), list(masters), list(steps),
+            float(lr), lr_tensor, float(momentum), float(dampening), bool(nesterov),
+            bool(maximize), float(weight_decay), grad_scale, found_inf, sq_norm,
+            float(max_grad_norm))
     if _use_extension("fused_sgd_", args[0]):
         torch.ops.fastcore_train.fused_sgd_(*args)
     else:
@@ -227,12 +251,14 @@ def _skip_flag(found_inf):
     return None if found_inf is None else (found_inf.reshape(()) != 0)
 
 
-def fused_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, lr_tensor,
-                           beta1, beta2, eps, weight_decay, grad_scale, found_inf, sq_norm,
-                           max_grad_norm):
+def fused_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
+                           steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad,
+                           maximize, grad_scale, found_inf, sq_norm, max_grad_norm):
     op = "fused_adamw_"
+    _check_amsgrad(op, max_exp_avg_sqs, amsgrad)
     _check_lists(op, params, grads, [("exp_avgs", exp_avgs, False),
                                      ("exp_avg_sqs", exp_avg_sqs, False),
+                                     ("max_exp_avg_sqs", max_exp_avg_sqs, not amsgrad),
                                      ("masters", masters, True)])
     _check_steps(op, params, steps)
     _check_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm)
@@ -245,6 +271,8 @@ def fused_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, masters, steps,
         step = steps[i] + 1
         if p.numel() > 0:
             g = grads[i].float()
+            if maximize:
+                g = -g
             if mul is not None:
                 g = g * mul
             w = (masters[i] if masters else p).to(torch.float32, copy=True)
@@ -259,9 +287,13 @@ def fused_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, masters, steps,
                 w.mul_(1 - lr_v * weight_decay)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            u = v
+            if amsgrad:
+                u = torch.maximum(max_exp_avg_sqs[i], v)
+                _commit(max_exp_avg_sqs[i], u, skip)
             # float32 sqrt correctly rounded (via float64), as in the kernels; torch's
             # vectorised sqrt may be an ulp off
-            denom = (v.double().sqrt().float() / bias_correction2_sqrt.float()).add_(eps)
+            denom = (u.double().sqrt().float() / bias_correction2_sqrt.float()).add_(eps)
             w.add_(neg_step_size * m / denom)
             _commit(exp_avgs[i], m, skip)
             _commit(exp_avg_sqs[i], v, skip)
@@ -271,10 +303,11 @@ def fused_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, masters, steps,
         _commit(steps[i], step, skip)
 
 
-def fused_sgd_reference_(params, grads, momentum_buffers, masters, lr, lr_tensor, momentum,
-                         nesterov, weight_decay, grad_scale, found_inf, sq_norm, max_grad_norm):
+def fused_sgd_reference_(params, grads, momentum_buffers, masters, steps, lr, lr_tensor,
+                         momentum, dampening, nesterov, maximize, weight_decay, grad_scale,
+                         found_inf, sq_norm, max_grad_norm):
     op = "fused_sgd_"
-    _check_sgd(op, params, momentum_buffers, momentum, nesterov)
+    _check_sgd(op, params, momentum_buffers, steps, momentum, dampening, nesterov)
     _check_lists(op, params, grads, [("momentum_buffers", momentum_buffers, True),
                                      ("masters", masters, True)])
     _check_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm)
@@ -283,26 +316,32 @@ def fused_sgd_reference_(params, grads, momentum_buffers, masters, lr, lr_tensor
     mul = _grad_multiplier(grad_scale, sq_norm, max_grad_norm)
     skip = _skip_flag(found_inf)
     for i, p in enumerate(params):
-        if p.numel() == 0:
-            continue
-        g = grads[i].float()
-        if mul is not None:
-            g = g * mul
-        w = (masters[i] if masters else p).to(torch.float32, copy=True)
-        # torch.optim.SGD's single-tensor maths; a zero buffer stands for "not yet created",
-        # which is exact with dampening 0: 0*momentum + d == d.
-        d = g.add(w, alpha=weight_decay) if weight_decay != 0 else g
-        if momentum != 0:
-            buf = momentum_buffers[i].clone().mul_(momentum).add_(d)
-            d = d.add(buf, alpha=momentum) if nesterov else buf
-            _commit(momentum_buffers[i], buf, skip)
-        if lr_tensor is not None:
-            w.addcmul_(d, lr_tensor.reshape(()), value=-1)
-        else:
-            w.add_(d, alpha=-lr)
-        if masters:
-            _commit(masters[i], w, skip)
-        _commit(p, w, skip)
+        if p.numel() > 0:
+            g = grads[i].float()
+            if maximize:
+                g = -g
+            if mul is not None:
+                g = g * mul
+            w = (masters[i] if masters else p).to(torch.float32, copy=True)
+            # torch.optim.SGD's single-tensor maths. Without steps a zero buffer stands for
+            # "not yet created", which is exact with dampening 0: 0*momentum + d == d.
+            d = g.add(w, alpha=weight_decay) if weight_decay != 0 else g
+            if momentum != 0:
+                old = momentum_buffers[i]
+                buf = old.clone().mul_(momentum).add_(d, alpha=1 - dampening)
+                if steps:  # a buffer at step 0 becomes d itself (torch: buf = clone(d))
+                    buf = torch.where(steps[i].reshape(()) == 0, d, buf)
+                d = d.add(buf, alpha=momentum) if nesterov else buf
+                _commit(momentum_buffers[i], buf, skip)
+            if lr_tensor is not None:
+                w.addcmul_(d, lr_tensor.reshape(()), value=-1)
+            else:
+                w.add_(d, alpha=-lr)
+            if masters:
+                _commit(masters[i], w, skip)
+            _commit(p, w, skip)
+        if steps:
+            _commit(steps[i], steps[i] + 1, skip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,14 +354,15 @@ def _register():
         return None
 
     @torch.library.register_fake("fastcore_train::fused_adamw_")
-    def _(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, lr_tensor, beta1, beta2,
-          eps, weight_decay, grad_scale, found_inf, sq_norm, max_grad_norm):
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, lr_tensor,
+          beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf, sq_norm,
+          max_grad_norm):
         torch._check(len(grads) == len(params), lambda: "fused_adamw_: one grad per param")
         return None
 
     @torch.library.register_fake("fastcore_train::fused_sgd_")
-    def _(params, grads, momentum_buffers, masters, lr, lr_tensor, momentum, nesterov,
-          weight_decay, grad_scale, found_inf, sq_norm, max_grad_norm):
+    def _(params, grads, momentum_buffers, masters, steps, lr, lr_tensor, momentum, dampening,
+          nesterov, maximize, weight_decay, grad_scale, found_inf, sq_norm, max_grad_norm):
         torch._check(len(grads) == len(params), lambda: "fused_sgd_: one grad per param")
         return None
 

@@ -6,66 +6,93 @@ from typing import Optional, Union
 import torch
 
 from fastcore_train.ops import optim_step as _ops
-from fastcore_train.optim._fused import FusedOptimizer
+from fastcore_train.optim._fused import FusedOptimizer, _number
 
 __all__ = ["FusedSGD"]
 
 
 class FusedSGD(FusedOptimizer):
-    """SGD with momentum (optionally Nesterov), float32 master weights and device-side loss
-    scaling.
+    """SGD with momentum (optionally dampened or Nesterov), float32 master weights and
+    device-side loss scaling.
 
-    The maths are torch.optim.SGD's with ``dampening=0, maximize=False``::
+    Same signature and defaults as ``torch.optim.SGD`` (``momentum=0``), plus
+    ``master_weights`` and ``max_grad_norm``. The maths are torch.optim.SGD's::
 
+        g <- -g if maximize else g
         d <- g + weight_decay * p
-        b <- momentum * b + d             (b starts at d, i.e. at zero before the first step)
+        b <- d                                      at the buffer's first step
+        b <- momentum * b + (1 - dampening) * d     after
         d <- d + momentum * b if nesterov else b
         p <- p - lr * d
 
     run in float32 on the master copy of float16/bfloat16 parameters and written back in the
-    parameter's dtype. State per parameter: ``momentum_buffer`` (float32, when momentum != 0)
-    and ``master``; for float32 parameters a ``state_dict()`` is interchangeable with
-    torch.optim.SGD's.
+    parameter's dtype. State per parameter: ``momentum_buffer`` (float32, when momentum != 0),
+    with ``dampening != 0`` also ``step`` (a float32 scalar counting the buffer's steps: the
+    first step, decided on the device, must not dampen, whether or not an overflow skipped an
+    earlier one), and ``master``. For float32 parameters a ``state_dict()`` is interchangeable
+    with torch.optim.SGD's (which ignores ``step``; a buffer loaded without it counts as
+    started).
 
     Args:
-        params: parameters or param groups (one device; float32, float16 or bfloat16).
+        params: parameters, named parameters or param groups (one device; float32, float16 or
+            bfloat16, checked here).
         lr: learning rate, a float or a one-element tensor (read on the device).
-        momentum, nesterov, weight_decay: as torch.optim.SGD (dampening is always 0).
+        momentum, dampening, weight_decay, nesterov, maximize: as torch.optim.SGD.
+        foreach, fused: accepted and ignored (the step is always this fused one).
+        differentiable: only ``False`` (``True`` is refused here).
         master_weights, max_grad_norm: see :class:`fastcore_train.optim.FusedAdamW`.
     """
 
     _buffer_keys = ("momentum_buffer",)
+    _torch_name = "SGD"
 
-    def __init__(self, params, lr: Union[float, torch.Tensor], momentum: float = 0.9,
-                 nesterov: bool = False, weight_decay: float = 0.0,
-                 master_weights: Optional[bool] = None, max_grad_norm: Optional[float] = None):
-        # dampening is kept in the groups so that a checkpoint loads into torch.optim.SGD
-        defaults = dict(lr=lr, momentum=momentum, dampening=0.0, nesterov=nesterov,
-                        weight_decay=weight_decay, master_weights=master_weights,
-                        max_grad_norm=max_grad_norm)
+    def __init__(self, params, lr: Union[float, torch.Tensor] = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: Union[float, torch.Tensor] = 0,
+                 nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False,
+                 fused: Optional[bool] = None, master_weights: Optional[bool] = None,
+                 max_grad_norm: Optional[float] = None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach,
+                        differentiable=differentiable, fused=fused,
+                        master_weights=master_weights, max_grad_norm=max_grad_norm)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
         name = type(self).__name__
-        if not float(group["momentum"]) >= 0.0:
+        momentum = _number(name, "momentum", group["momentum"], tensor_ok=False)
+        if not momentum >= 0.0:
             raise ValueError(f"{name}: invalid momentum {group['momentum']}")
-        if float(group.get("dampening", 0.0)) != 0.0:
-            raise ValueError(f"{name} does not support dampening, got {group['dampening']}")
-        if group["nesterov"] and not float(group["momentum"]) > 0.0:
-            raise ValueError(f"{name}: nesterov needs momentum > 0")
+        dampening = _number(name, "dampening", group.get("dampening", 0.0), tensor_ok=False)
+        if group["nesterov"] and not (momentum > 0.0 and dampening == 0.0):
+            raise ValueError(f"{name}: nesterov needs momentum > 0 and dampening 0 (as in "
+                             "torch.optim.SGD)")
 
     def _init_state(self, group, p, state):
-        if float(group["momentum"]) != 0.0 and state.get("momentum_buffer") is None:
-            # zeros == torch's "first step copies d" exactly, because dampening is 0
+        if float(group["momentum"]) == 0.0:
+            return
+        counted = float(group["dampening"]) != 0.0
+        if state.get("momentum_buffer") is None:
+            # without a step count, zeros == torch's "first step copies d" (dampening 0)
             state["momentum_buffer"] = self._zeros(p)
+            if counted:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        elif counted and "step" not in state:
+            # a buffer from a checkpoint without a count (torch.optim.SGD's) has started
+            state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
+        if not counted:
+            state.pop("step", None)  # only kept while it is kept up to date
 
     def _update(self, group, params, grads, states, masters, grad_scale, found_inf, sq_norm):
         lr, lr_tensor = self._lr_args(group, params[0].device)
         momentum = float(group["momentum"])
+        dampening = float(group["dampening"])
         buffers = [s["momentum_buffer"] for s in states] if momentum != 0.0 else []
+        steps = [s["step"] for s in states] if momentum != 0.0 and dampening != 0.0 else []
         _ops.fused_sgd_(
             params, grads, buffers, masters, lr=lr, lr_tensor=lr_tensor, momentum=momentum,
-            nesterov=bool(group["nesterov"]), weight_decay=float(group["weight_decay"]),
+            dampening=dampening, steps=steps, nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]), weight_decay=float(group["weight_decay"]),
             grad_scale=grad_scale, found_inf=found_inf, sq_norm=sq_norm,
             max_grad_norm=float(group["max_grad_norm"] or 0.0))

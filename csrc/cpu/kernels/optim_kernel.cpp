@@ -41,6 +41,7 @@ struct VecOps {
   static Vec fma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
   static Vec sqrt(const Vec& x) { return x.sqrt(); }
   static Vec div(const Vec& a, const Vec& b) { return a / b; }
+  static Vec max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }  // NaN wins
   // The product passes through an empty asm statement, so GCC cannot fuse it with a following
   // addition (see common/optim_math.h).
   static Vec mul(const Vec& a, const Vec& b) {
@@ -164,7 +165,8 @@ ChunkStats chunk_stats_any(const GradView& g, int64_t begin, int64_t end) {
 
 // ---- pass 2: the updates ----
 
-template <typename T, bool kMaster>
+// kAmsgrad: the per-call option as a template argument, so the loop without it is unchanged.
+template <typename T, bool kMaster, bool kAmsgrad>
 void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKernelParams& k) {
   using optim_math::AdamWConsts;
   const T* g = static_cast<const T*>(s.grad);
@@ -172,7 +174,8 @@ void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKern
   float* w = s.master;
   float* m = s.state0;
   float* v = s.state1;
-  const optim_math::AdamWFlags f{k.has_decay, k.lerp_small};
+  float* vmax = s.state2;  // null without amsgrad
+  const optim_math::AdamWFlags f{k.has_decay, k.lerp_small, kAmsgrad};
   const AdamWConsts<float> c{k.decay, k.lerp_weight,  k.beta2,          k.one_minus_beta2,
                              s.bc2_sqrt, k.eps, s.neg_step_size};
   const AdamWConsts<Vec> cv{Vec(c.decay),    Vec(c.lerp_weight), Vec(c.beta2),
@@ -183,7 +186,7 @@ void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKern
                       stream_aligned(p + begin);
   int64_t j = begin;
   for (; j + kStep <= end; j += kStep) {
-    Vec g0, g1, w0, w1;
+    Vec g0, g1, w0, w1, x0, x1;
     load2(g + j, g0, g1);
     g0 = VecOps::mul(g0, mul);
     g1 = VecOps::mul(g1, mul);
@@ -194,10 +197,12 @@ void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKern
     }
     Vec m0 = Vec::loadu(m + j), m1 = Vec::loadu(m + j + kV);
     Vec v0 = Vec::loadu(v + j), v1 = Vec::loadu(v + j + kV);
-    optim_math::adamw_update<VecOps>(w0, m0, v0, g0, cv, f);
-    optim_math::adamw_update<VecOps>(w1, m1, v1, g1, cv, f);
+    if constexpr (kAmsgrad) load2(vmax + j, x0, x1);
+    optim_math::adamw_update<VecOps>(w0, m0, v0, x0, g0, cv, f);
+    optim_math::adamw_update<VecOps>(w1, m1, v1, x1, g1, cv, f);
     store2(m + j, m0, m1);
     store2(v + j, v0, v1);
+    if constexpr (kAmsgrad) store2(vmax + j, x0, x1);
     if constexpr (kMaster) store2(w + j, w0, w1);
     if (stream) {
       store2_stream(p + j, w0, w1);
@@ -209,22 +214,27 @@ void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKern
   for (; j < end; ++j) {
     const float gj = ScalarOps::mul(static_cast<float>(g[j]), k.grad_mul);
     float wj = kMaster ? w[j] : static_cast<float>(p[j]);
-    optim_math::adamw_update<ScalarOps>(wj, m[j], v[j], gj, c, f);
+    float xj = kAmsgrad ? vmax[j] : 0.f;
+    optim_math::adamw_update<ScalarOps>(wj, m[j], v[j], xj, gj, c, f);
+    if constexpr (kAmsgrad) vmax[j] = xj;
     if constexpr (kMaster) w[j] = wj;
     p[j] = static_cast<T>(wj);
   }
 }
 
-template <typename T, bool kMaster>
+// kFirst: the momentum buffers' first step (once per parameter), as a template argument so the
+// usual loop is unchanged.
+template <typename T, bool kMaster, bool kFirst>
 void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelParams& k) {
   using optim_math::SGDConsts;
   const T* g = static_cast<const T*>(s.grad);
   T* p = static_cast<T*>(s.param);
   float* w = s.master;
   float* b = s.state0;  // null without momentum
-  const optim_math::SGDFlags f{k.has_decay, k.has_momentum, k.nesterov};
-  const SGDConsts<float> c{k.weight_decay, k.momentum, k.neg_lr};
-  const SGDConsts<Vec> cv{Vec(c.weight_decay), Vec(c.momentum), Vec(c.neg_lr)};
+  const optim_math::SGDFlags f{k.has_decay, k.has_momentum, k.nesterov, kFirst};
+  const SGDConsts<float> c{k.weight_decay, k.momentum, k.one_minus_dampening, k.neg_lr};
+  const SGDConsts<Vec> cv{Vec(c.weight_decay), Vec(c.momentum), Vec(c.one_minus_dampening),
+                          Vec(c.neg_lr)};
   const Vec mul(k.grad_mul);
   const bool stream = kMaster && kHaveStream && !std::is_same_v<T, float> &&
                       stream_aligned(p + begin);
@@ -239,7 +249,7 @@ void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelPa
     } else {
       load2(p + j, w0, w1);
     }
-    if (f.momentum) load2(b + j, b0, b1);
+    if (f.momentum && !kFirst) load2(b + j, b0, b1);
     optim_math::sgd_update<VecOps>(w0, b0, g0, cv, f);
     optim_math::sgd_update<VecOps>(w1, b1, g1, cv, f);
     if (f.momentum) store2(b + j, b0, b1);
@@ -254,7 +264,7 @@ void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelPa
   for (; j < end; ++j) {
     const float gj = ScalarOps::mul(static_cast<float>(g[j]), k.grad_mul);
     float wj = kMaster ? w[j] : static_cast<float>(p[j]);
-    float bj = f.momentum ? b[j] : 0.f;
+    float bj = f.momentum && !kFirst ? b[j] : 0.f;
     optim_math::sgd_update<ScalarOps>(wj, bj, gj, c, f);
     if (f.momentum) b[j] = bj;
     if constexpr (kMaster) w[j] = wj;
@@ -291,14 +301,16 @@ void run_updates(const K& k) {
 template <typename T, bool kMaster>
 struct AdamWChunk {
   static void run(const ParamSlot& s, int64_t b, int64_t e, const AdamWKernelParams& k) {
-    adamw_chunk<T, kMaster>(s, b, e, k);
+    k.amsgrad ? adamw_chunk<T, kMaster, true>(s, b, e, k)
+              : adamw_chunk<T, kMaster, false>(s, b, e, k);
   }
 };
 
 template <typename T, bool kMaster>
 struct SGDChunk {
   static void run(const ParamSlot& s, int64_t b, int64_t e, const SGDKernelParams& k) {
-    sgd_chunk<T, kMaster>(s, b, e, k);
+    s.first ? sgd_chunk<T, kMaster, true>(s, b, e, k)
+            : sgd_chunk<T, kMaster, false>(s, b, e, k);
   }
 };
 

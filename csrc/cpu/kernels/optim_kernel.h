@@ -35,16 +35,18 @@ struct ParamSlot {
   float* master = nullptr;     // null: the update runs on `param` itself
   float* state0 = nullptr;     // exp_avg, or the momentum buffer (null without momentum)
   float* state1 = nullptr;     // exp_avg_sq
+  float* state2 = nullptr;     // max_exp_avg_sq (AdamW with amsgrad)
   int64_t numel = 0;
   c10::ScalarType dtype = c10::ScalarType::Float;
   float bc2_sqrt = 1.f;        // AdamW: sqrt(1 - beta2^step)
   float neg_step_size = 0.f;   // AdamW: -lr / (1 - beta1^step)
+  bool first = false;          // SGD: the momentum buffer's first step (it becomes d)
 };
 
 struct AdamWKernelParams {
   const ParamSlot* slots = nullptr;
   int64_t count = 0;
-  float grad_mul = 1.f;  // 1/scale times the clip coefficient
+  float grad_mul = 1.f;  // 1/scale times the clip coefficient, negated to maximize
   float decay = 1.f;     // 1 - lr*wd
   float lerp_weight = 0.1f;
   float beta2 = 0.999f;
@@ -52,6 +54,7 @@ struct AdamWKernelParams {
   float eps = 1e-8f;
   bool has_decay = false;
   bool lerp_small = true;
+  bool amsgrad = false;  // slots carry state2
 };
 
 struct SGDKernelParams {
@@ -60,6 +63,7 @@ struct SGDKernelParams {
   float grad_mul = 1.f;
   float weight_decay = 0.f;
   float momentum = 0.f;
+  float one_minus_dampening = 1.f;
   float neg_lr = 0.f;
   bool has_decay = false;
   bool has_momentum = false;

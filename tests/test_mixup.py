@@ -419,10 +419,202 @@ def test_inplace_refusal_same_from_python(backend):
                                "perm[1] = 2")
 
 
-def test_out_refuses_autograd(backend):
-    x = _x().requires_grad_(True)
-    with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):
-        ft.ops.mixup(x, P, 0.5, out=torch.empty(4, 3, 5, 6))
+# ---------------------------------------------------------------------------------------------
+# writes in place and through out=: torch's autograd contract (version counters, no autograd)
+
+@pytest.fixture
+def fresh_dynamo():
+    """Empty dynamo caches: the parametrized compile tests compile the same code objects (the
+    step, Mixup.forward) with other settings, past dynamo's recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _backward_after(saved, write):
+    """Saves ``saved`` for a backward, runs ``write(saved)``, then the backward. Returns the
+    version increase and the backward's error text (None when it ran)."""
+    w = torch.ones(saved.shape, dtype=saved.dtype, requires_grad=True)
+    loss = (w * saved).sum()
+    v = saved._version
+    write(saved)
+    delta = saved._version - v
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        return delta, str(e)
+    return delta, None
+
+
+def _flip_lam(t):
+    return torch.rand(t.shape[0], generator=torch.Generator().manual_seed(7))
+
+
+# (tensor to save, our write, torch's write of the same kind): in place is x.mul_, out= another
+# tensor is torch.mul(..., out=)
+WRITES = {
+    "mixup out=x": (
+        lambda: _make((6, 3, 4, 5), torch.float32),
+        lambda t: ft.ops.mixup(t, flip_perm(6), 0.3, out=t),
+        lambda t: t.mul_(0.3)),
+    "mixup out=x, lam tensor, channels_last": (
+        lambda: _make((6, 3, 4, 5), torch.float32, "channels_last"),
+        lambda t: ft.ops.mixup(t, flip_perm(6), _flip_lam(t), out=t),
+        lambda t: t.mul_(0.3)),
+    "mixup out=x, not dense (fallback copy)": (
+        lambda: _make((6, 3, 4, 5), torch.float32, "spatial_slice"),
+        lambda t: ft.ops.mixup(t, flip_perm(6), 0.3, out=t),
+        lambda t: t.mul_(0.3)),
+    "mixup out=x, a view of the saved batch": (
+        lambda: torch.randn(10, 3, 4),
+        lambda t: ft.ops.mixup(t[2:8], flip_perm(6), 0.3, out=t[2:8]),
+        lambda t: t[2:8].mul_(0.3)),
+    "mixup out=buffer": (
+        lambda: torch.zeros(6, 3, 4, 5),
+        lambda t: ft.ops.mixup(_make((6, 3, 4, 5), torch.float32), _random_perm(6), 0.3, out=t),
+        lambda t: torch.mul(_make((6, 3, 4, 5), torch.float32), 0.3, out=t)),
+    "mixup out=buffer not dense (fallback copy)": (
+        lambda: torch.zeros(6, 3, 4, 7)[..., 1:6],
+        lambda t: ft.ops.mixup(_make((6, 3, 4, 5), torch.float32), _random_perm(6), 0.3, out=t),
+        lambda t: torch.mul(_make((6, 3, 4, 5), torch.float32), 0.3, out=t)),
+    "cutmix out=x": (
+        lambda: _make((6, 3, 4, 5), torch.float32),
+        lambda t: ft.ops.cutmix(t, flip_perm(6), (1, 3, 0, 4), out=t),
+        lambda t: t.mul_(0.3)),
+    "cutmix out=x, per-sample boxes, not dense (fallback copy)": (
+        lambda: _make((6, 3, 4, 5), torch.float32, "spatial_slice"),
+        lambda t: ft.ops.cutmix(t, flip_perm(6), _sample_boxes(6, 4, 5), out=t),
+        lambda t: t.mul_(0.3)),
+    "cutmix out=buffer": (
+        lambda: torch.zeros(6, 3, 4, 5),
+        lambda t: ft.ops.cutmix(_make((6, 3, 4, 5), torch.float32), _random_perm(6),
+                                _sample_boxes(6, 4, 5), out=t),
+        lambda t: torch.mul(_make((6, 3, 4, 5), torch.float32), 0.3, out=t)),
+    "Mixup(inplace=True), mixup": (
+        lambda: _make((6, 3, 4, 5), torch.float32),
+        lambda t: Mixup(alpha=1.0, inplace=True)(t, torch.arange(6)),
+        lambda t: t.mul_(0.3)),
+    "Mixup(inplace=True), cutmix": (
+        lambda: _make((6, 3, 4, 5), torch.float32),
+        lambda t: Mixup(alpha=0.0, cutmix_alpha=1.0, inplace=True)(t, torch.arange(6)),
+        lambda t: t.mul_(0.3)),
+    "Mixup(inplace=True), per-sample cutmix": (
+        lambda: _make((6, 3, 4, 5), torch.float32),
+        lambda t: Mixup(alpha=0.0, cutmix_alpha=1.0, mode="elem", inplace=True)(
+            t, torch.arange(6)),
+        lambda t: t.mul_(0.3)),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITES))
+def test_writes_bump_the_version_like_torch(backend, name):
+    """A backward that saved the written tensor raises torch's "modified by an inplace
+    operation" error, word for word as after torch's own in-place / out= write."""
+    make, ours, theirs = WRITES[name]
+    want_delta, want_error = _backward_after(make(), theirs)
+    assert want_error is not None and "modified by an inplace operation" in want_error
+    assert _backward_after(make(), ours) == (want_delta, want_error)
+
+
+def test_refused_write_leaves_the_version(backend):
+    x = _x()
+    with pytest.raises(ValueError, match="involution"):
+        ft.ops.mixup(x, torch.tensor([1, 2, 0, 3]), 0.5, out=x)
+    assert x._version == 0
+
+
+@pytest.mark.parametrize("write", ["mixup out=x", "mixup out=buffer"])
+def test_compiled_writes_bump_the_version_like_torch(backend, write, fresh_dynamo):
+    """Under torch.compile the schemas' (a!) make the write visible: the input's version moves
+    as it does for torch's own in-place / out= ops compiled the same way."""
+    mix = Mixup(alpha=1.0, inplace=True)
+
+    def ours(x, buf):
+        if write == "mixup out=x":
+            ft.ops.mixup(x, flip_perm(6), 0.3, out=x)
+        elif write == "mixup out=buffer":
+            ft.ops.mixup(x, flip_perm(6), 0.3, out=buf)
+        else:
+            mix(x, torch.arange(6))
+        return x.sum()
+
+    def theirs(x, buf):
+        if write == "mixup out=buffer":
+            torch.mul(x, 0.3, out=buf)
+        else:
+            x.mul_(0.3)
+        return x.sum()
+
+    saved_is_buf = write == "mixup out=buffer"
+    results = []
+    for fn in (theirs, ours):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        x, buf = _make((6, 3, 4, 5), torch.float32), torch.zeros(6, 3, 4, 5)
+        results.append(_backward_after(buf if saved_is_buf else x,
+                                       lambda t: compiled(x, buf)))
+    assert results[0][1] is not None
+    assert results[1] == results[0]
+
+
+def _torch_out_grad_error(op):
+    """torch's error for an out= call with an argument that requires grad, named for ``op``."""
+    leaf = torch.zeros(3, requires_grad=True)
+    with pytest.raises(RuntimeError) as info:
+        torch.add(torch.ones(3), torch.ones(3), out=leaf)
+    assert str(info.value).startswith("add(): ")
+    return op + str(info.value)[len("add"):]
+
+
+def _out_grad_case(case, op):
+    """(call, tensor that must be left alone) for an out= call with something requiring grad."""
+    x, out = _x(), torch.zeros(4, 3, 5, 6)
+    if case == "out is a leaf that requires grad":
+        out.requires_grad_(True)
+    elif case == "out=x, x a leaf that requires grad":
+        x.requires_grad_(True)
+        out = x
+    elif case == "x requires grad":
+        x.requires_grad_(True)
+    if op == "mixup":
+        lam = torch.rand(4).requires_grad_(True) if case == "lam requires grad" else 0.5
+        return (lambda: ft.ops.mixup(x, flip_perm(4), lam, out=out)), out
+    return (lambda: ft.ops.cutmix(x, flip_perm(4), (1, 3, 2, 5), out=out)), out
+
+
+OUT_GRAD_CASES = ["out is a leaf that requires grad", "out=x, x a leaf that requires grad",
+                  "x requires grad", "lam requires grad"]
+
+
+@pytest.mark.parametrize("op,case", [(op, case) for op in ("mixup", "cutmix")
+                                     for case in OUT_GRAD_CASES
+                                     if op == "mixup" or case != "lam requires grad"])
+def test_out_with_grad_refused_like_torch(backend, op, case):
+    call, out = _out_grad_case(case, op)
+    before = out.detach().clone()
+    with pytest.raises(RuntimeError) as info:
+        call()
+    assert str(info.value) == _torch_out_grad_error(op)
+    assert torch.equal(out.detach(), before) and out._version == 0
+    with torch.no_grad():  # as torch's out= functions, allowed without grad mode
+        call()
+    assert out._version == 1 and not torch.equal(out.detach(), before)
+
+
+def test_out_with_grad_refused_by_the_cpp_ops(extension):
+    """Direct torch.ops calls refuse the same way (csrc/mutating_ops.cpp)."""
+    ops = torch.ops.fastcore_train
+    leaf = torch.zeros(4, 3, 5, 6, requires_grad=True)
+    x = _x()
+    for call, op in [(lambda: ops.mixup_out(x, P, None, 0.5, leaf), "mixup"),
+                     (lambda: ops.mixup_inplace(leaf, P, None, 0.5), "mixup"),
+                     (lambda: ops.mixup_out(x, P, torch.rand(4).requires_grad_(True), 0.0,
+                                            torch.zeros(4, 3, 5, 6)), "mixup"),
+                     (lambda: ops.cutmix_out(x, P, None, [0, 1, 0, 1], leaf), "cutmix"),
+                     (lambda: ops.cutmix_inplace(leaf, P, None, [0, 1, 0, 1]), "cutmix")]:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert str(info.value).split("\n")[0] == _torch_out_grad_error(op)
+    assert leaf._version == 0 and not leaf.detach().any()
 
 
 # ---------------------------------------------------------------------------------------------

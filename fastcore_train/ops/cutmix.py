@@ -42,7 +42,8 @@ def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
             boxes on x's device. Boxes must lie in the image (``0 <= y0 <= y1 <= H``,
             ``0 <= x0 <= x1 <= W``); an empty box pastes nothing.
         out: where to write the result; ``out=x`` works in place and needs ``perm`` to be an
-            involution. ``out=`` does not support autograd.
+            involution. As for torch's ``out=``: no autograd (no argument, ``out`` included, may
+            require grad with grad mode on), and ``out``'s version counter is bumped.
 
     Returns:
         The mixed batch and ``lam = 1 - box_area / image_area``: a float for a batch box, a (B,)
@@ -50,18 +51,20 @@ def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
     """
     boxes, box_list = _check_args(x, perm, box)
     inplace = out is not None and _same_tensor(out, x)
-    if out is not None and not inplace:
-        _check_out("cutmix", x, out)
     if out is not None:
-        _check_no_grad_out("cutmix", x, None)
+        if not inplace:
+            _check_out("cutmix", x, out)
+        _check_no_grad_out("cutmix", x, None, out)
     if _backend.use_extension("cutmix", x):
         lam = _lam(x, boxes, box_list)
+        ops = torch.ops.fastcore_train
         if out is None:
-            return torch.ops.fastcore_train.cutmix(x, perm, boxes, box_list), lam
+            return ops.cutmix(x, perm, boxes, box_list), lam
+        # the C++ ops bump out's version counter, as torch's out= ops do
         if inplace:
-            torch.ops.fastcore_train.cutmix_inplace(x, perm, boxes, box_list)
+            ops.cutmix_inplace.default(x, perm, boxes, box_list)
         else:
-            torch.ops.fastcore_train.cutmix_out(x, perm, boxes, box_list, out)
+            ops.cutmix_out.default(x, perm, boxes, box_list, out)
         return out, lam
     return cutmix_reference(x, perm, box, out=out)
 
@@ -73,13 +76,15 @@ def cutmix_reference(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
     inplace = out is not None and _same_tensor(out, x)
     if out is not None and not inplace:
         _check_out("cutmix", x, out)
+    if out is not None:
+        _check_no_grad_out("cutmix", x, None, out)
     _check_box_values(x, boxes)
     check_perm_values("cutmix", perm, involution=inplace)
     y = _reference(x, perm, boxes, box_list)
     lam = _lam(x, boxes, box_list)
     if out is None:
         return y, lam
-    out.copy_(y)
+    out.copy_(y)  # one write, one version bump, as torch's out= ops
     return out, lam
 
 

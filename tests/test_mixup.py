@@ -2,6 +2,7 @@
 and odd shapes; in-place involutions; gradients; bad input from both backends; torch.library
 and torch.compile integration; the Mixup module (reproducibility, equivalence with timm's
 soft-target recipe)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -303,6 +304,10 @@ BAD_MIXUP = [
      "mixup: perm is not a permutation: 2 appears twice (perm[1] and perm[2])"),
     (lambda: (_x(), P.to("meta"), 0.5), {}, ValueError, "mixup: perm is on meta but x is on cpu"),
     (lambda: (_x(), P, 1.5), {}, ValueError, "mixup: lam must be in [0, 1], got 1.5"),
+    (lambda: (_x(), P, float("nan")), {}, ValueError, "mixup: lam must be in [0, 1], got nan"),
+    (lambda: (_x(), P, None), {}, TypeError, "mixup: lam must be a float or a tensor, got NoneType"),
+    # torch takes no string for a Scalar (torch.mul(x, "0.3") is a TypeError): not parsed
+    (lambda: (_x(), P, "0.3"), {}, TypeError, "mixup: lam must be a float or a tensor, got str"),
     (lambda: (_x(), P, torch.tensor([1, 0, 1, 0])), {}, TypeError,
      "mixup: lam must be a float tensor, got torch.int64"),
     (lambda: (_x(), P, torch.rand(3)), {}, ValueError,
@@ -368,6 +373,42 @@ def test_cutmix_bad_input(backend, make, exc, msg):
     with pytest.raises(exc) as info:
         ft.ops.cutmix(x, perm, box)
     assert str(info.value) == msg
+
+
+# Box values are slice indices (x[..., y0:y1, x0:x1]); what torch refuses as a slice index
+# (anything without __index__: floats, even whole ones, NaN, a float tensor) is a TypeError.
+NON_INDEX_BOX_VALUES = [2.0, 2.5, float("nan"), float("inf"), np.float64(2.0), torch.tensor(2.0),
+                        "2"]
+
+
+@pytest.mark.parametrize("value", NON_INDEX_BOX_VALUES + [None], ids=repr)
+def test_cutmix_box_values_must_be_integers(backend, value):
+    x = _x()
+    if value is not None:  # torch refuses it as a slice index, with a TypeError
+        with pytest.raises(TypeError):
+            x[:, :, 0:value]
+    # None would be an open end in a slice; a box needs both ends
+    with pytest.raises(TypeError) as info:
+        ft.ops.cutmix(x, P, (0, value, 1, 3))
+    assert str(info.value) == ("cutmix: box values must be integers (pixel indices), got "
+                               f"y1 = {value!r} ({type(value).__name__})")
+
+
+@pytest.mark.parametrize("value", [np.int64(2), torch.tensor(2), torch.tensor(2, dtype=torch.int8)],
+                         ids=repr)
+def test_cutmix_box_accepts_what_slicing_accepts(backend, value):
+    x = _x()
+    assert torch.equal(x[:, :, 0:value], x[:, :, 0:2])
+    got, lam = ft.ops.cutmix(x, P, (0, value, 1, 3))
+    want, want_lam = ft.ops.cutmix(x, P, (0, 2, 1, 3))
+    assert torch.equal(got, want) and lam == want_lam and type(lam) is float
+
+
+def test_cutmix_box_not_a_sequence(backend):
+    with pytest.raises(TypeError) as info:
+        ft.ops.cutmix(_x(), P, 3)
+    assert str(info.value) == ("cutmix: box must be 4 ints (y0, y1, x0, x1) or a (B, 4) integer "
+                               "tensor, got int")
 
 
 def test_op_checks_direct_call(extension):

@@ -15,6 +15,7 @@ each pair are read and written.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,6 +29,7 @@ __all__ = ["cutmix", "cutmix_reference"]
 
 Box = Union[Sequence[int], torch.Tensor]
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_BOX_NAMES = ("y0", "y1", "x0", "x1")
 
 
 def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
@@ -39,8 +41,10 @@ def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
             other layouts are copied first). The result has x's memory format.
         perm: (B,) int64 permutation of ``range(B)`` on x's device.
         box: ``(y0, y1, x0, x1)`` for the whole batch, or a (B, 4) integer tensor of per-sample
-            boxes on x's device. Boxes must lie in the image (``0 <= y0 <= y1 <= H``,
-            ``0 <= x0 <= x1 <= W``); an empty box pastes nothing.
+            boxes on x's device. The values are pixel indices, integers as for slicing
+            (a float, NaN or None is a TypeError, never truncated). Boxes must lie in the
+            image (``0 <= y0 <= y1 <= H``, ``0 <= x0 <= x1 <= W``); an empty box pastes
+            nothing.
         out: where to write the result; ``out=x`` works in place and needs ``perm`` to be an
             involution. As for torch's ``out=``: no autograd (no argument, ``out`` included, may
             require grad with grad mode on), and ``out``'s version counter is bumped.
@@ -114,9 +118,21 @@ def _check_args(x, perm, box):
         if box.device != x.device:
             raise ValueError(f"cutmix: boxes is on {box.device} but x is on {x.device}")
         return box, []
-    box_list = [int(v) for v in box]
+    try:
+        box_list = list(box)
+    except TypeError:
+        raise TypeError("cutmix: box must be 4 ints (y0, y1, x0, x1) or a (B, 4) integer tensor, "
+                        f"got {type(box).__name__}") from None
     if len(box_list) != 4:
         raise ValueError(f"cutmix: box must be 4 ints (y0, y1, x0, x1), got {len(box_list)}")
+    for k, v in enumerate(box_list):
+        # The box values are slice indices (x[..., y0:y1, x0:x1]), and, as for a slice, anything
+        # without __index__ (a float, even 2.0, NaN, None) is refused rather than truncated.
+        try:
+            box_list[k] = operator.index(v)
+        except TypeError:
+            raise TypeError(f"cutmix: box values must be integers (pixel indices), got "
+                            f"{_BOX_NAMES[k]} = {v!r} ({type(v).__name__})") from None
     if not _box_ok(box_list, H, W):
         raise ValueError(_box_message("box", box_list, H, W))
     return None, box_list

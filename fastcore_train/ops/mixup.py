@@ -17,6 +17,7 @@ some row would be read after it was overwritten.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -123,11 +124,11 @@ def _check_args(op: str, x, perm, lam) -> Tuple[Optional[torch.Tensor], float]:
         if lam.device != x.device:
             raise ValueError(f"mixup: lam is on {lam.device} but x is on {x.device}")
         return lam, 0.0
-    try:
-        lam_s = float(lam)
-    except (TypeError, ValueError):
-        raise TypeError(f"mixup: lam must be a float or a tensor, got {type(lam).__name__}") \
-            from None
+    # A real number as torch takes a Scalar (bool, int, float, numpy); a string is refused,
+    # not parsed.
+    if not isinstance(lam, numbers.Real):
+        raise TypeError(f"mixup: lam must be a float or a tensor, got {type(lam).__name__}")
+    lam_s = float(lam)
     if not 0.0 <= lam_s <= 1.0:
         raise ValueError(f"mixup: lam must be in [0, 1], got {lam_s:g}")
     return None, lam_s

@@ -33,10 +33,9 @@ def pair_perm(batch: int, generator: Optional[torch.Generator] = None) -> torch.
     """Random disjoint pair swaps (an involution); with an odd batch one sample stays put."""
     order = torch.randperm(batch, generator=generator)
     m = batch // 2
-    a, b = order[:m], order[m:2 * m]
+    a_b = order[:2 * m]
     perm = torch.arange(batch)
-    perm[a] = b
-    perm[b] = a
+    perm[a_b] = a_b.view(2, m).flip(0).reshape(-1)  # order[i] <-> order[m + i], one write
     return perm
 
 
@@ -59,7 +58,8 @@ class Mixup(torch.nn.Module):
 
     Args:
         alpha: mixup lam ~ Beta(alpha, alpha); 0 disables mixup.
-        cutmix_alpha: cutmix lam ~ Beta(cutmix_alpha, cutmix_alpha); 0 disables cutmix.
+        cutmix_alpha: cutmix lam ~ Beta(cutmix_alpha, cutmix_alpha); 0 disables cutmix. Needs
+            (B, C, H, W) batches.
         prob: probability of mixing a batch (``mode="elem"``: a sample); the others are returned
             unchanged with ``lam = 1`` and ``y_b = y_a``.
         switch_prob: with both alphas > 0, probability of cutmix rather than mixup for a batch.
@@ -70,7 +70,8 @@ class Mixup(torch.nn.Module):
             per sample. The choice of mixup or cutmix is made per batch in every mode.
         inplace: blend into the input batch instead of a new tensor (no extra memory; the
             pairings above are all involutions, which in-place blending needs). Opt-in: the
-            caller's tensor is overwritten.
+            caller's tensor is overwritten, and its version counter bumped as by torch's
+            in-place ops, so a backward that saved it raises instead of using mixed values.
         generator: the ``torch.Generator`` (CPU) every random choice is drawn from; ``None``
             uses torch's default generator (so ``torch.manual_seed`` makes runs repeatable).
 
@@ -110,31 +111,69 @@ class Mixup(torch.nn.Module):
         self.mode = mode
         self.inplace = bool(inplace)
         self.generator = generator
+        # Eager-mode caches, read only by the ops: the Gamma concentrations of each alpha and the
+        # flip permutation of each (batch, device). They save tensor creations on every call.
+        self._conc: dict = {}
+        self._flips: dict = {}
 
-    # -- sampling (CPU, from self.generator) --------------------------------------------------
+    # -- eager sampling (CPU, from self.generator) ---------------------------------------------
+    # The scalar helpers make the same draws, in the same order, as the tensor forms they stand
+    # for (noted on each), so a seed gives the same batches as it always has.
 
     def _uniform(self, shape=()) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator, dtype=torch.float64)
 
+    def _coin(self, p: float) -> bool:
+        """``bool(self._uniform() < p)``."""
+        return torch.rand((), generator=self.generator, dtype=torch.float64).item() < p
+
     def _use_cutmix(self) -> bool:
         if self.alpha > 0 and self.cutmix_alpha > 0:
-            return bool(self._uniform() < self.switch_prob)
+            return self._coin(self.switch_prob)
         return self.cutmix_alpha > 0
 
-    def _boxes(self, lam: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def _beta(self, alpha: float) -> float:
+        """``float(sample_beta(alpha, (), self.generator))``."""
+        conc = self._conc.get(alpha)
+        if conc is None:
+            conc = self._conc[alpha] = torch.full((2,), alpha, dtype=torch.float64)
+        a, b = torch._standard_gamma(conc, generator=self.generator).tolist()
+        total = a + b
+        return a / total if total > 0 else 0.5
+
+    def _boxes(self, lam: torch.Tensor, H: int, W: int,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(n, 4) int64 boxes (y0, y1, x0, x1) of area ~ (1 - lam) * H * W, clipped."""
         ratio = torch.sqrt(1.0 - lam)
         cut_h = (H * ratio).long()
         cut_w = (W * ratio).long()
-        cy = torch.randint(0, H, lam.shape, generator=self.generator)
-        cx = torch.randint(0, W, lam.shape, generator=self.generator)
+        cy = torch.randint(0, H, lam.shape, generator=generator)
+        cx = torch.randint(0, W, lam.shape, generator=generator)
         y0 = cy - cut_h // 2
         x0 = cx - cut_w // 2
         return torch.stack([y0.clamp(0, H), (y0 + cut_h).clamp(0, H),
                             x0.clamp(0, W), (x0 + cut_w).clamp(0, W)], dim=-1)
 
-    def _perm(self, batch: int) -> torch.Tensor:
-        return pair_perm(batch, self.generator) if self.mode == "pair" else flip_perm(batch)
+    def _box(self, lam: float, H: int, W: int) -> list:
+        """``self._boxes(torch.tensor(lam), H, W, self.generator).tolist()`` (float64 and int64
+        arithmetic round and truncate as Python's float and int do)."""
+        ratio = math.sqrt(1.0 - lam)
+        cut_h, cut_w = int(H * ratio), int(W * ratio)
+        cy = int(torch.randint(0, H, (), generator=self.generator))
+        cx = int(torch.randint(0, W, (), generator=self.generator))
+        y0, x0 = cy - cut_h // 2, cx - cut_w // 2
+        return [min(max(y0, 0), H), min(max(y0 + cut_h, 0), H),
+                min(max(x0, 0), W), min(max(x0 + cut_w, 0), W)]
+
+    def _perm(self, batch: int, device: torch.device) -> torch.Tensor:
+        if self.mode == "pair":
+            return pair_perm(batch, self.generator).to(device)
+        perm = self._flips.get((batch, device))
+        if perm is None:
+            if len(self._flips) >= 8:  # a few batch sizes (the last batch) and devices at most
+                self._flips.clear()
+            perm = self._flips[(batch, device)] = flip_perm(batch).to(device)
+        return perm
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -159,27 +198,33 @@ class Mixup(torch.nn.Module):
             lam = sample_beta(alpha, (B,), self.generator)
             if self.prob < 1.0:
                 lam = torch.where(self._uniform((B,)) < self.prob, lam, torch.ones_like(lam))
-            perm = self._perm(B)
+            perm = self._perm(B, x.device)
             if cut:
-                boxes = self._boxes(lam, x.shape[2], x.shape[3])
+                boxes = self._boxes(lam, x.shape[2], x.shape[3], self.generator)
                 # an unmixed sample (lam == 1) gets an empty box, hence lam 1 again below
-                x_mixed, lam_t = ops.cutmix(x, perm.to(x.device), boxes.to(x.device), out=out)
+                x_mixed, lam_t = ops.cutmix(x, perm, boxes.to(x.device), out=out)
             else:
                 lam_t = lam.to(device=x.device, dtype=torch.float32)
-                x_mixed = ops.mixup(x, perm.to(x.device), lam_t, out=out)
-            return x_mixed, MixedTarget(target, target[perm.to(target.device)], lam_t)
+                x_mixed = ops.mixup(x, perm, lam_t, out=out)
+            return x_mixed, MixedTarget(target, _take(target, perm), lam_t)
 
-        if self.prob < 1.0 and not bool(self._uniform() < self.prob):
+        if self.prob < 1.0 and not self._coin(self.prob):
             return x, MixedTarget(target, target, 1.0)
-        lam = float(sample_beta(alpha, (), self.generator))
-        perm = self._perm(B)
+        lam = self._beta(alpha)
+        perm = self._perm(B, x.device)
         if cut:
-            box = self._boxes(torch.tensor(lam, dtype=torch.float64), x.shape[2], x.shape[3])
-            x_mixed, lam = ops.cutmix(x, perm.to(x.device), box.tolist(), out=out)
+            x_mixed, lam = ops.cutmix(x, perm, self._box(lam, x.shape[2], x.shape[3]), out=out)
         else:
-            x_mixed = ops.mixup(x, perm.to(x.device), lam, out=out)
-        return x_mixed, MixedTarget(target, target[perm.to(target.device)], lam)
+            x_mixed = ops.mixup(x, perm, lam, out=out)
+        return x_mixed, MixedTarget(target, _take(target, perm), lam)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, cutmix_alpha={self.cutmix_alpha}, prob={self.prob}, "
                 f"switch_prob={self.switch_prob}, mode={self.mode!r}, inplace={self.inplace}")
+
+
+def _take(target: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``target[perm]`` (the partner labels), perm moved to target's device when needed."""
+    if perm.device != target.device:
+        perm = perm.to(target.device)
+    return target.index_select(0, perm)

@@ -906,6 +906,74 @@ def test_sample_beta_moments():
     assert abs(float(s.var()) - 1 / (4 * 1.8)) < 0.01
 
 
+def _recipe_draws(kw, seed, B, H, W, calls):
+    """The documented sampling recipe, step by step with the public helpers and tensor ops, from
+    a generator seeded like the module's: per call (cut, lam or None when the batch is left
+    alone, perm, box or boxes)."""
+    g = torch.Generator().manual_seed(seed)
+    alpha, cut_alpha = kw.get("alpha", 0.4), kw.get("cutmix_alpha", 0.0)
+    prob, mode = kw.get("prob", 1.0), kw.get("mode", "batch")
+
+    def boxes_of(lam):
+        ratio = torch.sqrt(1.0 - lam)
+        ch, cw = (H * ratio).long(), (W * ratio).long()
+        cy = torch.randint(0, H, lam.shape, generator=g)
+        cx = torch.randint(0, W, lam.shape, generator=g)
+        y0, x0 = cy - ch // 2, cx - cw // 2
+        return torch.stack([y0.clamp(0, H), (y0 + ch).clamp(0, H), x0.clamp(0, W),
+                            (x0 + cw).clamp(0, W)], dim=-1)
+
+    draws = []
+    for _ in range(calls):
+        cut = (bool(torch.rand((), generator=g, dtype=torch.float64) < kw.get("switch_prob", 0.5))
+               if alpha > 0 and cut_alpha > 0 else cut_alpha > 0)
+        a = cut_alpha if cut else alpha
+        if mode == "elem":
+            lam = sample_beta(a, (B,), g)
+            if prob < 1.0:
+                keep = torch.rand((B,), generator=g, dtype=torch.float64) < prob
+                lam = torch.where(keep, lam, torch.ones_like(lam))
+            draws.append((cut, lam, flip_perm(B), boxes_of(lam) if cut else None))
+            continue
+        if prob < 1.0 and not bool(torch.rand((), generator=g, dtype=torch.float64) < prob):
+            draws.append((cut, None, None, None))
+            continue
+        lam = sample_beta(a, (), g)
+        perm = pair_perm(B, g) if mode == "pair" else flip_perm(B)
+        draws.append((cut, float(lam), perm, boxes_of(lam).tolist() if cut else None))
+    return draws
+
+
+@pytest.mark.parametrize("kw", [
+    dict(alpha=0.4), dict(alpha=0.0, cutmix_alpha=1.0), dict(alpha=0.8, cutmix_alpha=1.0),
+    dict(alpha=0.8, cutmix_alpha=1.0, prob=0.6, mode="pair"),
+    dict(alpha=0.3, cutmix_alpha=0.7, prob=0.6, mode="elem"),
+], ids=str)
+def test_mixup_module_draws_follow_the_recipe(backend, kw):
+    """Eager mode draws exactly what the recipe draws from the generator, call after call, so a
+    seed keeps giving the batches it always gave."""
+    B, H, W = 7, 9, 11
+    x = torch.randn(B, 3, H, W)
+    y = torch.arange(B)
+    mix = Mixup(generator=torch.Generator().manual_seed(21), **kw)
+    for cut, lam, perm, box in _recipe_draws(kw, 21, B, H, W, calls=12):
+        xm, t = mix(x, y)
+        if lam is None:  # left alone
+            assert xm is x and t.lam == 1.0 and torch.equal(t.y_b, y)
+            continue
+        assert torch.equal(t.y_b, y[perm])
+        if cut:
+            want, want_lam = ft.ops.cutmix(x, perm, box)
+        else:
+            want_lam = lam if isinstance(lam, float) else lam.float()
+            want = ft.ops.mixup(x, perm, want_lam)
+        assert torch.equal(xm, want)
+        if isinstance(want_lam, float):
+            assert type(t.lam) is float and t.lam == want_lam
+        else:
+            assert torch.equal(t.lam, want_lam)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
 

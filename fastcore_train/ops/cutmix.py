@@ -22,7 +22,7 @@ import torch
 
 from fastcore_train import _backend
 from fastcore_train.ops.mixup import (_check_blend_inputs, _check_no_grad_out, _check_out,
-                                      _fake_like, _same_tensor, check_perm_values,
+                                      _fake_like, _same_tensor, call_op, check_perm_values,
                                       memory_format_of)
 
 __all__ = ["cutmix", "cutmix_reference"]
@@ -63,7 +63,7 @@ def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
         lam = _lam(x, boxes, box_list)
         ops = torch.ops.fastcore_train
         if out is None:
-            return ops.cutmix(x, perm, boxes, box_list), lam
+            return call_op(ops.cutmix.default, x, perm, boxes, box_list), lam
         # the C++ ops bump out's version counter, as torch's out= ops do
         if inplace:
             ops.cutmix_inplace.default(x, perm, boxes, box_list)

@@ -59,7 +59,7 @@ def mixup(x: torch.Tensor, perm: torch.Tensor, lam: Lam, *,
     if _backend.use_extension("mixup", x):
         ops = torch.ops.fastcore_train
         if out is None:
-            return ops.mixup(x, perm, lam_t, lam_s)
+            return call_op(ops.mixup.default, x, perm, lam_t, lam_s)
         # the C++ ops bump out's version counter, as torch's out= ops do
         if inplace:
             ops.mixup_inplace.default(x, perm, lam_t, lam_s)
@@ -189,6 +189,18 @@ def _check_no_grad_out(op: str, x: torch.Tensor, lam_t: Optional[torch.Tensor], 
                                     or (lam_t is not None and lam_t.requires_grad)):
         raise RuntimeError(f"{op}(): functions with out=... arguments don't support automatic "
                            "differentiation, but one of the arguments requires grad.")
+
+
+def call_op(op, *args):
+    """Runs a compiled functional op. With nothing for autograd to record (grad mode off, or
+    no argument requiring grad: a data batch) it goes below the Autograd key directly, as the
+    Python wrapper that torch.library.register_autograd installs there does itself in that case,
+    without that wrapper's cost (several us a call). torch.compile traces the plain call."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled()
+                                         and torch._C._any_requires_grad(*args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def check_perm_values(op: str, perm: torch.Tensor, *, involution: bool = False) -> None:

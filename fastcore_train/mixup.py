@@ -7,6 +7,11 @@ turns into the two-target loss ``lam * CE(y_a) + (1 - lam) * CE(y_b)`` (with lab
 so no (B, classes) soft-target tensor is ever built.
 
 Parameter sampling is kept apart from the blend (the ops take lam, perm and box explicitly).
+
+Under ``torch.compile`` (``fullgraph=True`` included) ``Mixup`` takes a traceable path: every
+random choice is a tensor op on torch's default CPU generator, and the choices that eager mode
+makes with Python ``if`` (mixup or cutmix, mix this batch or not) become tensor arithmetic. See
+:class:`Mixup` for what that changes.
 """
 from __future__ import annotations
 
@@ -78,6 +83,20 @@ class Mixup(torch.nn.Module):
     Cutmix boxes have the area ``(1 - lam) * H * W`` around a uniform centre, clipped to the
     image; lam is then recomputed from the clipped area so the loss weights match the pixels.
     In ``eval()`` mode the batch passes through unmixed, like dropout.
+
+    Under ``torch.compile`` (a graph cannot take a ``torch.Generator``, nor branch on a random
+    draw without a graph break):
+
+    - ``generator`` is not used (nor advanced): the draws come from torch's default CPU
+      generator, inside the compiled graph, so ``torch.manual_seed`` makes compiled runs
+      repeatable, but they are not the draws eager mode makes with the same seed.
+    - ``lam`` is a tensor on x's device: 0-d in the batch modes (a float in eager mode), (B,)
+      in ``"elem"`` mode as in eager mode. ``LabelSmoothingCrossEntropy`` takes either.
+    - A batch left unmixed by ``prob`` is blended with lam = 1 (or cut with an empty box) and
+      keeps ``y_b = y[perm]``: the same values and loss as eager mode's untouched batch, except
+      that a sample's value is NaN where its partner has an inf or NaN (0 * inf).
+    - With both alphas > 0 the batch goes through both fused ops, one of them as the identity
+      (an empty box, or lam = 1): one extra pass over the batch.
     """
 
     def __init__(self, alpha: float = 0.4, cutmix_alpha: float = 0.0, prob: float = 1.0,
@@ -188,9 +207,12 @@ class Mixup(torch.nn.Module):
         B = x.shape[0]
         if not self.training or B == 0:
             return x, MixedTarget(target, target, 1.0)
-        cut = self._use_cutmix()
-        if cut and x.dim() != 4:
+        if self.cutmix_alpha > 0 and x.dim() != 4:
+            # refused whatever the draw, so that a wrong input fails on its first batch
             raise ValueError(f"Mixup: cutmix needs a (B, C, H, W) batch, got a {x.dim()}-D one")
+        if torch.compiler.is_compiling():
+            return self._forward_traced(x, target)
+        cut = self._use_cutmix()
         alpha = self.cutmix_alpha if cut else self.alpha
         out = x if self.inplace else None
 
@@ -217,6 +239,55 @@ class Mixup(torch.nn.Module):
         else:
             x_mixed = ops.mixup(x, perm, lam, out=out)
         return x_mixed, MixedTarget(target, _take(target, perm), lam)
+
+    def _forward_traced(self, x: torch.Tensor, target: torch.Tensor
+                        ) -> Tuple[torch.Tensor, MixedTarget]:
+        """The torch.compile path (see the class notes): the parameters are tensors and no Python
+        branch depends on a draw."""
+        B, device = x.shape[0], x.device
+        H, W = (x.shape[2], x.shape[3]) if x.dim() == 4 else (0, 0)
+        perm, use_cut, lam_m, boxes = self._draw_traced(B, H, W)
+        perm = perm.to(device)
+        out = x if self.inplace else None
+        x_mixed, lam = x, None
+        if boxes is not None:
+            if use_cut is not None:
+                boxes = torch.where(use_cut, boxes, 0)  # mixup's turn: an empty box
+            x_mixed, lam = ops.cutmix(x, perm, boxes.expand(B, 4).to(device), out=out)
+            if self.mode != "elem":
+                lam = lam[0]
+        if lam_m is not None:
+            lam_m = lam_m.to(device=device, dtype=torch.float32)
+            if use_cut is not None:
+                use_cut = use_cut.to(device)
+                lam_b = torch.where(use_cut, 1.0, lam_m)  # cutmix's turn: the identity
+                x_mixed = ops.mixup(x_mixed, perm, lam_b.expand(B), out=out)
+                lam = torch.where(use_cut, lam, lam_m)
+            else:
+                x_mixed = ops.mixup(x, perm, lam_m.expand(B), out=out)
+                lam = lam_m
+        return x_mixed, MixedTarget(target, _take(target, perm), lam)
+
+    def _draw_traced(self, B: int, H: int, W: int):
+        """The parameters of one call under torch.compile, drawn with tensor ops from torch's
+        default CPU generator (a graph cannot take ``self.generator``): the permutation, whether
+        cutmix is used (a 0-d bool tensor, or None when only one of the two is enabled), mixup's
+        lam and cutmix's boxes (float64 and int64 tensors of shape () or (B,) / (..., 4); None
+        when disabled). Samples left unmixed by ``prob`` get lam 1 and an empty box."""
+        shape = (B,) if self.mode == "elem" else ()
+        mix_on, cut_on = self.alpha > 0, self.cutmix_alpha > 0
+        use_cut = (torch.rand((), dtype=torch.float64) < self.switch_prob
+                   if mix_on and cut_on else None)
+        keep = torch.rand(shape, dtype=torch.float64) < self.prob if self.prob < 1.0 else None
+
+        def lam_of(alpha):
+            lam = sample_beta(alpha, shape)
+            return lam if keep is None else torch.where(keep, lam, 1.0)
+
+        perm = pair_perm(B) if self.mode == "pair" else flip_perm(B)
+        lam_m = lam_of(self.alpha) if mix_on else None
+        boxes = self._boxes(lam_of(self.cutmix_alpha), H, W) if cut_on else None
+        return perm, use_cut, lam_m, boxes
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, cutmix_alpha={self.cutmix_alpha}, prob={self.prob}, "

@@ -14,7 +14,7 @@ from fastcore_train.nn import LabelSmoothingCrossEntropy, MixedTarget
 from fastcore_train.ops.cutmix import cutmix_reference
 from fastcore_train.ops.mixup import mixup_reference
 
-from conftest import TOL
+from conftest import BACKENDS, TOL
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (B, ...) shapes: empty batch, one sample, odd sizes, 1-D/2-D features, 5-D volumes
@@ -564,7 +564,7 @@ def test_refused_write_leaves_the_version(backend):
     assert x._version == 0
 
 
-@pytest.mark.parametrize("write", ["mixup out=x", "mixup out=buffer"])
+@pytest.mark.parametrize("write", ["mixup out=x", "mixup out=buffer", "Mixup(inplace=True)"])
 def test_compiled_writes_bump_the_version_like_torch(backend, write, fresh_dynamo):
     """Under torch.compile the schemas' (a!) make the write visible: the input's version moves
     as it does for torch's own in-place / out= ops compiled the same way."""
@@ -906,6 +906,14 @@ def test_sample_beta_moments():
     assert abs(float(s.var()) - 1 / (4 * 1.8)) < 0.01
 
 
+def test_mixup_module_cutmix_on_non_images_refused_on_every_call():
+    """Refused whatever mixup/cutmix choice is drawn, so a wrong input fails on its first batch."""
+    mix = Mixup(alpha=1.0, cutmix_alpha=1.0, generator=torch.Generator().manual_seed(0))
+    for _ in range(20):
+        with pytest.raises(ValueError, match="cutmix needs a"):
+            mix(torch.randn(4, 7), torch.arange(4))
+
+
 def _recipe_draws(kw, seed, B, H, W, calls):
     """The documented sampling recipe, step by step with the public helpers and tensor ops, from
     a generator seeded like the module's: per call (cut, lam or None when the batch is left
@@ -972,6 +980,184 @@ def test_mixup_module_draws_follow_the_recipe(backend, kw):
             assert type(t.lam) is float and t.lam == want_lam
         else:
             assert torch.equal(t.lam, want_lam)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Mixup module under torch.compile
+
+MIX_KINDS = {"mixup": dict(alpha=0.4), "cutmix": dict(alpha=0.0, cutmix_alpha=1.0),
+             "both": dict(alpha=0.8, cutmix_alpha=1.0)}
+
+
+def _step_parts(classes=10):
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 5, classes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(8, 3, 6, 7, generator=g)
+    y = torch.randperm(classes, generator=g)[:8]  # distinct, so y_b shows the pairing
+    return model, LabelSmoothingCrossEntropy(0.1), x, y
+
+
+def _own_share(xm, x):
+    """Per sample, the share of elements still x's own (cutmix: lam; random x, no ties)."""
+    return (xm == x).double().mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+@pytest.mark.parametrize("kind", list(MIX_KINDS))
+def test_mixup_module_no_graph_breaks(extension, mode, kind, fresh_dynamo):
+    model, loss_fn, x, y = _step_parts()
+    for prob, inplace in ((1.0, False), (0.5, True)):
+        mix = Mixup(prob=prob, mode=mode, inplace=inplace,
+                    generator=torch.Generator().manual_seed(0), **MIX_KINDS[kind])
+
+        def step(x, y):
+            xm, t = mix(x, y)
+            return loss_fn(model(xm), t)
+
+        explained = torch._dynamo.explain(step)(x.clone(), y)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+
+
+def _compile_cases(cases, reference_subset):
+    """Every case on the extension, a few on the reference (compiling is slow; the traced
+    Python is the same and the ops' parity is tested above)."""
+    out = [("extension",) + c for c in cases] if "extension" in BACKENDS else []
+    return out + [("reference",) + c for c in reference_subset]
+
+
+@pytest.mark.parametrize("backend_name,mode,kind", _compile_cases(
+    [(m, k) for m in ("batch", "pair", "elem") for k in MIX_KINDS],
+    [("batch", "mixup"), ("pair", "cutmix"), ("elem", "both")]))
+def test_mixup_module_compiled_step(backend_name, mode, kind, fresh_dynamo):
+    """A compiled fullgraph training step (Mixup, model, loss) runs forward and backward, and
+    its batch is the mix its MixedTarget describes."""
+    with _backend.use_backend(backend_name):
+        _check_compiled_step(mode, kind)
+
+
+def _check_compiled_step(mode, kind):
+    model, loss_fn, x, y = _step_parts()
+    inplace = mode == "pair"
+    mix = Mixup(prob=0.75, mode=mode, inplace=inplace, **MIX_KINDS[kind])
+
+    def step(x, y):
+        xm, t = mix(x, y)
+        return loss_fn(model(xm), t), xm, t
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    for _ in range(4):
+        xin = x.clone()
+        loss, xm, t = compiled(xin, y)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert isinstance(t.lam, torch.Tensor) and t.lam.dtype == torch.float32
+        assert t.lam.shape == ((8,) if mode == "elem" else ())
+        assert ((t.lam >= 0) & (t.lam <= 1)).all()
+        perm = _perm_of(t, y)
+        assert torch.equal(perm[perm], torch.arange(8))
+        if inplace:
+            assert torch.equal(xin, xm)
+        lam = t.lam.expand(8)
+        cut_ok = torch.allclose(_own_share(xm, x), lam.double(), atol=1e-6, rtol=0)
+        mix_ok = torch.allclose(xm, ft.ops.mixup(x, perm, lam), atol=1e-6, rtol=0)
+        assert {"mixup": mix_ok, "cutmix": cut_ok, "both": cut_ok or mix_ok}[kind]
+        # the loss is the one of the eager model and loss on that batch and target
+        torch.testing.assert_close(loss, loss_fn(model(xm), t))
+
+
+@pytest.mark.parametrize("backend_name,case", _compile_cases(
+    [(c,) for c in ("mixup", "cutmix", "both: cutmix drawn", "both: mixup drawn", "pair mixup",
+                    "elem mixup", "elem cutmix", "elem both")],
+    [("both: mixup drawn",), ("elem both",)]))
+def test_mixup_module_compiled_matches_eager(backend_name, case, fresh_dynamo):
+    """Given the same lam, pairing and boxes, the compiled step's loss and gradients (model and
+    input) equal eager mode's fused ops + model + loss."""
+    with _backend.use_backend(backend_name):
+        _check_compiled_matches_eager(case)
+
+
+def _check_compiled_matches_eager(case):
+    model, loss_fn, x, y = _step_parts()
+    B, H, W = x.shape[0], x.shape[2], x.shape[3]
+    kind = case.split()[-1] if case.startswith("elem") else case.split(":")[0].split()[-1]
+    mode = "elem" if case.startswith("elem") else "pair" if case.startswith("pair") else "batch"
+    mix = Mixup(mode=mode, **MIX_KINDS[kind])
+    g = torch.Generator().manual_seed(5)
+    shape = (B,) if mode == "elem" else ()
+    perm = pair_perm(B, g) if mode == "pair" else flip_perm(B)
+    lam_m = torch.rand(shape, generator=g, dtype=torch.float64) if kind != "cutmix" else None
+    boxes = _sample_boxes(B, H, W, seed=3) if mode == "elem" else torch.tensor([1, 5, 2, 6])
+    boxes = boxes if kind != "mixup" else None
+    use_cut = torch.tensor(case != "both: mixup drawn") if kind == "both" else None
+    mix._draw_traced = lambda B, H, W: (perm, use_cut, lam_m, boxes)
+
+    def step(x, y):
+        xm, t = mix(x, y)
+        return loss_fn(model(xm), t)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xa = x.clone().requires_grad_(True)
+    got = compiled(xa, y)
+    got.backward()
+    got_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    xb = x.clone().requires_grad_(True)
+    cut = kind == "cutmix" or case == "both: cutmix drawn" or case == "elem both"
+    if cut:
+        box = boxes if mode == "elem" else boxes.tolist()
+        xm, lam = ft.ops.cutmix(xb, perm, box)
+    else:
+        lam = lam_m.float() if mode == "elem" else float(lam_m)
+        xm = ft.ops.mixup(xb, perm, lam)
+    want = loss_fn(model(xm), MixedTarget(y, y[perm], lam))
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for a, b in zip(got_grads, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b)
+
+
+def test_mixup_module_compiled_draws(extension, fresh_dynamo):
+    """Under compile the draws come from torch's default generator: repeatable with
+    torch.manual_seed, new on every call, and the module's generator is left alone."""
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    mix = Mixup(alpha=1.0, cutmix_alpha=1.0, mode="elem", prob=0.8, generator=g)
+    compiled = torch.compile(mix, fullgraph=True, backend="aot_eager")
+    x, y = torch.randn(8, 3, 6, 7), torch.arange(8)
+    torch.manual_seed(3)
+    first = [compiled(x, y) for _ in range(3)]
+    torch.manual_seed(3)
+    again = [compiled(x, y) for _ in range(3)]
+    for (xa, ta), (xb, tb) in zip(first, again):
+        assert torch.equal(xa, xb) and torch.equal(ta.lam, tb.lam)
+    assert not torch.equal(first[0][1].lam, first[1][1].lam)
+    assert torch.equal(g.get_state(), state)
+
+
+@pytest.mark.slow
+def test_mixup_module_compiled_step_inductor(extension, fresh_dynamo):
+    """The default compiler: fullgraph, forward and backward, elem mode with both ops and prob."""
+    model, loss_fn, x, y = _step_parts()
+    mix = Mixup(alpha=0.8, cutmix_alpha=1.0, prob=0.75, mode="elem")
+
+    def step(x, y):
+        xm, t = mix(x, y)
+        return loss_fn(model(xm), t), xm, t
+
+    compiled = torch.compile(step, fullgraph=True)
+    torch.manual_seed(0)
+    for _ in range(3):
+        loss, xm, t = compiled(x, y)
+        loss.backward()
+        torch.testing.assert_close(loss, loss_fn(model(xm), t))
 
 
 # ---------------------------------------------------------------------------------------------

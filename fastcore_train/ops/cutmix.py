@@ -154,8 +154,8 @@ def _lam(x, boxes, box_list):
     if boxes is None:
         y0, y1, x0, x1 = box_list
         return 1.0 - (y1 - y0) * (x1 - x0) / area if area else 1.0
-    b = boxes.to(torch.int64)
-    cut = ((b[:, 1] - b[:, 0]) * (b[:, 3] - b[:, 2])).to(torch.float32)
+    y0, y1, x0, x1 = boxes.to(torch.int64).unbind(1)  # one op, not four Python indexings
+    cut = ((y1 - y0) * (x1 - x0)).to(torch.float32)
     return 1.0 - cut / area if area else torch.ones_like(cut)
 
 

@@ -7,6 +7,11 @@ turns into the two-target loss ``lam * CE(y_a) + (1 - lam) * CE(y_b)`` (with lab
 so no (B, classes) soft-target tensor is ever built.
 
 Parameter sampling is kept apart from the blend (the ops take lam, perm and box explicitly).
+
+Under ``torch.compile`` (``fullgraph=True`` included) ``Mixup`` takes a traceable path: every
+random choice is a tensor op on torch's default CPU generator, and the choices that eager mode
+makes with Python ``if`` (mixup or cutmix, mix this batch or not) become tensor arithmetic. See
+:class:`Mixup` for what that changes.
 """
 from __future__ import annotations
 
@@ -33,10 +38,9 @@ def pair_perm(batch: int, generator: Optional[torch.Generator] = None) -> torch.
     """Random disjoint pair swaps (an involution); with an odd batch one sample stays put."""
     order = torch.randperm(batch, generator=generator)
     m = batch // 2
-    a, b = order[:m], order[m:2 * m]
+    a_b = order[:2 * m]
     perm = torch.arange(batch)
-    perm[a] = b
-    perm[b] = a
+    perm[a_b] = a_b.view(2, m).flip(0).reshape(-1)  # order[i] <-> order[m + i], one write
     return perm
 
 
@@ -59,7 +63,8 @@ class Mixup(torch.nn.Module):
 
     Args:
         alpha: mixup lam ~ Beta(alpha, alpha); 0 disables mixup.
-        cutmix_alpha: cutmix lam ~ Beta(cutmix_alpha, cutmix_alpha); 0 disables cutmix.
+        cutmix_alpha: cutmix lam ~ Beta(cutmix_alpha, cutmix_alpha); 0 disables cutmix. Needs
+            (B, C, H, W) batches.
         prob: probability of mixing a batch (``mode="elem"``: a sample); the others are returned
             unchanged with ``lam = 1`` and ``y_b = y_a``.
         switch_prob: with both alphas > 0, probability of cutmix rather than mixup for a batch.
@@ -70,13 +75,28 @@ class Mixup(torch.nn.Module):
             per sample. The choice of mixup or cutmix is made per batch in every mode.
         inplace: blend into the input batch instead of a new tensor (no extra memory; the
             pairings above are all involutions, which in-place blending needs). Opt-in: the
-            caller's tensor is overwritten.
+            caller's tensor is overwritten, and its version counter bumped as by torch's
+            in-place ops, so a backward that saved it raises instead of using mixed values.
         generator: the ``torch.Generator`` (CPU) every random choice is drawn from; ``None``
             uses torch's default generator (so ``torch.manual_seed`` makes runs repeatable).
 
     Cutmix boxes have the area ``(1 - lam) * H * W`` around a uniform centre, clipped to the
     image; lam is then recomputed from the clipped area so the loss weights match the pixels.
     In ``eval()`` mode the batch passes through unmixed, like dropout.
+
+    Under ``torch.compile`` (a graph cannot take a ``torch.Generator``, nor branch on a random
+    draw without a graph break):
+
+    - ``generator`` is not used (nor advanced): the draws come from torch's default CPU
+      generator, inside the compiled graph, so ``torch.manual_seed`` makes compiled runs
+      repeatable, but they are not the draws eager mode makes with the same seed.
+    - ``lam`` is a tensor on x's device: 0-d in the batch modes (a float in eager mode), (B,)
+      in ``"elem"`` mode as in eager mode. ``LabelSmoothingCrossEntropy`` takes either.
+    - A batch left unmixed by ``prob`` is blended with lam = 1 (or cut with an empty box) and
+      keeps ``y_b = y[perm]``: the same values and loss as eager mode's untouched batch, except
+      that a sample's value is NaN where its partner has an inf or NaN (0 * inf).
+    - With both alphas > 0 the batch goes through both fused ops, one of them as the identity
+      (an empty box, or lam = 1): one extra pass over the batch.
     """
 
     def __init__(self, alpha: float = 0.4, cutmix_alpha: float = 0.0, prob: float = 1.0,
@@ -110,31 +130,69 @@ class Mixup(torch.nn.Module):
         self.mode = mode
         self.inplace = bool(inplace)
         self.generator = generator
+        # Eager-mode caches, read only by the ops: the Gamma concentrations of each alpha and the
+        # flip permutation of each (batch, device). They save tensor creations on every call.
+        self._conc: dict = {}
+        self._flips: dict = {}
 
-    # -- sampling (CPU, from self.generator) --------------------------------------------------
+    # -- eager sampling (CPU, from self.generator) ---------------------------------------------
+    # The scalar helpers make the same draws, in the same order, as the tensor forms they stand
+    # for (noted on each), so a seed gives the same batches as it always has.
 
     def _uniform(self, shape=()) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator, dtype=torch.float64)
 
+    def _coin(self, p: float) -> bool:
+        """``bool(self._uniform() < p)``."""
+        return torch.rand((), generator=self.generator, dtype=torch.float64).item() < p
+
     def _use_cutmix(self) -> bool:
         if self.alpha > 0 and self.cutmix_alpha > 0:
-            return bool(self._uniform() < self.switch_prob)
+            return self._coin(self.switch_prob)
         return self.cutmix_alpha > 0
 
-    def _boxes(self, lam: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def _beta(self, alpha: float) -> float:
+        """``float(sample_beta(alpha, (), self.generator))``."""
+        conc = self._conc.get(alpha)
+        if conc is None:
+            conc = self._conc[alpha] = torch.full((2,), alpha, dtype=torch.float64)
+        a, b = torch._standard_gamma(conc, generator=self.generator).tolist()
+        total = a + b
+        return a / total if total > 0 else 0.5
+
+    def _boxes(self, lam: torch.Tensor, H: int, W: int,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(n, 4) int64 boxes (y0, y1, x0, x1) of area ~ (1 - lam) * H * W, clipped."""
         ratio = torch.sqrt(1.0 - lam)
         cut_h = (H * ratio).long()
         cut_w = (W * ratio).long()
-        cy = torch.randint(0, H, lam.shape, generator=self.generator)
-        cx = torch.randint(0, W, lam.shape, generator=self.generator)
+        cy = torch.randint(0, H, lam.shape, generator=generator)
+        cx = torch.randint(0, W, lam.shape, generator=generator)
         y0 = cy - cut_h // 2
         x0 = cx - cut_w // 2
         return torch.stack([y0.clamp(0, H), (y0 + cut_h).clamp(0, H),
                             x0.clamp(0, W), (x0 + cut_w).clamp(0, W)], dim=-1)
 
-    def _perm(self, batch: int) -> torch.Tensor:
-        return pair_perm(batch, self.generator) if self.mode == "pair" else flip_perm(batch)
+    def _box(self, lam: float, H: int, W: int) -> list:
+        """``self._boxes(torch.tensor(lam), H, W, self.generator).tolist()`` (float64 and int64
+        arithmetic round and truncate as Python's float and int do)."""
+        ratio = math.sqrt(1.0 - lam)
+        cut_h, cut_w = int(H * ratio), int(W * ratio)
+        cy = int(torch.randint(0, H, (), generator=self.generator))
+        cx = int(torch.randint(0, W, (), generator=self.generator))
+        y0, x0 = cy - cut_h // 2, cx - cut_w // 2
+        return [min(max(y0, 0), H), min(max(y0 + cut_h, 0), H),
+                min(max(x0, 0), W), min(max(x0 + cut_w, 0), W)]
+
+    def _perm(self, batch: int, device: torch.device) -> torch.Tensor:
+        if self.mode == "pair":
+            return pair_perm(batch, self.generator).to(device)
+        perm = self._flips.get((batch, device))
+        if perm is None:
+            if len(self._flips) >= 8:  # a few batch sizes (the last batch) and devices at most
+                self._flips.clear()
+            perm = self._flips[(batch, device)] = flip_perm(batch).to(device)
+        return perm
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -149,9 +207,12 @@ class Mixup(torch.nn.Module):
         B = x.shape[0]
         if not self.training or B == 0:
             return x, MixedTarget(target, target, 1.0)
-        cut = self._use_cutmix()
-        if cut and x.dim() != 4:
+        if self.cutmix_alpha > 0 and x.dim() != 4:
+            # refused whatever the draw, so that a wrong input fails on its first batch
             raise ValueError(f"Mixup: cutmix needs a (B, C, H, W) batch, got a {x.dim()}-D one")
+        if torch.compiler.is_compiling():
+            return self._forward_traced(x, target)
+        cut = self._use_cutmix()
         alpha = self.cutmix_alpha if cut else self.alpha
         out = x if self.inplace else None
 
@@ -159,27 +220,82 @@ class Mixup(torch.nn.Module):
             lam = sample_beta(alpha, (B,), self.generator)
             if self.prob < 1.0:
                 lam = torch.where(self._uniform((B,)) < self.prob, lam, torch.ones_like(lam))
-            perm = self._perm(B)
+            perm = self._perm(B, x.device)
             if cut:
-                boxes = self._boxes(lam, x.shape[2], x.shape[3])
+                boxes = self._boxes(lam, x.shape[2], x.shape[3], self.generator)
                 # an unmixed sample (lam == 1) gets an empty box, hence lam 1 again below
-                x_mixed, lam_t = ops.cutmix(x, perm.to(x.device), boxes.to(x.device), out=out)
+                x_mixed, lam_t = ops.cutmix(x, perm, boxes.to(x.device), out=out)
             else:
                 lam_t = lam.to(device=x.device, dtype=torch.float32)
-                x_mixed = ops.mixup(x, perm.to(x.device), lam_t, out=out)
-            return x_mixed, MixedTarget(target, target[perm.to(target.device)], lam_t)
+                x_mixed = ops.mixup(x, perm, lam_t, out=out)
+            return x_mixed, MixedTarget(target, _take(target, perm), lam_t)
 
-        if self.prob < 1.0 and not bool(self._uniform() < self.prob):
+        if self.prob < 1.0 and not self._coin(self.prob):
             return x, MixedTarget(target, target, 1.0)
-        lam = float(sample_beta(alpha, (), self.generator))
-        perm = self._perm(B)
+        lam = self._beta(alpha)
+        perm = self._perm(B, x.device)
         if cut:
-            box = self._boxes(torch.tensor(lam, dtype=torch.float64), x.shape[2], x.shape[3])
-            x_mixed, lam = ops.cutmix(x, perm.to(x.device), box.tolist(), out=out)
+            x_mixed, lam = ops.cutmix(x, perm, self._box(lam, x.shape[2], x.shape[3]), out=out)
         else:
-            x_mixed = ops.mixup(x, perm.to(x.device), lam, out=out)
-        return x_mixed, MixedTarget(target, target[perm.to(target.device)], lam)
+            x_mixed = ops.mixup(x, perm, lam, out=out)
+        return x_mixed, MixedTarget(target, _take(target, perm), lam)
+
+    def _forward_traced(self, x: torch.Tensor, target: torch.Tensor
+                        ) -> Tuple[torch.Tensor, MixedTarget]:
+        """The torch.compile path (see the class notes): the parameters are tensors and no Python
+        branch depends on a draw."""
+        B, device = x.shape[0], x.device
+        H, W = (x.shape[2], x.shape[3]) if x.dim() == 4 else (0, 0)
+        perm, use_cut, lam_m, boxes = self._draw_traced(B, H, W)
+        perm = perm.to(device)
+        out = x if self.inplace else None
+        x_mixed, lam = x, None
+        if boxes is not None:
+            if use_cut is not None:
+                boxes = torch.where(use_cut, boxes, 0)  # mixup's turn: an empty box
+            x_mixed, lam = ops.cutmix(x, perm, boxes.expand(B, 4).to(device), out=out)
+            if self.mode != "elem":
+                lam = lam[0]
+        if lam_m is not None:
+            lam_m = lam_m.to(device=device, dtype=torch.float32)
+            if use_cut is not None:
+                use_cut = use_cut.to(device)
+                lam_b = torch.where(use_cut, 1.0, lam_m)  # cutmix's turn: the identity
+                x_mixed = ops.mixup(x_mixed, perm, lam_b.expand(B), out=out)
+                lam = torch.where(use_cut, lam, lam_m)
+            else:
+                x_mixed = ops.mixup(x, perm, lam_m.expand(B), out=out)
+                lam = lam_m
+        return x_mixed, MixedTarget(target, _take(target, perm), lam)
+
+    def _draw_traced(self, B: int, H: int, W: int):
+        """The parameters of one call under torch.compile, drawn with tensor ops from torch's
+        default CPU generator (a graph cannot take ``self.generator``): the permutation, whether
+        cutmix is used (a 0-d bool tensor, or None when only one of the two is enabled), mixup's
+        lam and cutmix's boxes (float64 and int64 tensors of shape () or (B,) / (..., 4); None
+        when disabled). Samples left unmixed by ``prob`` get lam 1 and an empty box."""
+        shape = (B,) if self.mode == "elem" else ()
+        mix_on, cut_on = self.alpha > 0, self.cutmix_alpha > 0
+        use_cut = (torch.rand((), dtype=torch.float64) < self.switch_prob
+                   if mix_on and cut_on else None)
+        keep = torch.rand(shape, dtype=torch.float64) < self.prob if self.prob < 1.0 else None
+
+        def lam_of(alpha):
+            lam = sample_beta(alpha, shape)
+            return lam if keep is None else torch.where(keep, lam, 1.0)
+
+        perm = pair_perm(B) if self.mode == "pair" else flip_perm(B)
+        lam_m = lam_of(self.alpha) if mix_on else None
+        boxes = self._boxes(lam_of(self.cutmix_alpha), H, W) if cut_on else None
+        return perm, use_cut, lam_m, boxes
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, cutmix_alpha={self.cutmix_alpha}, prob={self.prob}, "
                 f"switch_prob={self.switch_prob}, mode={self.mode!r}, inplace={self.inplace}")
+
+
+def _take(target: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``target[perm]`` (the partner labels), perm moved to target's device when needed."""
+    if perm.device != target.device:
+        perm = perm.to(target.device)
+    return target.index_select(0, perm)

@@ -13,7 +13,8 @@ __all__ = ["LabelSmoothingCrossEntropy", "MixedTarget"]
 class MixedTarget(NamedTuple):
     """The targets of a mixed batch: the loss is ``lam * loss(y_a) + (1 - lam) * loss(y_b)``.
 
-    ``lam`` is a float (one weight for the batch) or a (B,) tensor (per-sample mixing).
+    ``lam`` is a float (one weight for the batch) or a (B,) tensor (per-sample mixing); under
+    ``torch.compile``, :class:`fastcore_train.Mixup` gives a 0-d tensor for the batch weight.
     """
     y_a: torch.Tensor
     y_b: torch.Tensor

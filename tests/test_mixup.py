@@ -2,6 +2,7 @@
 and odd shapes; in-place involutions; gradients; bad input from both backends; torch.library
 and torch.compile integration; the Mixup module (reproducibility, equivalence with timm's
 soft-target recipe)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from fastcore_train.nn import LabelSmoothingCrossEntropy, MixedTarget
 from fastcore_train.ops.cutmix import cutmix_reference
 from fastcore_train.ops.mixup import mixup_reference
 
-from conftest import TOL
+from conftest import BACKENDS, TOL
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (B, ...) shapes: empty batch, one sample, odd sizes, 1-D/2-D features, 5-D volumes
@@ -303,6 +304,10 @@ BAD_MIXUP = [
      "mixup: perm is not a permutation: 2 appears twice (perm[1] and perm[2])"),
     (lambda: (_x(), P.to("meta"), 0.5), {}, ValueError, "mixup: perm is on meta but x is on cpu"),
     (lambda: (_x(), P, 1.5), {}, ValueError, "mixup: lam must be in [0, 1], got 1.5"),
+    (lambda: (_x(), P, float("nan")), {}, ValueError, "mixup: lam must be in [0, 1], got nan"),
+    (lambda: (_x(), P, None), {}, TypeError, "mixup: lam must be a float or a tensor, got NoneType"),
+    # torch takes no string for a Scalar (torch.mul(x, "0.3") is a TypeError): not parsed
+    (lambda: (_x(), P, "0.3"), {}, TypeError, "mixup: lam must be a float or a tensor, got str"),
     (lambda: (_x(), P, torch.tensor([1, 0, 1, 0])), {}, TypeError,
      "mixup: lam must be a float tensor, got torch.int64"),
     (lambda: (_x(), P, torch.rand(3)), {}, ValueError,
@@ -370,6 +375,42 @@ def test_cutmix_bad_input(backend, make, exc, msg):
     assert str(info.value) == msg
 
 
+# Box values are slice indices (x[..., y0:y1, x0:x1]); what torch refuses as a slice index
+# (anything without __index__: floats, even whole ones, NaN, a float tensor) is a TypeError.
+NON_INDEX_BOX_VALUES = [2.0, 2.5, float("nan"), float("inf"), np.float64(2.0), torch.tensor(2.0),
+                        "2"]
+
+
+@pytest.mark.parametrize("value", NON_INDEX_BOX_VALUES + [None], ids=repr)
+def test_cutmix_box_values_must_be_integers(backend, value):
+    x = _x()
+    if value is not None:  # torch refuses it as a slice index, with a TypeError
+        with pytest.raises(TypeError):
+            x[:, :, 0:value]
+    # None would be an open end in a slice; a box needs both ends
+    with pytest.raises(TypeError) as info:
+        ft.ops.cutmix(x, P, (0, value, 1, 3))
+    assert str(info.value) == ("cutmix: box values must be integers (pixel indices), got "
+                               f"y1 = {value!r} ({type(value).__name__})")
+
+
+@pytest.mark.parametrize("value", [np.int64(2), torch.tensor(2), torch.tensor(2, dtype=torch.int8)],
+                         ids=repr)
+def test_cutmix_box_accepts_what_slicing_accepts(backend, value):
+    x = _x()
+    assert torch.equal(x[:, :, 0:value], x[:, :, 0:2])
+    got, lam = ft.ops.cutmix(x, P, (0, value, 1, 3))
+    want, want_lam = ft.ops.cutmix(x, P, (0, 2, 1, 3))
+    assert torch.equal(got, want) and lam == want_lam and type(lam) is float
+
+
+def test_cutmix_box_not_a_sequence(backend):
+    with pytest.raises(TypeError) as info:
+        ft.ops.cutmix(_x(), P, 3)
+    assert str(info.value) == ("cutmix: box must be 4 ints (y0, y1, x0, x1) or a (B, 4) integer "
+                               "tensor, got int")
+
+
 def test_op_checks_direct_call(extension):
     """The C++ ops check their inputs themselves, with the Python messages, word for word."""
     ops = torch.ops.fastcore_train
@@ -419,10 +460,202 @@ def test_inplace_refusal_same_from_python(backend):
                                "perm[1] = 2")
 
 
-def test_out_refuses_autograd(backend):
-    x = _x().requires_grad_(True)
-    with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):
-        ft.ops.mixup(x, P, 0.5, out=torch.empty(4, 3, 5, 6))
+# ---------------------------------------------------------------------------------------------
+# writes in place and through out=: torch's autograd contract (version counters, no autograd)
+
+@pytest.fixture
+def fresh_dynamo():
+    """Empty dynamo caches: the parametrized compile tests compile the same code objects (the
+    step, Mixup.forward) with other settings, past dynamo's recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _backward_after(saved, write):
+    """Saves ``saved`` for a backward, runs ``write(saved)``, then the backward. Returns the
+    version increase and the backward's error text (None when it ran)."""
+    w = torch.ones(saved.shape, dtype=saved.dtype, requires_grad=True)
+    loss = (w * saved).sum()
+    v = saved._version
+    write(saved)
+    delta = saved._version - v
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        return delta, str(e)
+    return delta, None
+
+
+def _flip_lam(t):
+    return torch.rand(t.shape[0], generator=torch.Generator().manual_seed(7))
+
+
+# (tensor to save, our write, torch's write of the same kind): in place is x.mul_, out= another
+# tensor is torch.mul(..., out=)
+WRITES = {
+    "mixup out=x": (
+        lambda: _make((6, 3, 4, 5), torch.float32),
+        lambda t: ft.ops.mixup(t, flip_perm(6), 0.3, out=t),
+        lambda t: t.mul_(0.3)),
+    "mixup out=x, lam tensor, channels_last": (
+        lambda: _make((6, 3, 4, 5), torch.float32, "channels_last"),
+        lambda t: ft.ops.mixup(t, flip_perm(6), _flip_lam(t), out=t),
+        lambda t: t.mul_(0.3)),
+    "mixup out=x, not dense (fallback copy)": (
+        lambda: _make((6, 3, 4, 5), torch.float32, "spatial_slice"),
+        lambda t: ft.ops.mixup(t, flip_perm(6), 0.3, out=t),
+        lambda t: t.mul_(0.3)),
+    "mixup out=x, a view of the saved batch": (
+        lambda: torch.randn(10, 3, 4),
+        lambda t: ft.ops.mixup(t[2:8], flip_perm(6), 0.3, out=t[2:8]),
+        lambda t: t[2:8].mul_(0.3)),
+    "mixup out=buffer": (
+        lambda: torch.zeros(6, 3, 4, 5),
+        lambda t: ft.ops.mixup(_make((6, 3, 4, 5), torch.float32), _random_perm(6), 0.3, out=t),
+        lambda t: torch.mul(_make((6, 3, 4, 5), torch.float32), 0.3, out=t)),
+    "mixup out=buffer not dense (fallback copy)": (
+        lambda: torch.zeros(6, 3, 4, 7)[..., 1:6],
+        lambda t: ft.ops.mixup(_make((6, 3, 4, 5), torch.float32), _random_perm(6), 0.3, out=t),
+        lambda t: torch.mul(_make((6, 3, 4, 5), torch.float32), 0.3, out=t)),
+    "cutmix out=x": (
+        lambda: _make((6, 3, 4, 5), torch.float32),
+        lambda t: ft.ops.cutmix(t, flip_perm(6), (1, 3, 0, 4), out=t),
+        lambda t: t.mul_(0.3)),
+    "cutmix out=x, per-sample boxes, not dense (fallback copy)": (
+        lambda: _make((6, 3, 4, 5), torch.float32, "spatial_slice"),
+        lambda t: ft.ops.cutmix(t, flip_perm(6), _sample_boxes(6, 4, 5), out=t),
+        lambda t: t.mul_(0.3)),
+    "cutmix out=buffer": (
+        lambda: torch.zeros(6, 3, 4, 5),
+        lambda t: ft.ops.cutmix(_make((6, 3, 4, 5), torch.float32), _random_perm(6),
+                                _sample_boxes(6, 4, 5), out=t),
+        lambda t: torch.mul(_make((6, 3, 4, 5), torch.float32), 0.3, out=t)),
+    "Mixup(inplace=True), mixup": (
+        lambda: _make((6, 3, 4, 5), torch.float32),
+        lambda t: Mixup(alpha=1.0, inplace=True)(t, torch.arange(6)),
+        lambda t: t.mul_(0.3)),
+    "Mixup(inplace=True), cutmix": (
+        lambda: _make((6, 3, 4, 5), torch.float32),
+        lambda t: Mixup(alpha=0.0, cutmix_alpha=1.0, inplace=True)(t, torch.arange(6)),
+        lambda t: t.mul_(0.3)),
+    "Mixup(inplace=True), per-sample cutmix": (
+        lambda: _make((6, 3, 4, 5), torch.float32),
+        lambda t: Mixup(alpha=0.0, cutmix_alpha=1.0, mode="elem", inplace=True)(
+            t, torch.arange(6)),
+        lambda t: t.mul_(0.3)),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITES))
+def test_writes_bump_the_version_like_torch(backend, name):
+    """A backward that saved the written tensor raises torch's "modified by an inplace
+    operation" error, word for word as after torch's own in-place / out= write."""
+    make, ours, theirs = WRITES[name]
+    want_delta, want_error = _backward_after(make(), theirs)
+    assert want_error is not None and "modified by an inplace operation" in want_error
+    assert _backward_after(make(), ours) == (want_delta, want_error)
+
+
+def test_refused_write_leaves_the_version(backend):
+    x = _x()
+    with pytest.raises(ValueError, match="involution"):
+        ft.ops.mixup(x, torch.tensor([1, 2, 0, 3]), 0.5, out=x)
+    assert x._version == 0
+
+
+@pytest.mark.parametrize("write", ["mixup out=x", "mixup out=buffer", "Mixup(inplace=True)"])
+def test_compiled_writes_bump_the_version_like_torch(backend, write, fresh_dynamo):
+    """Under torch.compile the schemas' (a!) make the write visible: the input's version moves
+    as it does for torch's own in-place / out= ops compiled the same way."""
+    mix = Mixup(alpha=1.0, inplace=True)
+
+    def ours(x, buf):
+        if write == "mixup out=x":
+            ft.ops.mixup(x, flip_perm(6), 0.3, out=x)
+        elif write == "mixup out=buffer":
+            ft.ops.mixup(x, flip_perm(6), 0.3, out=buf)
+        else:
+            mix(x, torch.arange(6))
+        return x.sum()
+
+    def theirs(x, buf):
+        if write == "mixup out=buffer":
+            torch.mul(x, 0.3, out=buf)
+        else:
+            x.mul_(0.3)
+        return x.sum()
+
+    saved_is_buf = write == "mixup out=buffer"
+    results = []
+    for fn in (theirs, ours):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        x, buf = _make((6, 3, 4, 5), torch.float32), torch.zeros(6, 3, 4, 5)
+        results.append(_backward_after(buf if saved_is_buf else x,
+                                       lambda t: compiled(x, buf)))
+    assert results[0][1] is not None
+    assert results[1] == results[0]
+
+
+def _torch_out_grad_error(op):
+    """torch's error for an out= call with an argument that requires grad, named for ``op``."""
+    leaf = torch.zeros(3, requires_grad=True)
+    with pytest.raises(RuntimeError) as info:
+        torch.add(torch.ones(3), torch.ones(3), out=leaf)
+    assert str(info.value).startswith("add(): ")
+    return op + str(info.value)[len("add"):]
+
+
+def _out_grad_case(case, op):
+    """(call, tensor that must be left alone) for an out= call with something requiring grad."""
+    x, out = _x(), torch.zeros(4, 3, 5, 6)
+    if case == "out is a leaf that requires grad":
+        out.requires_grad_(True)
+    elif case == "out=x, x a leaf that requires grad":
+        x.requires_grad_(True)
+        out = x
+    elif case == "x requires grad":
+        x.requires_grad_(True)
+    if op == "mixup":
+        lam = torch.rand(4).requires_grad_(True) if case == "lam requires grad" else 0.5
+        return (lambda: ft.ops.mixup(x, flip_perm(4), lam, out=out)), out
+    return (lambda: ft.ops.cutmix(x, flip_perm(4), (1, 3, 2, 5), out=out)), out
+
+
+OUT_GRAD_CASES = ["out is a leaf that requires grad", "out=x, x a leaf that requires grad",
+                  "x requires grad", "lam requires grad"]
+
+
+@pytest.mark.parametrize("op,case", [(op, case) for op in ("mixup", "cutmix")
+                                     for case in OUT_GRAD_CASES
+                                     if op == "mixup" or case != "lam requires grad"])
+def test_out_with_grad_refused_like_torch(backend, op, case):
+    call, out = _out_grad_case(case, op)
+    before = out.detach().clone()
+    with pytest.raises(RuntimeError) as info:
+        call()
+    assert str(info.value) == _torch_out_grad_error(op)
+    assert torch.equal(out.detach(), before) and out._version == 0
+    with torch.no_grad():  # as torch's out= functions, allowed without grad mode
+        call()
+    assert out._version == 1 and not torch.equal(out.detach(), before)
+
+
+def test_out_with_grad_refused_by_the_cpp_ops(extension):
+    """Direct torch.ops calls refuse the same way (csrc/mutating_ops.cpp)."""
+    ops = torch.ops.fastcore_train
+    leaf = torch.zeros(4, 3, 5, 6, requires_grad=True)
+    x = _x()
+    for call, op in [(lambda: ops.mixup_out(x, P, None, 0.5, leaf), "mixup"),
+                     (lambda: ops.mixup_inplace(leaf, P, None, 0.5), "mixup"),
+                     (lambda: ops.mixup_out(x, P, torch.rand(4).requires_grad_(True), 0.0,
+                                            torch.zeros(4, 3, 5, 6)), "mixup"),
+                     (lambda: ops.cutmix_out(x, P, None, [0, 1, 0, 1], leaf), "cutmix"),
+                     (lambda: ops.cutmix_inplace(leaf, P, None, [0, 1, 0, 1]), "cutmix")]:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert str(info.value).split("\n")[0] == _torch_out_grad_error(op)
+    assert leaf._version == 0 and not leaf.detach().any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,6 +904,260 @@ def test_sample_beta_moments():
     # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1))
     assert abs(float(s.mean()) - 0.5) < 0.01
     assert abs(float(s.var()) - 1 / (4 * 1.8)) < 0.01
+
+
+def test_mixup_module_cutmix_on_non_images_refused_on_every_call():
+    """Refused whatever mixup/cutmix choice is drawn, so a wrong input fails on its first batch."""
+    mix = Mixup(alpha=1.0, cutmix_alpha=1.0, generator=torch.Generator().manual_seed(0))
+    for _ in range(20):
+        with pytest.raises(ValueError, match="cutmix needs a"):
+            mix(torch.randn(4, 7), torch.arange(4))
+
+
+def _recipe_draws(kw, seed, B, H, W, calls):
+    """The documented sampling recipe, step by step with the public helpers and tensor ops, from
+    a generator seeded like the module's: per call (cut, lam or None when the batch is left
+    alone, perm, box or boxes)."""
+    g = torch.Generator().manual_seed(seed)
+    alpha, cut_alpha = kw.get("alpha", 0.4), kw.get("cutmix_alpha", 0.0)
+    prob, mode = kw.get("prob", 1.0), kw.get("mode", "batch")
+
+    def boxes_of(lam):
+        ratio = torch.sqrt(1.0 - lam)
+        ch, cw = (H * ratio).long(), (W * ratio).long()
+        cy = torch.randint(0, H, lam.shape, generator=g)
+        cx = torch.randint(0, W, lam.shape, generator=g)
+        y0, x0 = cy - ch // 2, cx - cw // 2
+        return torch.stack([y0.clamp(0, H), (y0 + ch).clamp(0, H), x0.clamp(0, W),
+                            (x0 + cw).clamp(0, W)], dim=-1)
+
+    draws = []
+    for _ in range(calls):
+        cut = (bool(torch.rand((), generator=g, dtype=torch.float64) < kw.get("switch_prob", 0.5))
+               if alpha > 0 and cut_alpha > 0 else cut_alpha > 0)
+        a = cut_alpha if cut else alpha
+        if mode == "elem":
+            lam = sample_beta(a, (B,), g)
+            if prob < 1.0:
+                keep = torch.rand((B,), generator=g, dtype=torch.float64) < prob
+                lam = torch.where(keep, lam, torch.ones_like(lam))
+            draws.append((cut, lam, flip_perm(B), boxes_of(lam) if cut else None))
+            continue
+        if prob < 1.0 and not bool(torch.rand((), generator=g, dtype=torch.float64) < prob):
+            draws.append((cut, None, None, None))
+            continue
+        lam = sample_beta(a, (), g)
+        perm = pair_perm(B, g) if mode == "pair" else flip_perm(B)
+        draws.append((cut, float(lam), perm, boxes_of(lam).tolist() if cut else None))
+    return draws
+
+
+@pytest.mark.parametrize("kw", [
+    dict(alpha=0.4), dict(alpha=0.0, cutmix_alpha=1.0), dict(alpha=0.8, cutmix_alpha=1.0),
+    dict(alpha=0.8, cutmix_alpha=1.0, prob=0.6, mode="pair"),
+    dict(alpha=0.3, cutmix_alpha=0.7, prob=0.6, mode="elem"),
+], ids=str)
+def test_mixup_module_draws_follow_the_recipe(backend, kw):
+    """Eager mode draws exactly what the recipe draws from the generator, call after call, so a
+    seed keeps giving the batches it always gave."""
+    B, H, W = 7, 9, 11
+    x = torch.randn(B, 3, H, W)
+    y = torch.arange(B)
+    mix = Mixup(generator=torch.Generator().manual_seed(21), **kw)
+    for cut, lam, perm, box in _recipe_draws(kw, 21, B, H, W, calls=12):
+        xm, t = mix(x, y)
+        if lam is None:  # left alone
+            assert xm is x and t.lam == 1.0 and torch.equal(t.y_b, y)
+            continue
+        assert torch.equal(t.y_b, y[perm])
+        if cut:
+            want, want_lam = ft.ops.cutmix(x, perm, box)
+        else:
+            want_lam = lam if isinstance(lam, float) else lam.float()
+            want = ft.ops.mixup(x, perm, want_lam)
+        assert torch.equal(xm, want)
+        if isinstance(want_lam, float):
+            assert type(t.lam) is float and t.lam == want_lam
+        else:
+            assert torch.equal(t.lam, want_lam)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Mixup module under torch.compile
+
+MIX_KINDS = {"mixup": dict(alpha=0.4), "cutmix": dict(alpha=0.0, cutmix_alpha=1.0),
+             "both": dict(alpha=0.8, cutmix_alpha=1.0)}
+
+
+def _step_parts(classes=10):
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 5, classes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(8, 3, 6, 7, generator=g)
+    y = torch.randperm(classes, generator=g)[:8]  # distinct, so y_b shows the pairing
+    return model, LabelSmoothingCrossEntropy(0.1), x, y
+
+
+def _own_share(xm, x):
+    """Per sample, the share of elements still x's own (cutmix: lam; random x, no ties)."""
+    return (xm == x).double().mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+@pytest.mark.parametrize("kind", list(MIX_KINDS))
+def test_mixup_module_no_graph_breaks(extension, mode, kind, fresh_dynamo):
+    model, loss_fn, x, y = _step_parts()
+    for prob, inplace in ((1.0, False), (0.5, True)):
+        mix = Mixup(prob=prob, mode=mode, inplace=inplace,
+                    generator=torch.Generator().manual_seed(0), **MIX_KINDS[kind])
+
+        def step(x, y):
+            xm, t = mix(x, y)
+            return loss_fn(model(xm), t)
+
+        explained = torch._dynamo.explain(step)(x.clone(), y)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+
+
+def _compile_cases(cases, reference_subset):
+    """Every case on the extension, a few on the reference (compiling is slow; the traced
+    Python is the same and the ops' parity is tested above)."""
+    out = [("extension",) + c for c in cases] if "extension" in BACKENDS else []
+    return out + [("reference",) + c for c in reference_subset]
+
+
+@pytest.mark.parametrize("backend_name,mode,kind", _compile_cases(
+    [(m, k) for m in ("batch", "pair", "elem") for k in MIX_KINDS],
+    [("batch", "mixup"), ("pair", "cutmix"), ("elem", "both")]))
+def test_mixup_module_compiled_step(backend_name, mode, kind, fresh_dynamo):
+    """A compiled fullgraph training step (Mixup, model, loss) runs forward and backward, and
+    its batch is the mix its MixedTarget describes."""
+    with _backend.use_backend(backend_name):
+        _check_compiled_step(mode, kind)
+
+
+def _check_compiled_step(mode, kind):
+    model, loss_fn, x, y = _step_parts()
+    inplace = mode == "pair"
+    mix = Mixup(prob=0.75, mode=mode, inplace=inplace, **MIX_KINDS[kind])
+
+    def step(x, y):
+        xm, t = mix(x, y)
+        return loss_fn(model(xm), t), xm, t
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    for _ in range(4):
+        xin = x.clone()
+        loss, xm, t = compiled(xin, y)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert isinstance(t.lam, torch.Tensor) and t.lam.dtype == torch.float32
+        assert t.lam.shape == ((8,) if mode == "elem" else ())
+        assert ((t.lam >= 0) & (t.lam <= 1)).all()
+        perm = _perm_of(t, y)
+        assert torch.equal(perm[perm], torch.arange(8))
+        if inplace:
+            assert torch.equal(xin, xm)
+        lam = t.lam.expand(8)
+        cut_ok = torch.allclose(_own_share(xm, x), lam.double(), atol=1e-6, rtol=0)
+        mix_ok = torch.allclose(xm, ft.ops.mixup(x, perm, lam), atol=1e-6, rtol=0)
+        assert {"mixup": mix_ok, "cutmix": cut_ok, "both": cut_ok or mix_ok}[kind]
+        # the loss is the one of the eager model and loss on that batch and target
+        torch.testing.assert_close(loss, loss_fn(model(xm), t))
+
+
+@pytest.mark.parametrize("backend_name,case", _compile_cases(
+    [(c,) for c in ("mixup", "cutmix", "both: cutmix drawn", "both: mixup drawn", "pair mixup",
+                    "elem mixup", "elem cutmix", "elem both")],
+    [("both: mixup drawn",), ("elem both",)]))
+def test_mixup_module_compiled_matches_eager(backend_name, case, fresh_dynamo):
+    """Given the same lam, pairing and boxes, the compiled step's loss and gradients (model and
+    input) equal eager mode's fused ops + model + loss."""
+    with _backend.use_backend(backend_name):
+        _check_compiled_matches_eager(case)
+
+
+def _check_compiled_matches_eager(case):
+    model, loss_fn, x, y = _step_parts()
+    B, H, W = x.shape[0], x.shape[2], x.shape[3]
+    kind = case.split()[-1] if case.startswith("elem") else case.split(":")[0].split()[-1]
+    mode = "elem" if case.startswith("elem") else "pair" if case.startswith("pair") else "batch"
+    mix = Mixup(mode=mode, **MIX_KINDS[kind])
+    g = torch.Generator().manual_seed(5)
+    shape = (B,) if mode == "elem" else ()
+    perm = pair_perm(B, g) if mode == "pair" else flip_perm(B)
+    lam_m = torch.rand(shape, generator=g, dtype=torch.float64) if kind != "cutmix" else None
+    boxes = _sample_boxes(B, H, W, seed=3) if mode == "elem" else torch.tensor([1, 5, 2, 6])
+    boxes = boxes if kind != "mixup" else None
+    use_cut = torch.tensor(case != "both: mixup drawn") if kind == "both" else None
+    mix._draw_traced = lambda B, H, W: (perm, use_cut, lam_m, boxes)
+
+    def step(x, y):
+        xm, t = mix(x, y)
+        return loss_fn(model(xm), t)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xa = x.clone().requires_grad_(True)
+    got = compiled(xa, y)
+    got.backward()
+    got_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    xb = x.clone().requires_grad_(True)
+    cut = kind == "cutmix" or case == "both: cutmix drawn" or case == "elem both"
+    if cut:
+        box = boxes if mode == "elem" else boxes.tolist()
+        xm, lam = ft.ops.cutmix(xb, perm, box)
+    else:
+        lam = lam_m.float() if mode == "elem" else float(lam_m)
+        xm = ft.ops.mixup(xb, perm, lam)
+    want = loss_fn(model(xm), MixedTarget(y, y[perm], lam))
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for a, b in zip(got_grads, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b)
+
+
+def test_mixup_module_compiled_draws(extension, fresh_dynamo):
+    """Under compile the draws come from torch's default generator: repeatable with
+    torch.manual_seed, new on every call, and the module's generator is left alone."""
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    mix = Mixup(alpha=1.0, cutmix_alpha=1.0, mode="elem", prob=0.8, generator=g)
+    compiled = torch.compile(mix, fullgraph=True, backend="aot_eager")
+    x, y = torch.randn(8, 3, 6, 7), torch.arange(8)
+    torch.manual_seed(3)
+    first = [compiled(x, y) for _ in range(3)]
+    torch.manual_seed(3)
+    again = [compiled(x, y) for _ in range(3)]
+    for (xa, ta), (xb, tb) in zip(first, again):
+        assert torch.equal(xa, xb) and torch.equal(ta.lam, tb.lam)
+    assert not torch.equal(first[0][1].lam, first[1][1].lam)
+    assert torch.equal(g.get_state(), state)
+
+
+@pytest.mark.slow
+def test_mixup_module_compiled_step_inductor(extension, fresh_dynamo):
+    """The default compiler: fullgraph, forward and backward, elem mode with both ops and prob."""
+    model, loss_fn, x, y = _step_parts()
+    mix = Mixup(alpha=0.8, cutmix_alpha=1.0, prob=0.75, mode="elem")
+
+    def step(x, y):
+        xm, t = mix(x, y)
+        return loss_fn(model(xm), t), xm, t
+
+    compiled = torch.compile(step, fullgraph=True)
+    torch.manual_seed(0)
+    for _ in range(3):
+        loss, xm, t = compiled(x, y)
+        loss.backward()
+        torch.testing.assert_close(loss, loss_fn(model(xm), t))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,19 +15,21 @@ each pair are read and written.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from fastcore_train import _backend
 from fastcore_train.ops.mixup import (_check_blend_inputs, _check_no_grad_out, _check_out,
-                                      _fake_like, _same_tensor, check_perm_values,
+                                      _fake_like, _same_tensor, call_op, check_perm_values,
                                       memory_format_of)
 
 __all__ = ["cutmix", "cutmix_reference"]
 
 Box = Union[Sequence[int], torch.Tensor]
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_BOX_NAMES = ("y0", "y1", "x0", "x1")
 
 
 def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
@@ -39,10 +41,13 @@ def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
             other layouts are copied first). The result has x's memory format.
         perm: (B,) int64 permutation of ``range(B)`` on x's device.
         box: ``(y0, y1, x0, x1)`` for the whole batch, or a (B, 4) integer tensor of per-sample
-            boxes on x's device. Boxes must lie in the image (``0 <= y0 <= y1 <= H``,
-            ``0 <= x0 <= x1 <= W``); an empty box pastes nothing.
+            boxes on x's device. The values are pixel indices, integers as for slicing
+            (a float, NaN or None is a TypeError, never truncated). Boxes must lie in the
+            image (``0 <= y0 <= y1 <= H``, ``0 <= x0 <= x1 <= W``); an empty box pastes
+            nothing.
         out: where to write the result; ``out=x`` works in place and needs ``perm`` to be an
-            involution. ``out=`` does not support autograd.
+            involution. As for torch's ``out=``: no autograd (no argument, ``out`` included, may
+            require grad with grad mode on), and ``out``'s version counter is bumped.
 
     Returns:
         The mixed batch and ``lam = 1 - box_area / image_area``: a float for a batch box, a (B,)
@@ -50,18 +55,20 @@ def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
     """
     boxes, box_list = _check_args(x, perm, box)
     inplace = out is not None and _same_tensor(out, x)
-    if out is not None and not inplace:
-        _check_out("cutmix", x, out)
     if out is not None:
-        _check_no_grad_out("cutmix", x, None)
+        if not inplace:
+            _check_out("cutmix", x, out)
+        _check_no_grad_out("cutmix", x, None, out)
     if _backend.use_extension("cutmix", x):
         lam = _lam(x, boxes, box_list)
+        ops = torch.ops.fastcore_train
         if out is None:
-            return torch.ops.fastcore_train.cutmix(x, perm, boxes, box_list), lam
+            return call_op(ops.cutmix.default, x, perm, boxes, box_list), lam
+        # the C++ ops bump out's version counter, as torch's out= ops do
         if inplace:
-            torch.ops.fastcore_train.cutmix_inplace(x, perm, boxes, box_list)
+            ops.cutmix_inplace.default(x, perm, boxes, box_list)
         else:
-            torch.ops.fastcore_train.cutmix_out(x, perm, boxes, box_list, out)
+            ops.cutmix_out.default(x, perm, boxes, box_list, out)
         return out, lam
     return cutmix_reference(x, perm, box, out=out)
 
@@ -73,13 +80,15 @@ def cutmix_reference(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
     inplace = out is not None and _same_tensor(out, x)
     if out is not None and not inplace:
         _check_out("cutmix", x, out)
+    if out is not None:
+        _check_no_grad_out("cutmix", x, None, out)
     _check_box_values(x, boxes)
     check_perm_values("cutmix", perm, involution=inplace)
     y = _reference(x, perm, boxes, box_list)
     lam = _lam(x, boxes, box_list)
     if out is None:
         return y, lam
-    out.copy_(y)
+    out.copy_(y)  # one write, one version bump, as torch's out= ops
     return out, lam
 
 
@@ -109,9 +118,21 @@ def _check_args(x, perm, box):
         if box.device != x.device:
             raise ValueError(f"cutmix: boxes is on {box.device} but x is on {x.device}")
         return box, []
-    box_list = [int(v) for v in box]
+    try:
+        box_list = list(box)
+    except TypeError:
+        raise TypeError("cutmix: box must be 4 ints (y0, y1, x0, x1) or a (B, 4) integer tensor, "
+                        f"got {type(box).__name__}") from None
     if len(box_list) != 4:
         raise ValueError(f"cutmix: box must be 4 ints (y0, y1, x0, x1), got {len(box_list)}")
+    for k, v in enumerate(box_list):
+        # The box values are slice indices (x[..., y0:y1, x0:x1]), and, as for a slice, anything
+        # without __index__ (a float, even 2.0, NaN, None) is refused rather than truncated.
+        try:
+            box_list[k] = operator.index(v)
+        except TypeError:
+            raise TypeError(f"cutmix: box values must be integers (pixel indices), got "
+                            f"{_BOX_NAMES[k]} = {v!r} ({type(v).__name__})") from None
     if not _box_ok(box_list, H, W):
         raise ValueError(_box_message("box", box_list, H, W))
     return None, box_list
@@ -133,8 +154,8 @@ def _lam(x, boxes, box_list):
     if boxes is None:
         y0, y1, x0, x1 = box_list
         return 1.0 - (y1 - y0) * (x1 - x0) / area if area else 1.0
-    b = boxes.to(torch.int64)
-    cut = ((b[:, 1] - b[:, 0]) * (b[:, 3] - b[:, 2])).to(torch.float32)
+    y0, y1, x0, x1 = boxes.to(torch.int64).unbind(1)  # one op, not four Python indexings
+    cut = ((y1 - y0) * (x1 - x0)).to(torch.float32)
     return 1.0 - cut / area if area else torch.ones_like(cut)
 
 

@@ -17,6 +17,7 @@ some row would be read after it was overwritten.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -41,25 +42,29 @@ def mixup(x: torch.Tensor, perm: torch.Tensor, lam: Lam, *,
             copies B ints to the host).
         lam: a float in [0, 1], or a (B,) float tensor of per-sample weights.
         out: where to write the result. ``out=x`` blends in place and needs ``perm`` to be an
-            involution (``perm[perm[i]] == i``). ``out=`` does not support autograd, like torch's
-            own ``out=`` arguments.
+            involution (``perm[perm[i]] == i``). Like torch's ``out=`` arguments, it does not
+            support autograd (with grad mode on, no argument, ``out`` included, may require
+            grad), and the write bumps ``out``'s version counter, so a backward that saved
+            ``out`` before it raises torch's "modified by an inplace operation" error.
 
     Math is float32 (float64 for float64), rounded once to x's dtype. Gradients flow to x and
     to a tensor lam.
     """
     lam_t, lam_s = _check_args("mixup", x, perm, lam)
     inplace = out is not None and _same_tensor(out, x)
-    if out is not None and not inplace:
-        _check_out("mixup", x, out)
     if out is not None:
-        _check_no_grad_out("mixup", x, lam_t)
+        if not inplace:
+            _check_out("mixup", x, out)
+        _check_no_grad_out("mixup", x, lam_t, out)
     if _backend.use_extension("mixup", x):
+        ops = torch.ops.fastcore_train
         if out is None:
-            return torch.ops.fastcore_train.mixup(x, perm, lam_t, lam_s)
+            return call_op(ops.mixup.default, x, perm, lam_t, lam_s)
+        # the C++ ops bump out's version counter, as torch's out= ops do
         if inplace:
-            torch.ops.fastcore_train.mixup_inplace(x, perm, lam_t, lam_s)
+            ops.mixup_inplace.default(x, perm, lam_t, lam_s)
         else:
-            torch.ops.fastcore_train.mixup_out(x, perm, lam_t, lam_s, out)
+            ops.mixup_out.default(x, perm, lam_t, lam_s, out)
         return out
     return mixup_reference(x, perm, lam, out=out)
 
@@ -71,12 +76,14 @@ def mixup_reference(x: torch.Tensor, perm: torch.Tensor, lam: Lam, *,
     inplace = out is not None and _same_tensor(out, x)
     if out is not None and not inplace:
         _check_out("mixup", x, out)
+    if out is not None:
+        _check_no_grad_out("mixup", x, lam_t, out)
     check_perm_values("mixup", perm, involution=inplace)
     check_lam_values("mixup", lam_t)
     y = _reference(x, perm, lam_t, lam_s)
     if out is None:
         return y
-    out.copy_(y)
+    out.copy_(y)  # one write, one version bump, as torch's out= ops
     return out
 
 
@@ -117,11 +124,11 @@ def _check_args(op: str, x, perm, lam) -> Tuple[Optional[torch.Tensor], float]:
         if lam.device != x.device:
             raise ValueError(f"mixup: lam is on {lam.device} but x is on {x.device}")
         return lam, 0.0
-    try:
-        lam_s = float(lam)
-    except (TypeError, ValueError):
-        raise TypeError(f"mixup: lam must be a float or a tensor, got {type(lam).__name__}") \
-            from None
+    # A real number as torch takes a Scalar (bool, int, float, numpy); a string is refused,
+    # not parsed.
+    if not isinstance(lam, numbers.Real):
+        raise TypeError(f"mixup: lam must be a float or a tensor, got {type(lam).__name__}")
+    lam_s = float(lam)
     if not 0.0 <= lam_s <= 1.0:
         raise ValueError(f"mixup: lam must be in [0, 1], got {lam_s:g}")
     return None, lam_s
@@ -174,10 +181,26 @@ def _check_out(op: str, x: torch.Tensor, out) -> None:
                          "or a non-overlapping tensor")
 
 
-def _check_no_grad_out(op: str, x: torch.Tensor, lam_t: Optional[torch.Tensor]) -> None:
-    if torch.is_grad_enabled() and (x.requires_grad or (lam_t is not None and lam_t.requires_grad)):
-        raise RuntimeError(f"{op}: out= does not support automatic differentiation, but an input "
-                           f"requires grad; call {op} without out= to get gradients")
+def _check_no_grad_out(op: str, x: torch.Tensor, lam_t: Optional[torch.Tensor], out) -> None:
+    """torch's rule and words for out= functions: with grad mode on, no argument, out
+    included, may require grad (a leaf that requires grad is never written behind autograd's
+    back). The C++ ops refuse the same way (csrc/mutating_ops.cpp)."""
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad
+                                    or (lam_t is not None and lam_t.requires_grad)):
+        raise RuntimeError(f"{op}(): functions with out=... arguments don't support automatic "
+                           "differentiation, but one of the arguments requires grad.")
+
+
+def call_op(op, *args):
+    """Runs a compiled functional op. With nothing for autograd to record (grad mode off, or
+    no argument requiring grad: a data batch) it goes below the Autograd key directly, as the
+    Python wrapper that torch.library.register_autograd installs there does itself in that case,
+    without that wrapper's cost (several us a call). torch.compile traces the plain call."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled()
+                                         and torch._C._any_requires_grad(*args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def check_perm_values(op: str, perm: torch.Tensor, *, involution: bool = False) -> None:

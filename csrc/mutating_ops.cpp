@@ -1,11 +1,14 @@
-// The autograd contract of the mutating operators (mixup_out, mixup_inplace, cutmix_out,
-// cutmix_inplace), kept as torch keeps it for its own out= and in-place ops. Both kernels are
-// device independent and read the written arguments from the schema (Tensor(a!), Tensor(a!)?
-// or Tensor(a!)[]), so another mutating op can register them as they are.
+// The autograd contract of every mutating operator -- the blends' out= and in-place forms
+// (mixup_out, mixup_inplace, cutmix_out, cutmix_inplace) and the optimizer passes (grad_stats_,
+// fused_adamw_, fused_sgd_) -- kept as torch keeps it for its own out= and in-place ops. The
+// kernels are device independent and read the written arguments from the schema (Tensor(a!),
+// Tensor(a!)? or Tensor(a!)[]), so a new mutating op only adds its name below.
 //
-// Autograd: an out= function is not differentiable, so with grad mode on, torch refuses the
-// call when any argument (the out tensor included) requires grad rather than write a tensor
-// that autograd tracks; the same refusal, in torch's words, as ops/mixup.py gives.
+// Autograd: none of these ops is differentiable. An out= function refuses, with grad mode on,
+// any argument that requires grad (the out tensor included) rather than write a tensor that
+// autograd tracks -- torch's rule, in torch's words, as ops/mixup.py gives it. The optimizer
+// passes refuse to write a tensor that requires grad with grad mode on, as torch refuses
+// in-place ops on such leaves: optimizer.step() runs under torch.no_grad().
 //
 // ADInplaceOrView: torch bumps the version of every tensor an op writes, so that autograd
 // refuses a backward that saved the tensor before the write ("... has been modified by an
@@ -20,6 +23,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -57,28 +61,52 @@ std::string public_name(const c10::OperatorHandle& op) {
   return name;
 }
 
-void refuse_grad_then_run(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
-                          torch::jit::Stack* stack) {
-  if (c10::GradMode::is_enabled()) {
-    bool any = false;
-    for_each_tensor_arg(op.schema(), *stack, [](const c10::Argument&) { return true; },
-                        [&](const at::Tensor& t) { any = any || (t.defined() && t.requires_grad()); });
-    TORCH_CHECK(!any, public_name(op),
-                "(): functions with out=... arguments don't support automatic differentiation, "
-                "but one of the arguments requires grad.");
-  }
+bool is_written(const c10::Argument& a) {
+  return a.alias_info() != nullptr && a.alias_info()->isWrite();
+}
+
+bool any_requires_grad(const c10::OperatorHandle& op, const torch::jit::Stack& stack,
+                       bool written_only) {
+  bool any = false;
+  for_each_tensor_arg(op.schema(), stack,
+                      [&](const c10::Argument& a) { return !written_only || is_written(a); },
+                      [&](const at::Tensor& t) { any = any || (t.defined() && t.requires_grad()); });
+  return any;
+}
+
+void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                    torch::jit::Stack* stack) {
   at::AutoDispatchBelowAutograd below;
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+// mixup_out & co: torch's out= rule
+void refuse_grad_then_run(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                          torch::jit::Stack* stack) {
+  TORCH_CHECK(!(c10::GradMode::is_enabled() && any_requires_grad(op, *stack, false)),
+              public_name(op),
+              "(): functions with out=... arguments don't support automatic differentiation, "
+              "but one of the arguments requires grad.");
+  below_autograd(op, keys, stack);
+}
+
+// the optimizer passes: no in-place write to a tensor autograd tracks
+void refuse_tracked_writes_then_run(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                    torch::jit::Stack* stack) {
+  TORCH_CHECK(!(c10::GradMode::is_enabled() && any_requires_grad(op, *stack, true)),
+              op.schema().name(),
+              " writes its tensors in place and has no derivative, but one of them requires "
+              "grad while grad mode is enabled; call it under torch.no_grad() (as "
+              "optimizer.step() does)");
+  below_autograd(op, keys, stack);
 }
 
 void run_then_bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                            torch::jit::Stack* stack) {
   // The call consumes the stack: keep the written tensors first.
   std::vector<at::Tensor> written;
-  for_each_tensor_arg(
-      op.schema(), *stack,
-      [](const c10::Argument& a) { return a.alias_info() != nullptr && a.alias_info()->isWrite(); },
-      [&](const at::Tensor& t) { written.push_back(t); });
+  for_each_tensor_arg(op.schema(), *stack, is_written,
+                      [&](const at::Tensor& t) { written.push_back(t); });
   {
     // Tensor ops inside the kernel (layout copies, a fallback copy_ into out) are then neither
     // recorded by autograd nor counted as extra writes, as in torch's own kernels.
@@ -90,20 +118,27 @@ void run_then_bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   }
 }
 
-constexpr const char* kMutatingOps[] = {"mixup_out", "mixup_inplace", "cutmix_out",
-                                        "cutmix_inplace"};
+constexpr const char* kOutOps[] = {"mixup_out", "mixup_inplace", "cutmix_out", "cutmix_inplace"};
+constexpr const char* kOptimizerOps[] = {"grad_stats_", "fused_adamw_", "fused_sgd_"};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcore_train, Autograd, m) {
-  for (const char* name : kMutatingOps) {
+  for (const char* name : kOutOps) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad_then_run>());
+  }
+  for (const char* name : kOptimizerOps) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_tracked_writes_then_run>());
   }
 }
 
 TORCH_LIBRARY_IMPL(fastcore_train, ADInplaceOrView, m) {
-  for (const char* name : kMutatingOps) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_then_bump_written>());
+  for (const auto& names : {std::vector<const char*>(std::begin(kOutOps), std::end(kOutOps)),
+                            std::vector<const char*>(std::begin(kOptimizerOps),
+                                                     std::end(kOptimizerOps))}) {
+    for (const char* name : names) {
+      m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_then_bump_written>());
+    }
   }
 }
 

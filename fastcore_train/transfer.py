@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -272,6 +273,26 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def _check_state_dict(state) -> None:
+    """A mapping of names to tensors, or one sentence saying what it is instead."""
+    if not isinstance(state, Mapping):
+        raise TypeError("load_pretrained: expected a state dict (a mapping of parameter names "
+                        f"to tensors) or a file path, got {type(state).__name__}")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not bad:
+        return
+    if len(bad) == len(state):
+        nested = [k for k, v in state.items() if isinstance(v, Mapping)
+                  and any(isinstance(t, torch.Tensor) for t in v.values())]
+        hint = (f"; the weights look like they are under {nested[0]!r}: pass "
+                f"checkpoint[{nested[0]!r}]" if nested else "")
+        raise ValueError("load_pretrained: the checkpoint holds no tensors at its top level "
+                         f"(keys: {', '.join(map(str, list(state)[:8]))}){hint}")
+    raise TypeError(f"load_pretrained: the value of {bad[0]!r} is a "
+                    f"{type(state[bad[0]]).__name__}, not a tensor; a state dict maps names "
+                    "to tensors")
+
+
 def load_pretrained(model: nn.Module, state_dict_or_path, skip_mismatched: bool = True, *,
                     optimizer: Optional[torch.optim.Optimizer] = None) -> LoadReport:
     """Load the tensors of a checkpoint that fit ``model`` and report the rest.
@@ -290,6 +311,7 @@ def load_pretrained(model: nn.Module, state_dict_or_path, skip_mismatched: bool 
         state = torch.load(state_dict_or_path, map_location="cpu", weights_only=True)
     else:
         state = state_dict_or_path
+    _check_state_dict(state)
     own = model.state_dict()
     if state and all(k.startswith("module.") for k in state) and \
             not any(k.startswith("module.") for k in own):

@@ -333,3 +333,31 @@ def test_load_pretrained_refreshes_master_weights(backend, dtype):
     opt.step()
     for k, v in model.state_dict().items():
         assert torch.equal(v, pretrained[k])
+
+
+# ---- bad checkpoints: one sentence each (issue 13.9) -------------------------------------------
+
+@pytest.mark.parametrize("state,exc,msg", [
+    (torch.zeros(3), TypeError, "expected a state dict .* got Tensor"),
+    ([torch.zeros(3)], TypeError, "expected a state dict .* got list"),
+    ({"0.weight": torch.zeros(2, 2), "0.bias": [1.0, 2.0]}, TypeError,
+     "the value of '0.bias' is a list, not a tensor"),
+    ({"epoch": 3, "model": {"0.weight": torch.zeros(2)}}, ValueError,
+     r"no tensors at its top level \(keys: epoch, model\); .* checkpoint\['model'\]"),
+    ({"epoch": 3, "lr": 0.1}, ValueError, r"no tensors at its top level \(keys: epoch, lr\)$"),
+])
+def test_load_pretrained_refuses_what_is_not_a_state_dict(state, exc, msg):
+    model = nn.Sequential(nn.Linear(2, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(exc, match=msg):
+        transfer.load_pretrained(model, state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_load_pretrained_refuses_a_saved_training_checkpoint(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 2))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 1, "model": model.state_dict()}, path)
+    with pytest.raises(ValueError, match=r"pass checkpoint\['model'\]"):
+        transfer.load_pretrained(model, path)

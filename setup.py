@@ -37,8 +37,10 @@ def _extension_plan():
         import torch  # noqa: F401
     except ImportError:
         return [], {}, "skipped: pip built the package in an isolated environment without torch"
-    ext = _build.make_extension(os.path.join(ROOT, "csrc"),
-                                os.path.join(ROOT, "build", "gen"), rel_to=ROOT)
+    # one generated-header folder per torch: builds for two torches (the CUDA compile check
+    # beside the CPU build) never overwrite each other's
+    gen = os.path.join(ROOT, "build", "gen", "torch-" + torch.__version__.replace("+", "_"))
+    ext = _build.make_extension(os.path.join(ROOT, "csrc"), gen, rel_to=ROOT)
     return [ext], {"build_ext": _build.build_ext_class()}, "built"
 
 

@@ -824,3 +824,52 @@ def test_cuda_step_never_syncs(opt_cls, kw):
         torch.cuda.set_sync_debug_mode(0)
     assert next(model.parameters())._version > version
     assert scaler.get_scale() == 2.0 ** 9
+
+
+# ---- tensors written twice (issue 15 review: a shared step tensor raced on CUDA) ---------------
+
+def test_a_parameter_listed_twice_is_refused_at_construction():
+    p = torch.nn.Parameter(torch.zeros(3))
+    q = torch.nn.Parameter(torch.zeros(2))
+    for cls in (FusedAdamW, FusedSGD):
+        with pytest.raises(ValueError, match="parameter 2 of param group 0 is parameter 0 again"):
+            cls([p, q, p], lr=0.1)
+        opt = cls([q], lr=0.1)
+        with pytest.raises(ValueError, match="parameter 1 of param group 1 is parameter 0 again"):
+            opt.add_param_group({"params": [p, p]})
+        assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("what", ["steps", "exp_avgs", "params"])
+def test_ops_refuse_tensors_written_twice(backend, what):
+    ps = [torch.zeros(4), torch.zeros(4)]
+    gs = [torch.ones(4), torch.ones(4)]
+    m = [torch.zeros(4), torch.zeros(4)]
+    v = [torch.zeros(4), torch.zeros(4)]
+    steps = [torch.zeros(()), torch.zeros(())]
+    if what == "steps":
+        steps[1] = steps[0]
+    elif what == "exp_avgs":
+        m[1] = v[0]
+    else:
+        ps[1] = ps[0]
+    expected = {"steps": r"steps\[0\] and steps\[1\] are the same memory",
+                "exp_avgs": r"(exp_avgs\[1\] and exp_avg_sqs\[0\]|exp_avg_sqs\[0\] and "
+                            r"exp_avgs\[1\]) are the same memory",
+                "params": r"params\[0\] and params\[1\] are the same memory"}[what]
+    before = [t.clone() for t in ps + m + v + steps]
+    with pytest.raises(ValueError, match=expected):
+        ops.fused_adamw_(ps, gs, m, v, [], steps, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
+                         weight_decay=0.0)
+    for a, b in zip(before, ps + m + v + steps):
+        assert torch.equal(a, b)  # refused before writing anything
+
+
+def test_sgd_refuses_a_shared_buffer(backend):
+    ps = [torch.zeros(4), torch.zeros(4)]
+    gs = [torch.ones(4), torch.ones(4)]
+    buf = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"momentum_buffers\[0\] and momentum_buffers\[1\] are "
+                                         "the same memory"):
+        ops.fused_sgd_(ps, gs, [buf, buf], [], lr=0.1, momentum=0.9, nesterov=False,
+                       weight_decay=0.0)

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <utility>
@@ -26,6 +27,41 @@ struct StateList {
   at::TensorList tensors;
   bool optional = false;
 };
+
+// The tensors an op writes must not share memory: the CPU kernel would update a shared tensor
+// twice in sequence and the CUDA kernel from two blocks at once (a race). A parameter listed twice
+// (and so sharing its state) is the usual cause.
+inline void check_distinct_writes(
+    const char* op, const std::vector<std::pair<const char*, at::TensorList>>& lists) {
+  struct Entry {
+    const void* ptr;
+    size_t order;  // position in the concatenated lists
+    const char* name;
+    size_t index;
+  };
+  std::vector<Entry> seen;
+  for (const auto& [name, tensors] : lists) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].numel() > 0) seen.push_back({tensors[i].data_ptr(), seen.size(), name, i});
+    }
+  }
+  std::sort(seen.begin(), seen.end(), [](const Entry& a, const Entry& b) {
+    return a.ptr < b.ptr || (a.ptr == b.ptr && a.order < b.order);
+  });
+  for (size_t k = 1; k < seen.size(); ++k) {
+    const Entry& a = seen[k - 1];
+    const Entry& b = seen[k];
+    // a float32 param that is its own master (p.float() returns p) gets the same value written
+    // twice by the same thread: harmless
+    if (a.index == b.index && std::string(a.name) == "params" &&
+        std::string(b.name) == "masters") {
+      continue;
+    }
+    TORCH_CHECK_VALUE(a.ptr != b.ptr, op, ": ", a.name, "[", a.index, "] and ", b.name, "[",
+                      b.index, "] are the same memory; each parameter needs tensors of its own "
+                      "(is a parameter listed twice?)");
+  }
+}
 
 // params/grads: float32, float16 or bfloat16, grads dense and of their param's dtype and shape;
 // every state list float32 with one tensor per param of its shape (or empty if optional);
@@ -68,6 +104,9 @@ inline void check_optim_lists(const char* op, at::TensorList params, at::TensorL
       check_device(t, s.name, i);
     }
   }
+  std::vector<std::pair<const char*, at::TensorList>> written{{"params", params}};
+  for (const auto& s : states) written.emplace_back(s.name, s.tensors);
+  check_distinct_writes(op, written);
 }
 
 // A one-element float32 tensor (scale, found-inf flag, squared norm, lr, step) on `device`,
@@ -129,6 +168,7 @@ inline void check_optim_steps(const char* op, at::TensorList params, at::TensorL
   for (size_t i = 0; i < steps.size(); ++i) {
     check_optim_scalar(op, "steps[" + std::to_string(i) + "]", steps[i], params[0].device());
   }
+  check_distinct_writes(op, {{"steps", steps}});
 }
 
 // fused_adamw_'s max_exp_avg_sqs: one per param with amsgrad (checked with the other state
@@ -159,6 +199,7 @@ inline void check_sgd_args(const char* op, at::TensorList params, at::TensorList
     for (size_t i = 0; i < steps.size(); ++i) {
       check_optim_scalar(op, "steps[" + std::to_string(i) + "]", steps[i], params[0].device());
     }
+    check_distinct_writes(op, {{"steps", steps}});
   }
 }
 

@@ -85,6 +85,28 @@ def _check_lists(op, params, grads, states):
                 raise ValueError(f"{op}: {name}[{i}] has shape {list(t.shape)} but params[{i}] "
                                  f"has shape {list(p.shape)}")
             check_device(t, name, i)
+    _check_distinct_writes(op, [("params", params)] + [(name, ts) for name, ts, _ in states])
+
+
+def _check_distinct_writes(op, lists):
+    """The tensors an op writes share no memory (a parameter listed twice shares its state):
+    the CPU kernel would update it twice, the CUDA kernel from two blocks at once. The same
+    walk as the C++ check, so both report the same pair. (Traced tensors have no data pointer:
+    the compiled op checks at run time.)"""
+    if torch.compiler.is_compiling():
+        return
+    seen = []
+    for name, ts in lists:
+        for i, t in enumerate(ts):
+            if t.numel() > 0:
+                seen.append((t.data_ptr(), len(seen), name, i))
+    seen.sort()
+    for a, b in zip(seen, seen[1:]):
+        if a[3] == b[3] and (a[2], b[2]) == ("params", "masters"):
+            continue  # a float32 param that is its own master: the same value written twice
+        if a[0] == b[0]:
+            raise ValueError(f"{op}: {a[2]}[{a[3]}] and {b[2]}[{b[3]}] are the same memory; each "
+                             "parameter needs tensors of its own (is a parameter listed twice?)")
 
 
 def _check_scalar(op, name, t, device, ref="params[0]"):
@@ -131,6 +153,7 @@ def _check_steps(op, params, steps):
         raise ValueError(f"{op}: got {len(params)} params but {len(steps)} steps")
     for i, s in enumerate(steps):
         _check_scalar(op, f"steps[{i}]", s, params[0].device)
+    _check_distinct_writes(op, [("steps", steps)])
 
 
 def _check_amsgrad(op, max_exp_avg_sqs, amsgrad):
@@ -156,6 +179,7 @@ def _check_sgd(op, params, buffers, steps, momentum, dampening, nesterov):
             raise ValueError(f"{op}: got {len(params)} params but {len(steps)} steps")
         for i, s in enumerate(steps):
             _check_scalar(op, f"steps[{i}]", s, params[0].device)
+        _check_distinct_writes(op, [("steps", steps)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,10 +147,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The dtypes the kernels take, and one device for the whole optimizer."""
         name = type(self).__name__
         device = next((p.device for g in self.param_groups for p in g["params"]), None)
+        first: dict = {}
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 continue  # torch.optim's add_param_group names the problem
             where = f"parameter {i} of param group {group_index}"
+            # torch.optim warns ("in future, this will cause an error") and updates such a
+            # parameter twice per step; one fused pass cannot update a tensor twice
+            if id(p) in first:
+                raise ValueError(f"{name}: {where} is parameter {first[id(p)]} again; list each "
+                                 "parameter once")
+            first[id(p)] = i
             if p.dtype not in _DTYPES:
                 raise TypeError(f"{name}: {where} is {p.dtype}; fused optimizers support "
                                 "float32, float16 and bfloat16 parameters (use "

@@ -29,6 +29,17 @@ __all__ = ["Mixup", "flip_perm", "pair_perm", "sample_beta"]
 _MODES = ("batch", "pair", "elem")
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU-drawn tensor on ``device`` without making the host wait: a plain .to(cuda) of
+    pageable memory synchronises with the stream (the previous step's kernels) before it
+    returns; from pinned memory the copy is queued like a kernel."""
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def flip_perm(batch: int) -> torch.Tensor:
     """``[B-1, ..., 1, 0]``: pairs sample i with B-1-i (an involution)."""
     return torch.arange(batch - 1, -1, -1)
@@ -186,7 +197,7 @@ class Mixup(torch.nn.Module):
 
     def _perm(self, batch: int, device: torch.device) -> torch.Tensor:
         if self.mode == "pair":
-            return pair_perm(batch, self.generator).to(device)
+            return _to_device(pair_perm(batch, self.generator), device)
         perm = self._flips.get((batch, device))
         if perm is None:
             if len(self._flips) >= 8:  # a few batch sizes (the last batch) and devices at most
@@ -224,9 +235,9 @@ class Mixup(torch.nn.Module):
             if cut:
                 boxes = self._boxes(lam, x.shape[2], x.shape[3], self.generator)
                 # an unmixed sample (lam == 1) gets an empty box, hence lam 1 again below
-                x_mixed, lam_t = ops.cutmix(x, perm, boxes.to(x.device), out=out)
+                x_mixed, lam_t = ops.cutmix(x, perm, _to_device(boxes, x.device), out=out)
             else:
-                lam_t = lam.to(device=x.device, dtype=torch.float32)
+                lam_t = _to_device(lam.to(torch.float32), x.device)
                 x_mixed = ops.mixup(x, perm, lam_t, out=out)
             return x_mixed, MixedTarget(target, _take(target, perm), lam_t)
 

@@ -1204,3 +1204,65 @@ def test_cuda_gradients_and_errors(extension):
     with pytest.raises(ValueError, match="involution"):
         xi = x.cuda()
         ft.ops.mixup(xi, perm.cuda(), 0.5, out=xi)
+
+
+# ---- a whole CUDA training step never waits for the device (issue 15.2) ------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+@pytest.mark.parametrize("alphas", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)],
+                         ids=["mixup", "cutmix", "both"])
+def test_cuda_training_step_never_syncs(extension, mode, alphas):
+    """Mixup -> model -> label-smoothed CE -> LossScaler -> FusedAdamW -> OneCycleLR under
+    torch.cuda.set_sync_debug_mode("error"): no op of the step reads the device on the host
+    (the perm, lam and box checks run on the device, the CPU draws are copied from pinned
+    memory)."""
+    from fastcore_train.amp import LossScaler
+    from fastcore_train.optim import FusedAdamW
+    from fastcore_train.schedules import OneCycleLR
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10)).cuda()
+    opt = FusedAdamW(model.parameters(), lr=1e-3, max_grad_norm=1.0)
+    sched = OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+    scaler = LossScaler()
+    mix = Mixup(alpha=alphas[0], cutmix_alpha=alphas[1], mode=mode,
+                generator=torch.Generator().manual_seed(0))
+    crit = LabelSmoothingCrossEntropy(0.1)
+    batches = [(torch.randn(16, 3, 8, 8, device="cuda"),
+                torch.randint(0, 10, (16,), device="cuda")) for _ in range(4)]
+
+    def step(x, y):
+        xm, t = mix(x, y)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = crit(model(xm).float(), t)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        return loss
+
+    step(*batches[0])  # state, pinned buffers and caches created
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(x, y) for x, y in batches[1:]]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(v).item() for v in losses)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_perm_is_a_device_assert_without_a_sync(extension):
+    """A bad perm on CUDA is caught on the device (no host read); the CPU names the value."""
+    x = torch.randn(4, 3, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ft.ops.mixup(x, torch.arange(4, device="cuda"), 0.3)  # a good call does not sync
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(IndexError, match=r"perm\[0\] = 7 is out of range"):
+        ft.ops.mixup(x.cpu(), torch.tensor([7, 1, 2, 3]), 0.3)

@@ -14,14 +14,18 @@
 // spatial dimension) is first copied into out's layout. A user's out= that is not gets the
 // result through a temporary, and in place falls back the same way: correct, not fused.
 //
-// Permutations are checked on the host (B ints; on CUDA that is a copy and a sync) before any
-// kernel reads through them.
+// Values (perm, per-sample lam, per-sample boxes) are checked before any kernel reads through
+// them. On the CPU the check reads them and names the bad one. On a GPU reading them would
+// stall the stream every step, so the same conditions are asserted on the device
+// (at::_assert_async, as torch's own index kernels do): a bad value is a device-side assert at
+// the next synchronisation, and no call waits for the device.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "common/mixup_args.h"
@@ -96,24 +100,54 @@ inline at::Tensor with_layout_of(const at::Tensor& x, const at::Tensor& ref) {
   return y;
 }
 
-inline at::Tensor host_long(const at::Tensor& t) {
-  at::Tensor h = t.to(at::kCPU, at::kLong);
-  return h.contiguous();
+// perm is a permutation of range(B) (an involution when `involution`: in place).
+inline void check_perm(const char* op, const at::Tensor& perm, bool involution) {
+  const int64_t B = perm.numel();
+  if (perm.is_cpu()) {
+    at::Tensor p = perm.contiguous();
+    check_perm_values(op, p.const_data_ptr<int64_t>(), B, involution);
+    return;
+  }
+  if (B == 0) return;
+  const at::Tensor idx = at::arange(B, perm.options());
+  at::_assert_async(((perm >= 0) & (perm < B)).all(),
+                    std::string(op) + ": perm has a value outside [0, batch)");
+  // perm is a bijection iff inv[perm[i]] == i for every i, with inv[perm[i]] = i scattered
+  // (a repeated value keeps one of its positions, so another position fails)
+  const at::Tensor p = perm.clamp(0, B - 1);
+  const at::Tensor inv = at::empty_like(p).scatter_(0, p, idx);
+  at::_assert_async(inv.index_select(0, p).eq(idx).all(),
+                    std::string(op) + ": perm is not a permutation (a value appears twice)");
+  if (involution) {
+    at::_assert_async(p.index_select(0, p).eq(idx).all(),
+                      std::string(op) + ": in place (out=x) needs perm to be an involution "
+                      "(perm[perm[i]] == i)");
+  }
 }
 
-// Per-sample lam values checked on the host (B numbers; on CUDA a copy next to perm's).
+// Every per-sample lam in [0, 1] (NaN refused too).
 inline void check_lam_tensor(const char* op, const std::optional<at::Tensor>& lam) {
-  if (lam.has_value()) check_lam_values(op, lam->to(at::kCPU, at::kDouble).contiguous());
+  if (!lam.has_value() || lam->numel() == 0) return;
+  if (lam->is_cpu()) {
+    check_lam_values(op, lam->to(at::kDouble).contiguous());
+  } else {
+    at::_assert_async(((*lam >= 0) & (*lam <= 1)).all(),
+                      std::string(op) + ": lam must be in [0, 1]");
+  }
 }
 
-// inverse(perm) on perm's device, from a checked host copy.
-inline at::Tensor inverse_perm(const at::Tensor& perm_host, const at::Device& device) {
-  const int64_t B = perm_host.numel();
-  at::Tensor inv = at::empty({B}, perm_host.options());
-  const int64_t* p = perm_host.const_data_ptr<int64_t>();
+// inverse(perm) on perm's device (perm already checked).
+inline at::Tensor inverse_perm(const at::Tensor& perm) {
+  const int64_t B = perm.numel();
+  if (!perm.is_cpu()) {
+    return at::empty_like(perm).scatter_(0, perm, at::arange(B, perm.options()));
+  }
+  at::Tensor p = perm.contiguous();
+  at::Tensor inv = at::empty({B}, p.options());
+  const int64_t* src = p.const_data_ptr<int64_t>();
   int64_t* q = inv.data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) q[p[i]] = i;
-  return inv.to(device);
+  for (int64_t i = 0; i < B; ++i) q[src[i]] = i;
+  return inv;
 }
 
 template <class D>
@@ -150,8 +184,7 @@ at::Tensor mixup(const at::Tensor& x, const at::Tensor& perm, const std::optiona
                  double lam_scalar) {
   check_blend_inputs("mixup", x, perm);
   check_lam(x, lam, lam_scalar);
-  at::Tensor ph = host_long(perm);
-  check_perm_values("mixup", ph.const_data_ptr<int64_t>(), ph.numel(), false);
+  check_perm("mixup", perm, false);
   check_lam_tensor("mixup", lam);
   at::Tensor out = alloc_like<D>(x);
   if (out.numel() == 0) return out;
@@ -166,8 +199,7 @@ void mixup_out(const at::Tensor& x, const at::Tensor& perm, const std::optional<
   check_lam(x, lam, lam_scalar);
   check_out("mixup", x, out);
   check_no_overlap("mixup", x, out);
-  at::Tensor ph = host_long(perm);
-  check_perm_values("mixup", ph.const_data_ptr<int64_t>(), ph.numel(), false);
+  check_perm("mixup", perm, false);
   check_lam_tensor("mixup", lam);
   if (out.numel() == 0) return;
   if (rows_writable(out)) {
@@ -182,8 +214,7 @@ void mixup_inplace(at::Tensor& x, const at::Tensor& perm, const std::optional<at
                    double lam_scalar) {
   check_blend_inputs("mixup", x, perm);
   check_lam(x, lam, lam_scalar);
-  at::Tensor ph = host_long(perm);
-  check_perm_values("mixup", ph.const_data_ptr<int64_t>(), ph.numel(), true);
+  check_perm("mixup", perm, true);
   check_lam_tensor("mixup", lam);
   if (x.numel() == 0) return;
   if (rows_writable(x)) {
@@ -200,11 +231,10 @@ at::Tensor mixup_backward(const at::Tensor& grad, const at::Tensor& perm,
                           const std::optional<at::Tensor>& lam, double lam_scalar) {
   check_blend_inputs("mixup", grad, perm);
   check_lam(grad, lam, lam_scalar);
-  at::Tensor ph = host_long(perm);
-  check_perm_values("mixup", ph.const_data_ptr<int64_t>(), ph.numel(), false);
+  check_perm("mixup", perm, false);
   at::Tensor out = alloc_like<D>(grad);
   if (out.numel() == 0) return out;
-  blend_into<D>(grad, inverse_perm(ph, grad.device()), lam, lam_scalar, true, out, false);
+  blend_into<D>(grad, inverse_perm(perm), lam, lam_scalar, true, out, false);
   return out;
 }
 
@@ -240,9 +270,16 @@ inline Boxes check_boxes(const at::Tensor& x, const std::optional<at::Tensor>& b
   if (boxes.has_value()) {
     check_boxes_meta(x, *boxes);
     r.dev = boxes->to(at::kLong).contiguous();
-    at::Tensor h = host_long(r.dev);
-    const int64_t* p = h.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < h.size(0); ++i) check_box_value(p + 4 * i, H, W, i);
+    if (r.dev.is_cpu()) {
+      const int64_t* p = r.dev.const_data_ptr<int64_t>();
+      for (int64_t i = 0; i < r.dev.size(0); ++i) check_box_value(p + 4 * i, H, W, i);
+    } else if (r.dev.numel() > 0) {  // on the device: no host read (see the top of the file)
+      const at::Tensor y0 = r.dev.select(1, 0), y1 = r.dev.select(1, 1);
+      const at::Tensor x0 = r.dev.select(1, 2), x1 = r.dev.select(1, 3);
+      at::_assert_async(((y0 >= 0) & (y0 <= y1) & (y1 <= H) & (x0 >= 0) & (x0 <= x1) & (x1 <= W))
+                            .all(),
+                        "cutmix: a box (y0, y1, x0, x1) is outside the image");
+    }
   } else {
     check_box_list(box);
     std::copy(box.begin(), box.end(), r.box);
@@ -284,8 +321,7 @@ at::Tensor cutmix(const at::Tensor& x, const at::Tensor& perm,
                   const std::optional<at::Tensor>& boxes, at::IntArrayRef box) {
   check_cutmix(x, perm);
   Boxes b = check_boxes(x, boxes, box);
-  at::Tensor ph = host_long(perm);
-  check_perm_values("cutmix", ph.const_data_ptr<int64_t>(), ph.numel(), false);
+  check_perm("cutmix", perm, false);
   at::Tensor out = alloc_like<D>(x);
   if (out.numel() == 0) return out;
   const Geometry g = geometry(out);
@@ -301,8 +337,7 @@ void cutmix_out(const at::Tensor& x, const at::Tensor& perm, const std::optional
   Boxes b = check_boxes(x, boxes, box);
   check_out("cutmix", x, out);
   check_no_overlap("cutmix", x, out);
-  at::Tensor ph = host_long(perm);
-  check_perm_values("cutmix", ph.const_data_ptr<int64_t>(), ph.numel(), false);
+  check_perm("cutmix", perm, false);
   if (out.numel() == 0) return;
   const Geometry g = rows_writable(out) ? geometry(out) : Geometry{};
   if (g.ok) {
@@ -317,8 +352,7 @@ void cutmix_inplace(at::Tensor& x, const at::Tensor& perm, const std::optional<a
                     at::IntArrayRef box) {
   check_cutmix(x, perm);
   Boxes b = check_boxes(x, boxes, box);
-  at::Tensor ph = host_long(perm);
-  check_perm_values("cutmix", ph.const_data_ptr<int64_t>(), ph.numel(), true);
+  check_perm("cutmix", perm, true);
   if (x.numel() == 0) return;
   const Geometry g = rows_writable(x) ? geometry(x) : Geometry{};
   if (g.ok) {
@@ -334,13 +368,12 @@ at::Tensor cutmix_backward(const at::Tensor& grad, const at::Tensor& perm,
                            const std::optional<at::Tensor>& boxes, at::IntArrayRef box) {
   check_cutmix(grad, perm);
   Boxes b = check_boxes(grad, boxes, box);
-  at::Tensor ph = host_long(perm);
-  check_perm_values("cutmix", ph.const_data_ptr<int64_t>(), ph.numel(), false);
+  check_perm("cutmix", perm, false);
   at::Tensor out = alloc_like<D>(grad);
   if (out.numel() == 0) return out;
   const Geometry g = geometry(out);
   TORCH_INTERNAL_ASSERT(g.ok, "cutmix: unexpected output layout ", out.strides());
-  cutmix_into<D>(grad, inverse_perm(ph, grad.device()), b, out, g, CutmixMode::kBackward);
+  cutmix_into<D>(grad, inverse_perm(perm), b, out, g, CutmixMode::kBackward);
   return out;
 }
 

@@ -35,8 +35,8 @@ IMPLS = list(bench.MIXUP_IMPLS)
 TWO_PASS = ("fastcore_train inplace", "copy")  # read once + write once: 2 x the batch
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CASES, ids=[c.name.replace(" ", "-") for c in CASES])
+@pytest.mark.parametrize("case,impl", [(c, i) for c in CASES for i in c.impls],
+                         ids=[f"{c.name.replace(' ', '-')}-{i}" for c in CASES for i in c.impls])
 def test_mixup(benchmark, case, impl):
     run(benchmark, step_for(case, impl), rounds=case.rounds, warmup=2)
     nbytes = case.nbytes * 2 // 3 if impl in TWO_PASS else case.nbytes

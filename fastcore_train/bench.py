@@ -361,11 +361,52 @@ def _mixup_case(shape, dtype, device) -> Case:
                 rounds=7 if big and device.type == "cpu" else 15, impls=MIXUP_IMPLS)
 
 
+# The whole module call, small batches first: sampling, checks and dispatch are most of the
+# time there. timm's recipe (batch mode) written out: a numpy Beta draw, the batch blended in
+# place with its flip, dense smoothed mixup targets (B x 1000) for the soft-target loss; ours
+# needs no targets (the loss takes the MixedTarget).
+MODULE_SHAPES = {"full": [(32, 3, 32, 32), (128, 3, 32, 32), (128, 3, 64, 64),
+                          (256, 3, 224, 224)],
+                 "quick": [(32, 3, 32, 32), (128, 3, 64, 64)]}
+
+
+def _mixup_module_case(shape, device) -> Case:
+    numel = 1
+    for s_ in shape:
+        numel *= s_
+
+    def make():
+        import numpy as np
+
+        from fastcore_train.bench_step import dense_mixup_targets
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(shape, generator=g).to(device)
+        y = torch.randint(0, 1000, (shape[0],), generator=g).to(device)
+        ours = ft.Mixup(alpha=0.8, mode="batch", inplace=True,
+                        generator=torch.Generator().manual_seed(0))
+        rng = np.random.default_rng(0)
+
+        def timm_style():
+            lam = float(rng.beta(0.8, 0.8))
+            timm_flip_(x, lam)
+            return dense_mixup_targets(y, 1000, lam, 0.1)
+
+        return {"fastcore_train": _synced(lambda: ours(x, y), device),
+                "timm-style": _synced(timm_style, device)}
+
+    small = numel < 4 << 20
+    # in place: the batch is read and written once
+    return Case("mixup", f"Mixup module {'x'.join(map(str, shape))} fp32", 2 * numel * 4, make,
+                rounds=200 if small else 7, impls=("fastcore_train", "timm-style"))
+
+
 def mixup_cases(device, size="full") -> List[Case]:
     device = torch.device(device)
-    return [_mixup_case(shape, dtype, device)
-            for shape in MIXUP_SHAPES[size]
-            for dtype in (torch.float32, torch.bfloat16)]
+    return ([_mixup_case(shape, dtype, device)
+             for shape in MIXUP_SHAPES[size]
+             for dtype in (torch.float32, torch.bfloat16)]
+            + [_mixup_module_case(shape, device) for shape in MODULE_SHAPES[size]])
 
 
 # ---------------------------------------------------------------------------------------------

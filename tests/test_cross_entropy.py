@@ -336,11 +336,12 @@ def test_opcheck(extension):
                               (x, y, None, None, 1.0, 0.1, -100, reduction))
         torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
                               (x, y, y_b, lam, 1.0, 0.1, -100, reduction))
-    lse = torch.logsumexp(x.detach(), 1)
+    _, stats = torch.ops.fastcore_train.cross_entropy(x.detach(), y, y_b, None, 0.3, 0.1, -100, 0)
+    assert stats.shape == (6, 2)
     torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
-                          (torch.rand(6), x.detach(), y, y_b, None, 0.3, lse, 0.1, -100, 0))
+                          (torch.rand(6), x.detach(), y, y_b, None, 0.3, stats, 0.1, -100, 0))
     torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
-                          (torch.rand(()), x.detach(), y, y_b, None, 0.3, lse, 0.1, -100, 1))
+                          (torch.rand(()), x.detach(), y, y_b, None, 0.3, stats, 0.1, -100, 1))
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
@@ -404,6 +405,195 @@ def test_every_cpu_build(extension, isa):
     ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, label_smoothing=0.1)
     _assert_close(loss, ref_loss, torch.bfloat16)
     _assert_close(grad, ref_grad.bfloat16(), torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics at every magnitude
+
+OFFSETS = [0.0, 50.0, 1e2, 1e4, 1e6, 1e7, 1e8, 1e10, 1e20, 1e30]
+# The kernels' vector exp (at::vec exp_u20, the price of their speed) is good to ~3 float32
+# ulps of 1; torch's fp32 gradient is sometimes exact to the last bit. A gradient error within
+# 4 ulps of 1 therefore passes even where it exceeds twice torch's.
+GRAD_FLOOR = 4 * 2.0 ** -24
+
+
+def _cpu_builds():
+    if not _backend.extension_loaded():
+        return []
+    order = ["default", "avx2", "avx512"]
+    return order[: order.index(_backend._C.best_cpu_capability()) + 1]
+
+
+def _offset_case(offset, two):
+    g = torch.Generator().manual_seed(int(offset) % 1000 + 7)
+    x = torch.randn(8, 1000, generator=g) * 3 + offset
+    y_a = torch.randint(0, 1000, (8,), generator=g)
+    y_b = torch.randint(0, 1000, (8,), generator=g)
+    lam = torch.rand(8, generator=g)
+    return x, y_a, (dict(target_b=y_b, lam=lam) if two else {})
+
+
+def _float64_truth_and_torch_fp32(x, y_a, kw, eps):
+    """The float64 computation of the same float32 logits, and torch's own fp32 op."""
+    if kw:
+        C = x.shape[1]
+        lam = kw["lam"][:, None]
+        q = lam * F.one_hot(y_a, C) + (1 - lam) * F.one_hot(kw["target_b"], C)
+
+        def soft(t, dtype):
+            return F.cross_entropy(t.to(dtype), q.to(dtype), label_smoothing=eps,
+                                   reduction="none")
+        truth = _loss_and_grad(soft, x, torch.float64)
+        fp32 = _loss_and_grad(soft, x, torch.float32)
+    else:
+        truth = _loss_and_grad(_torch_ce, x, y_a, label_smoothing=eps, reduction="none")
+        fp32 = _loss_and_grad(F.cross_entropy, x, y_a, label_smoothing=eps, reduction="none")
+    return truth, fp32
+
+
+def _max_errors(got, truth):
+    return tuple(float((a.double() - b.double()).abs().max()) for a, b in zip(got, truth))
+
+
+@pytest.mark.parametrize("two", [False, True], ids=["one_target", "two_targets"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_precision_at_every_offset(offset, eps, two):
+    """8x1000 logits randn*3 + offset, float32: loss and gradient within twice torch's own fp32
+    error (both against a float64 computation) on every CPU build and on the reference. The
+    log-sum-exp stored as one float32 value lost everything from offset 1e4 on (loss off by
+    3.6 at 1e8, gradient rows summing to 0.6 at 1e7); a plain sum of logits for the smoothing
+    term lost it too (off by 1e22 at 1e30)."""
+    x, y_a, kw = _offset_case(offset, two)
+    truth, fp32 = _float64_truth_and_torch_fp32(x, y_a, kw, eps)
+    torch_loss_err, torch_grad_err = _max_errors(fp32, truth)
+    variants = [("reference", None)] + [("extension", isa) for isa in _cpu_builds()]
+    for backend_name, isa in variants:
+        try:
+            if isa:
+                _backend._C._set_cpu_capability(isa)
+            with _backend.use_backend(backend_name):
+                got = _loss_and_grad(ft.ops.cross_entropy, x, y_a, label_smoothing=eps,
+                                     reduction="none", **kw)
+        finally:
+            if isa:
+                _backend._C._set_cpu_capability("")
+        loss_err, grad_err = _max_errors(got, truth)
+        where = f"{backend_name} {isa or ''}: loss err {loss_err:.3g} grad err {grad_err:.3g}; " \
+                f"torch {torch_loss_err:.3g} {torch_grad_err:.3g}"
+        assert loss_err <= 2 * torch_loss_err, where
+        assert grad_err <= max(2 * torch_grad_err, GRAD_FLOOR), where
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_issue_examples_large_logits(backend, eps):
+    """Issue 13's cases: logits of 1e8 (log-sum-exp lost in float32) and of 1e38 with smoothing
+    (the logit sum overflowed to -inf where torch gives log 4)."""
+    for x, y in ((torch.tensor([[1e8, 1e8, 0.0]]), torch.tensor([0])),
+                 (torch.full((2, 4), 1e38), torch.tensor([0, 3])),
+                 (torch.tensor([[3e38, -3e38, 3e38, 0.0]]), torch.tensor([2]))):
+        got = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps)
+        want = _loss_and_grad(F.cross_entropy, x, y, label_smoothing=eps)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["masked_start", "low_start", "far_max", "top_of_range"])
+def test_one_pass_pivot_cases(backend, dtype, layout):
+    """The CPU forward's one pass works against a pivot (the max of the row's first vector
+    step, 0 when that is -inf) when the row max is near it, and redoes the row with the shifted
+    form otherwise. Rows on both sides, on every CPU build."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1031, generator=g) * 3 + (0.0 if layout == "masked_start" else 1e4)
+    if layout == "masked_start":
+        x[:, :40] = float("-inf")       # no finite pivot: 0, one pass
+    elif layout == "low_start":
+        x[:, :40] -= 60.0               # pivot ~55 below the max, still one pass
+    elif layout == "far_max":
+        x[:, 500] += 200.0              # the max too far above the pivot: the shifted form
+    else:
+        x[:, :40] = 3e38                # one pass at the top of float32's range
+    x = x.to(dtype)
+    y = _targets(6, 1031, seed=4)
+    want = _loss_and_grad(_torch_ce, x, y, reduction="none")
+    for isa in _cpu_builds() if backend == "extension" else [None]:
+        try:
+            if isa:
+                _backend._C._set_cpu_capability(isa)
+            got = _loss_and_grad(ft.ops.cross_entropy, x, y, reduction="none")
+        finally:
+            if isa:
+                _backend._C._set_cpu_capability("")
+        _assert_close(got[0], want[0], dtype)
+        _assert_close(got[1], want[1].to(dtype), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite rows
+
+INF, NAN = float("inf"), float("nan")
+NONFINITE_ROWS = {
+    "nan": [0.0, NAN, 1.0, 2.0],
+    "nan_at_target": [NAN, 0.0, 1.0, 2.0],
+    "pos_inf": [0.0, INF, 1.0, 2.0],
+    "pos_inf_at_target": [INF, 0.0, 1.0, 2.0],
+    "two_pos_inf": [INF, INF, 1.0, 2.0],
+    "all_neg_inf": [-INF] * 4,
+    "pos_and_neg_inf": [0.0, INF, -INF, 2.0],
+    "nan_and_neg_inf": [0.0, NAN, -INF, 2.0],
+}
+
+
+@pytest.mark.parametrize("two", [False, True], ids=["one_target", "two_targets"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("row", list(NONFINITE_ROWS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nonfinite_rows_like_torch(backend, dtype, row, eps, two):
+    """A row with a NaN or +inf logit, or only -inf ones, has a NaN loss and a NaN gradient
+    across the row, as F.cross_entropy gives (with probability targets for the two-target
+    form); the other rows are untouched. The row goes through every kernel path: short rows
+    (scalar tails), long rows (vector body, several online chunks)."""
+    for C in (4, 9000):
+        x = _logits(3, C, torch.float32)
+        x[1, :4] = torch.tensor(NONFINITE_ROWS[row])
+        if C > 4 and row == "all_neg_inf":
+            x[1] = -INF
+        elif C > 4:
+            x[1, 5000:5004] = torch.tensor(NONFINITE_ROWS[row])  # also in a later chunk
+        x = x.to(dtype)
+        y = torch.tensor([1, 0, 2])
+        if two:
+            y_b, lam = torch.tensor([3, 2, 2]), torch.tensor([0.3, 0.6, 0.5])
+            got = _loss_and_grad(ft.ops.cross_entropy, x, y, target_b=y_b, lam=lam,
+                                 label_smoothing=eps, reduction="none")
+            q = lam[:, None] * F.one_hot(y, C) + (1 - lam[:, None]) * F.one_hot(y_b, C)
+            want = _loss_and_grad(F.cross_entropy, x.double(), q.double(),
+                                  label_smoothing=eps, reduction="none")
+        else:
+            got = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps,
+                                 reduction="none")
+            want = _loss_and_grad(_torch_ce, x, y, label_smoothing=eps, reduction="none")
+        assert torch.isnan(got[0][1]) and torch.isnan(got[1][1]).all(), (C, got)
+        _assert_close(got[0], want[0], dtype)
+        _assert_close(got[1], want[1].to(dtype), dtype)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_ignored_rows_count_for_nothing_whatever_their_logits(backend, eps):
+    """An ignored row gives 0 loss and 0 gradient even with NaN or infinite logits, on both
+    backends (F.cross_entropy gives a NaN gradient there: its log_softmax backward multiplies
+    the row's zero upstream gradient by NaN). A fully masked padding row does not poison the
+    batch."""
+    x = _logits(4, 6, torch.float32)
+    x[0, 2] = NAN
+    x[1, 3] = INF
+    x[2] = -INF
+    y = torch.tensor([-100, -100, -100, 4])
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps)
+    want_loss, want_grad = _loss_and_grad(_torch_ce, x[3:], y[3:], label_smoothing=eps)
+    _assert_close(loss, want_loss, torch.float32)
+    assert (grad[:3] == 0).all()
+    _assert_close(grad[3:], want_grad.float(), torch.float32)
 
 
 @pytest.mark.cuda

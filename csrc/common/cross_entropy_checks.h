@@ -60,8 +60,9 @@ inline void check_cross_entropy_reduction(int64_t reduction) {
                     reduction);
 }
 
-inline void check_cross_entropy_backward_shapes(const at::Tensor& grad_loss, const at::Tensor& lse,
-                                               int64_t B, int64_t reduction) {
+inline void check_cross_entropy_backward_shapes(const at::Tensor& grad_loss,
+                                               const at::Tensor& stats, int64_t B,
+                                               int64_t reduction) {
   if (reduction == kReduceNone) {
     TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B,
                       "cross_entropy_backward: grad_loss must have shape (", B, ",), got ",
@@ -71,8 +72,9 @@ inline void check_cross_entropy_backward_shapes(const at::Tensor& grad_loss, con
                       "cross_entropy_backward: grad_loss of a reduced loss must have one "
                       "element, got shape ", grad_loss.sizes());
   }
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B, "cross_entropy_backward: lse must have "
-                    "shape (", B, ",), got ", lse.sizes());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == B && stats.size(1) == 2,
+                    "cross_entropy_backward: stats must have shape (", B, ", 2), got ",
+                    stats.sizes());
 }
 
 inline at::ScalarType cross_entropy_acc_type(at::ScalarType logits_type) {

@@ -7,9 +7,17 @@ Definitions (torch's, for one target; ``q`` are the soft targets, never material
     loss_i  = lse_i - (1 - eps) * (lam * z[i, a] + (1 - lam) * z[i, b]) - eps / C * sum_j z[i, j]
     dloss_i / dz[i, j] = softmax(z_i)_j - q_ij
 
-The compiled kernel saves only the per-row log-sum-exp; backward recomputes the softmax.
-A row is ignored (zero loss and gradient, left out of the mean) when ``target`` or ``target_b``
-equals ``ignore_index``.
+Every backend computes it from differences with the row max m (lse = m + L with
+L = log(sum_j exp(z_j - m)))::
+
+    loss_i  = L_i + (1 - eps) * (m_i - z_t) - eps / C * sum_j (z[i, j] - m_i)
+
+so the precision is float32's relative to the spread of a row, not to its offset (lse rounded to
+float32 loses L once |m| >> 1). The compiled kernel saves only m and L per row; backward
+recomputes the softmax as exp((z - m) - L). A row with a NaN or +inf logit, or only -inf ones,
+gets a NaN loss and gradient, as torch's log_softmax gives. A row is ignored (zero loss and
+gradient, whatever its logits, left out of the mean) when ``target`` or ``target_b`` equals
+``ignore_index``.
 """
 from __future__ import annotations
 
@@ -41,17 +49,16 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, label_smoothing
     gradient has the logits dtype.
     """
     lam_t, lam_s = _check_args(logits, target, target_b, lam, label_smoothing, reduction)
+    eps, ignore_index = float(label_smoothing), int(ignore_index)
     if _backend.use_extension("cross_entropy", logits):
-        args = (logits, target, target_b, lam_t, lam_s, float(label_smoothing),
-                int(ignore_index), _REDUCTION_CODE[reduction])
+        args = (logits, target, target_b, lam_t, lam_s, eps, ignore_index,
+                _REDUCTION_CODE[reduction])
         if _eager_autograd(logits):
             loss, _ = _CrossEntropyFunction.apply(*args)
         else:
             loss, _ = torch.ops.fastcore_train.cross_entropy(*args)
         return loss
-    rows = _reference_rows(logits, target, target_b, lam_t, lam_s, float(label_smoothing),
-                           int(ignore_index))
-    return _reduce(rows, target, target_b, ignore_index, reduction)
+    return _reference(logits, target, target_b, lam_t, lam_s, eps, ignore_index, reduction)
 
 
 def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, *,
@@ -60,8 +67,12 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, *,
                             lam: Lam = None) -> torch.Tensor:
     """The pure-torch definition of :func:`cross_entropy`: test oracle, fallback, baseline."""
     lam_t, lam_s = _check_args(logits, target, target_b, lam, label_smoothing, reduction)
-    rows = _reference_rows(logits, target, target_b, lam_t, lam_s, float(label_smoothing),
-                           int(ignore_index))
+    eps, ignore_index = float(label_smoothing), int(ignore_index)
+    return _reference(logits, target, target_b, lam_t, lam_s, eps, ignore_index, reduction)
+
+
+def _reference(logits, target, target_b, lam_t, lam_s, eps, ignore_index, reduction):
+    rows = _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index)
     return _reduce(rows, target, target_b, ignore_index, reduction)
 
 
@@ -160,28 +171,38 @@ def _reduce(rows, target, target_b, ignore_index, reduction):
 # ---------------------------------------------------------------------------------------------
 # the reference
 
+def _acc_dtype(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index):
     C = logits.shape[1]
     _check_values(target, target_b, lam_t, C, ignore_index)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(acc)
     ignored = _ignored(target, target_b, ignore_index)
+    # Ignored rows count for nothing whatever their logits: zeroed before any maths, so that
+    # a NaN there cannot leak into the gradient through 0 * NaN.
+    z = logits.to(_acc_dtype(logits)).masked_fill(ignored[:, None], 0.0)
+    if C == 0:  # every row is ignored (any target is out of range)
+        return z.sum(1)
+    # Differences with the row max, as the kernels compute (see the module docstring). The max
+    # is a constant to autograd: the loss does not depend on it, so every derivative is exact.
+    # A NaN or infinite max makes every d (and so the loss and gradient) NaN, as torch gives.
+    m = z.detach().amax(1)
+    d = z - m[:, None]
     a = target.masked_fill(ignored, 0)
-    za = z.gather(1, a[:, None])[:, 0] if C > 0 else z.new_zeros(z.shape[0])
+    da = m - z.gather(1, a[:, None])[:, 0]
     if target_b is None:
-        zt = za
+        dt = da
     else:
         b = target_b.masked_fill(ignored, 0)
-        zb = z.gather(1, b[:, None])[:, 0]
-        lam = lam_t.to(acc) if lam_t is not None else lam_s
-        # a row whose two targets agree is one target: z_a itself (lam*z_a + (1-lam)*z_a
+        db = m - z.gather(1, b[:, None])[:, 0]
+        lam = lam_t.to(z.dtype) if lam_t is not None else lam_s
+        # a row whose two targets agree is one target: m - z_a itself (lam*da + (1-lam)*da
         # is NaN for z_a = -inf and lam in {0, 1})
-        zt = torch.where(a == b, za, lam * za + (1.0 - lam) * zb)
-    lse = torch.logsumexp(z, dim=1)
-    rows = lse - (1.0 - eps) * zt
-    if eps != 0 and C > 0:  # without smoothing a -inf (masked) logit must not give 0*-inf
-        rows = rows - (eps / C) * z.sum(dim=1)
-    rows = rows.masked_fill(lse == float("inf"), float("nan"))  # torch's log_softmax: NaN
+        dt = torch.where(a == b, da, lam * da + (1.0 - lam) * db)
+    rows = torch.logsumexp(d, dim=1) + (1.0 - eps) * dt
+    if eps != 0:  # without smoothing a -inf (masked) logit must not give 0*-inf
+        rows = rows - (eps / C) * d.sum(dim=1)
     return rows.masked_fill(ignored, 0.0)
 
 
@@ -191,20 +212,20 @@ def _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index):
 
 def _setup_context(ctx, inputs, output):
     logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index, reduction = inputs
-    _, lse = output
-    ctx.save_for_backward(logits, target, target_b, lam, lse)
+    _, stats = output
+    ctx.save_for_backward(logits, target, target_b, lam, stats)
     ctx.lam_scalar = lam_scalar
     ctx.label_smoothing = label_smoothing
     ctx.ignore_index = ignore_index
     ctx.reduction = reduction
 
 
-def _backward(ctx, grad_loss, _grad_lse):
-    logits, target, target_b, lam, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_stats):
+    logits, target, target_b, lam, stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
         grad = torch.ops.fastcore_train.cross_entropy_backward(
-            grad_loss, logits, target, target_b, lam, ctx.lam_scalar, lse,
+            grad_loss, logits, target, target_b, lam, ctx.lam_scalar, stats,
             ctx.label_smoothing, ctx.ignore_index, ctx.reduction)
     return grad, None, None, None, None, None, None, None
 
@@ -242,10 +263,10 @@ def _register():
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         B = logits.shape[0]
         loss_shape = (B,) if reduction == 0 else ()
-        return logits.new_empty(loss_shape, dtype=acc), logits.new_empty((B,), dtype=acc)
+        return logits.new_empty(loss_shape, dtype=acc), logits.new_empty((B, 2), dtype=acc)
 
     @torch.library.register_fake("fastcore_train::cross_entropy_backward")
-    def _(grad_loss, logits, target, target_b, lam, lam_scalar, lse, label_smoothing,
+    def _(grad_loss, logits, target, target_b, lam, lam_scalar, stats, label_smoothing,
           ignore_index, reduction):
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 

@@ -13,6 +13,7 @@ TORCH_LIBRARY(fastcore_train, m) {
   // log(sum_j exp(z_j - m)), kept apart so that large logits keep their precision (NaN in the
   // second column for a row whose loss is NaN: a NaN or +inf logit, or only -inf ones; zeros for
   // ignored rows). Both are in the accumulation dtype (float32, or float64 for float64 logits).
+  // target, target_b: int64 or uint8 class indices.
   // lam: per-row weight of `target` (shape (B,)); when absent, lam_scalar is used.
   m.def(
       "cross_entropy(Tensor logits, Tensor target, Tensor? target_b, Tensor? lam, "

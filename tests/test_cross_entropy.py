@@ -336,6 +336,9 @@ def test_opcheck(extension):
                               (x, y, None, None, 1.0, 0.1, -100, reduction))
         torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
                               (x, y, y_b, lam, 1.0, 0.1, -100, reduction))
+        torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
+                              (x, y.to(torch.uint8).masked_fill(y < 0, 255), y_b, lam, 1.0,
+                               0.1, 255, reduction))
     _, stats = torch.ops.fastcore_train.cross_entropy(x.detach(), y, y_b, None, 0.3, 0.1, -100, 0)
     assert stats.shape == (6, 2)
     torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
@@ -594,6 +597,67 @@ def test_ignored_rows_count_for_nothing_whatever_their_logits(backend, eps):
     _assert_close(loss, want_loss, torch.float32)
     assert (grad[:3] == 0).all()
     _assert_close(grad[3:], want_grad.float(), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# class-index dtypes
+
+INDEX_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool]
+
+
+def _torch_accepts_index_dtype(dtype):
+    try:
+        F.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]).to(dtype))
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("dtype", INDEX_DTYPES)
+def test_index_dtypes_exactly_where_torch_takes_them(backend, dtype):
+    """Targets of every integer dtype torch accepts (int64 and uint8 in torch 2.13) give the
+    int64 result; the others are refused with our message, from both backends."""
+    x = _logits(6, 9, torch.float32)
+    y = _targets(6, 9, seed=1)
+    if not _torch_accepts_index_dtype(dtype):
+        with pytest.raises(TypeError, match=r"target must be int64 \(torch.long\) class indices"):
+            ft.ops.cross_entropy(x, y.to(dtype))
+        with pytest.raises(TypeError, match="target_b must be int64"):
+            ft.ops.cross_entropy(x, y, target_b=y.to(dtype), lam=0.5)
+        return
+    y_b = _targets(6, 9, seed=2)
+    for kw in ({"label_smoothing": 0.1, "reduction": "none"},
+               {"target_b": y_b, "lam": torch.rand(6), "reduction": "sum"}):
+        kw_t = dict(kw, target_b=kw["target_b"].to(dtype)) if "target_b" in kw else kw
+        got = _loss_and_grad(ft.ops.cross_entropy, x, y.to(dtype), **kw_t)
+        want = _loss_and_grad(ft.ops.cross_entropy, x, y, **kw)
+        torch.testing.assert_close(got, want)
+    got = _loss_and_grad(ft.ops.cross_entropy, x, y.to(dtype), label_smoothing=0.1)
+    want = _loss_and_grad(F.cross_entropy, x, y.to(dtype), label_smoothing=0.1)
+    torch.testing.assert_close(got, want)
+
+
+def test_uint8_ignore_index_compares_values_like_torch(backend):
+    """uint8 targets are compared with ignore_index by value, as torch's NLL does: 255 ignores
+    the rows holding 255, and -100 ignores nothing (it is not 156 in disguise). Torch 2.13's
+    smoothing term compares in uint8 and drops the smoothing of a 156 row for -100 -- half
+    ignored; we follow the int64 semantics there."""
+    x = _logits(4, 300, torch.float32)
+    y = torch.tensor([0, 255, 156, 7], dtype=torch.uint8)
+    for ignore_index in (255, -100, 156):
+        for eps in (0.0, 0.1):
+            kw = dict(ignore_index=ignore_index, label_smoothing=eps, reduction="none")
+            got = _loss_and_grad(ft.ops.cross_entropy, x, y, **kw)
+            want = _loss_and_grad(_torch_ce, x, y.long(), **kw)
+            _assert_close(got[0], want[0], torch.float32)
+            _assert_close(got[1], want[1].float(), torch.float32)
+            if eps == 0 or ignore_index != -100:
+                want_u8 = _loss_and_grad(_torch_ce, x, y, **kw)
+                _assert_close(got[0], want_u8[0], torch.float32)
+                _assert_close(got[1], want_u8[1].float(), torch.float32)
+    crit = ft.nn.LabelSmoothingCrossEntropy(0.1, ignore_index=255)
+    _assert_close(crit(x, y), _torch_ce(x, y, label_smoothing=0.1, ignore_index=255),
+                  torch.float32)
 
 
 @pytest.mark.cuda

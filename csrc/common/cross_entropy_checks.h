@@ -22,7 +22,9 @@ inline void check_cross_entropy_inputs(const at::Tensor& logits, const at::Tenso
               py_dtype(dt));
   const int64_t B = logits.size(0);
   auto check_target = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "cross_entropy: ", name,
+    // int64 and uint8, exactly the index dtypes torch's cross_entropy takes
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kByte,
+                     "cross_entropy: ", name,
                      " must be int64 (torch.long) class indices, got ", py_dtype(t.scalar_type()),
                      at::isFloatingType(t.scalar_type())
                          ? " (probability targets are not supported; for mixup pass target_b "

@@ -90,8 +90,9 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
   check_cross_entropy_inputs(logits, target, target_b, lam, lam_scalar, smoothing);
   Prepared r;
   r.x = rows_with_unit_stride(logits);
-  r.target = target.contiguous();
-  if (target_b.has_value()) r.target_b = target_b->contiguous();
+  // uint8 class indices are read as int64 (B values: nothing next to the (B, C) pass)
+  r.target = target.to(at::kLong).contiguous();
+  if (target_b.has_value()) r.target_b = target_b->to(at::kLong).contiguous();
   if (lam.has_value()) r.lam = lam->to(cross_entropy_acc_type(logits.scalar_type())).contiguous();
   r.valid = check_values(r.target, r.target_b, r.lam, logits.size(1), ignore_index);
   return r;

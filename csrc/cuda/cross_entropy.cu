@@ -257,8 +257,9 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
   check_cross_entropy_inputs(logits, target, target_b, lam, lam_scalar, smoothing);
   Prepared p;
   p.x = (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
-  p.target = target.contiguous();
-  if (target_b.has_value()) p.target_b = target_b->contiguous();
+  // uint8 class indices are read as int64 (B values)
+  p.target = target.to(at::kLong).contiguous();
+  if (target_b.has_value()) p.target_b = target_b->to(at::kLong).contiguous();
   if (lam.has_value()) {
     p.lam = lam->to(cross_entropy_acc_type(logits.scalar_type())).contiguous();
   }

@@ -32,6 +32,7 @@ __all__ = ["cross_entropy", "cross_entropy_reference"]
 _REDUCTIONS = ("mean", "sum", "none")
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # torch's at::Reduction, the op's argument
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX_DTYPES = (torch.long, torch.uint8)  # exactly the class-index dtypes F.cross_entropy takes
 
 Lam = Union[None, float, torch.Tensor]
 
@@ -42,11 +43,11 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, label_smoothing
     """Cross-entropy of ``logits`` (B, C) against class indices, with label smoothing.
 
     Equals ``F.cross_entropy(logits, target, label_smoothing=..., ignore_index=...,
-    reduction=...)`` for one target. With ``target_b`` and ``lam`` (a float or a (B,) tensor of
-    per-sample weights) it is the soft-target cross-entropy against
-    ``lam * q(target) + (1 - lam) * q(target_b)`` -- mixup's loss -- without building a (B, C)
-    target. The loss is float32 (float64 for float64 logits) whatever the logits dtype; the
-    gradient has the logits dtype.
+    reduction=...)`` for one target (int64 or uint8 class indices, as torch takes). With
+    ``target_b`` and ``lam`` (a float or a (B,) tensor of per-sample weights) it is the
+    soft-target cross-entropy against ``lam * q(target) + (1 - lam) * q(target_b)`` -- mixup's
+    loss -- without building a (B, C) target. The loss is float32 (float64 for float64 logits)
+    whatever the logits dtype; the gradient has the logits dtype.
     """
     lam_t, lam_s = _check_args(logits, target, target_b, lam, label_smoothing, reduction)
     eps, ignore_index = float(label_smoothing), int(ignore_index)
@@ -72,8 +73,15 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, *,
 
 
 def _reference(logits, target, target_b, lam_t, lam_s, eps, ignore_index, reduction):
+    target, target_b = _long(target), _long(target_b)
     rows = _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index)
     return _reduce(rows, target, target_b, ignore_index, reduction)
+
+
+def _long(t):
+    """uint8 class indices as int64 (compared with ignore_index as torch does: by value, where
+    a uint8 tensor would wrap -100 to 156)."""
+    return t if t is None or t.dtype == torch.long else t.long()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +104,7 @@ def _check_args(logits, target, target_b, lam, label_smoothing, reduction):
     for name, t in (("target", target), ("target_b", target_b)):
         if t is None:
             continue
-        if t.dtype != torch.long:
+        if t.dtype not in _INDEX_DTYPES:
             hint = (" (probability targets are not supported; for mixup pass target_b and lam)"
                     if t.is_floating_point() else "")
             raise TypeError(f"cross_entropy: {name} must be int64 (torch.long) class indices, "
@@ -176,6 +184,7 @@ def _acc_dtype(logits):
 
 
 def _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index):
+    """Per-row losses (int64 targets)."""
     C = logits.shape[1]
     _check_values(target, target_b, lam_t, C, ignore_index)
     ignored = _ignored(target, target_b, ignore_index)

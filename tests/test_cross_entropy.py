@@ -1,5 +1,7 @@
 """Fused label-smoothed cross-entropy: parity with torch and with the reference, gradients,
 the two-target (mixup) form, bad input, torch.library and torch.compile integration."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -331,13 +333,14 @@ def test_opcheck(extension):
     y = _targets(6, 37, ignore_every=5)
     y_b = _targets(6, 37, seed=3)
     lam = torch.rand(6)
+    lam_g = torch.rand(6, requires_grad=True)
     for reduction in (0, 1, 2):
         torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
                               (x, y, None, None, 1.0, 0.1, -100, reduction))
         torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
                               (x, y, y_b, lam, 1.0, 0.1, -100, reduction))
         torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
-                              (x, y.to(torch.uint8).masked_fill(y < 0, 255), y_b, lam, 1.0,
+                              (x, y.to(torch.uint8).masked_fill(y < 0, 255), y_b, lam_g, 1.0,
                                0.1, 255, reduction))
     _, stats = torch.ops.fastcore_train.cross_entropy(x.detach(), y, y_b, None, 0.3, 0.1, -100, 0)
     assert stats.shape == (6, 2)
@@ -369,6 +372,14 @@ def test_eager_autograd_matches_registered_autograd(extension, reduction):
                                                         lam_s, 0.1, -100, reduction)
         (ref.sum() if ref.dim() else ref).backward()
         assert torch.equal(loss, ref.detach()) and torch.equal(grad, xr.grad)
+    # lam's gradient, from both paths
+    lam_a, lam_b = lam.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+    out = ft.ops.cross_entropy(x, y, target_b=y_b, lam=lam_a, reduction=name)
+    assert type(out.grad_fn).__name__.startswith("_CrossEntropyFunction")
+    (out.sum() if out.dim() else out).backward()
+    ref, _ = torch.ops.fastcore_train.cross_entropy(x, y, y_b, lam_b, 1.0, 0.0, -100, reduction)
+    (ref.sum() if ref.dim() else ref).backward()
+    assert lam_a.grad is not None and torch.equal(lam_a.grad, lam_b.grad)
 
 
 def test_torch_compile_fullgraph(extension):
@@ -388,6 +399,31 @@ def test_torch_compile_fullgraph(extension):
     want.backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g_compiled, model.weight.grad)
+
+
+def test_torch_compile_uint8_targets_and_lam_grad(extension):
+    """uint8 class indices and a lam that requires grad trace through torch.compile too, with
+    the gradients of eager mode (the registered autograd computes lam's gradient)."""
+    model = torch.nn.Linear(16, 11)
+
+    def step(inp, y, y_b, lam):
+        return ft.ops.cross_entropy(model(inp), y, target_b=y_b, lam=lam, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    inp = torch.randn(8, 16)
+    y, y_b = _targets(8, 11).to(torch.uint8), _targets(8, 11, seed=7).to(torch.uint8)
+    results = []
+    for fn in (compiled, step):
+        model.zero_grad()
+        lam = torch.rand(8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        loss = fn(inp, y, y_b, lam)
+        loss.backward()
+        results.append((loss.detach(), model.weight.grad.clone(), lam.grad))
+    (l1, w1, g1), (l2, w2, g2) = results
+    assert g1 is not None
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(w1, w2)
+    torch.testing.assert_close(g1, g2)
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
@@ -658,6 +694,157 @@ def test_uint8_ignore_index_compares_values_like_torch(backend):
     crit = ft.nn.LabelSmoothingCrossEntropy(0.1, ignore_index=255)
     _assert_close(crit(x, y), _torch_ce(x, y, label_smoothing=0.1, ignore_index=255),
                   torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients: lam, double backward
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _torch_two_target(x, y_a, y_b, lam, reduction, **kw):
+    """Mixup's loss as torch users write it: lam * CE(y_a) + (1 - lam) * CE(y_b) per row."""
+    rows = (lam * F.cross_entropy(x, y_a, reduction="none", **kw)
+            + (1 - lam) * F.cross_entropy(x, y_b, reduction="none", **kw))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (y_a != kw.get("ignore_index", -100)).sum()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_lam_tensor_gets_its_gradient(backend, reduction):
+    """dloss/dlam_i = CE_a,i - CE_b,i, reduced like the loss: against torch's
+    lam*CE(a) + (1-lam)*CE(b) (rows 2 and 5 ignored in both targets, row 3 with a == b) and
+    gradcheck."""
+    B, C = 7, 11
+    x = _logits(B, C, torch.float64)
+    y_a, y_b = _targets(B, C, seed=4), _targets(B, C, seed=5)
+    y_b[3] = y_a[3]
+    y_a[[2, 5]] = y_b[[2, 5]] = -100
+    lam = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    kw = dict(label_smoothing=0.2)
+    grads = []
+    for fn in (lambda t, l: ft.ops.cross_entropy(t, y_a, target_b=y_b, lam=l,
+                                                 reduction=reduction, **kw),
+               lambda t, l: _torch_two_target(t, y_a, y_b, l, reduction, **kw)):
+        t, l = x.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+        out = fn(t, l)
+        (out.sum() if out.dim() else out).backward()
+        grads.append((out.detach(), t.grad, l.grad))
+    (loss, gx, gl), (ref, rgx, rgl) = grads
+    assert gl is not None
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gx, rgx)
+    torch.testing.assert_close(gl, rgl)
+    assert gl[3] == 0 and gl[2] == 0 and gl[5] == 0
+    torch.autograd.gradcheck(
+        lambda t, l: ft.ops.cross_entropy(t, y_a, target_b=y_b, lam=l, reduction=reduction, **kw),
+        (x.clone().requires_grad_(True), lam.clone().requires_grad_(True)))
+
+
+def test_lam_gradient_shapes_and_dtypes(backend):
+    """A 0-d lam tensor gets a 0-d gradient (through the broadcast), a float32 lam with float64
+    logits a float32 one; lam alone requiring grad works; a float lam has nothing to get."""
+    x = _logits(5, 6, torch.float64)
+    y_a, y_b = _targets(5, 6, seed=1), _targets(5, 6, seed=2)
+    lam0 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    ft.ops.cross_entropy(x, y_a, target_b=y_b, lam=lam0).backward()
+    lam_ref = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    _torch_two_target(x, y_a, y_b, lam_ref, "mean").backward()
+    assert lam0.grad.shape == ()
+    torch.testing.assert_close(lam0.grad, lam_ref.grad)
+    lam32 = torch.rand(5, requires_grad=True)
+    xr = x.clone().requires_grad_(True)
+    ft.ops.cross_entropy(xr, y_a, target_b=y_b, lam=lam32, reduction="sum").backward()
+    assert lam32.grad.dtype == torch.float32 and xr.grad.dtype == torch.float64
+    assert not ft.ops.cross_entropy(x, y_a, target_b=y_b, lam=0.3).requires_grad
+
+
+def _second_order_cases():
+    y = _targets(6, 9, seed=1)
+    y_ign = y.clone()
+    y_ign[[1, 4]] = 7
+    y_b = _targets(6, 9, seed=2)
+    return {
+        "one": (y, {}),
+        "smooth": (y, {"label_smoothing": 0.2}),
+        "ignore": (y_ign, {"label_smoothing": 0.1, "ignore_index": 7}),
+        "two_float_lam": (y, {"target_b": y_b, "lam": 0.35, "label_smoothing": 0.1}),
+        "two_lam_tensor": (y_ign, {"target_b": y_b, "label_smoothing": 0.1, "ignore_index": 7}),
+    }
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", list(_second_order_cases()))
+def test_gradgradcheck(backend, case, reduction):
+    """Double backward is correct (gradgradcheck in float64, w.r.t. the logits, lam and the
+    incoming gradient) for one and two targets, smoothing, ignore_index, every reduction."""
+    y, kw = _second_order_cases()[case]
+    x = _logits(6, 9, torch.float64).requires_grad_(True)
+    inputs = [x]
+    if case == "two_lam_tensor":
+        lam = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        inputs.append(lam.clamp(0.1, 0.9).requires_grad_(True))
+
+    def fn(t, *lam):
+        extra = {"lam": lam[0]} if lam else {}
+        return ft.ops.cross_entropy(t, y, reduction=reduction, **kw, **extra)
+
+    torch.autograd.gradgradcheck(fn, tuple(inputs))
+
+
+def _torch_second_order_ref(x, y, kw):
+    if "target_b" in kw:
+        kw = dict(kw)
+        y_b, lam = kw.pop("target_b"), kw.pop("lam")
+        return _torch_two_target(x, y, y_b, lam, "mean", **kw)
+    return F.cross_entropy(x, y, **kw)
+
+
+@pytest.mark.parametrize("case", ["one", "smooth", "ignore", "two_float_lam"])
+def test_second_order_matches_torch(backend, case):
+    """Gradient penalty (loss + ||dloss/dlogits||^2, backpropagated into a weight), a
+    Hessian-vector product and a pure second derivative give F.cross_entropy's values."""
+    y, kw = _second_order_cases()[case]
+    g = torch.Generator().manual_seed(5)
+    inp = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    w0 = torch.randn(4, 9, dtype=torch.float64, generator=g)
+    v = torch.randn(6, 9, dtype=torch.float64, generator=g)
+    results = []
+    for fn in (lambda t: ft.ops.cross_entropy(t, y, **kw),
+               lambda t: _torch_second_order_ref(t, y, kw)):
+        w = w0.clone().requires_grad_(True)
+        logits = inp @ w
+        loss = fn(logits)
+        (gz,) = torch.autograd.grad(loss, logits, create_graph=True)
+        (dw,) = torch.autograd.grad(loss + (gz ** 2).sum(), w)  # gradient penalty
+        x = (inp @ w0).requires_grad_(True)
+        (gx,) = torch.autograd.grad(fn(x), x, create_graph=True)
+        (hvp,) = torch.autograd.grad((gx * v).sum(), x)  # Hessian-vector product / pure 2nd
+        results.append((dw, hvp))
+    (dw, hvp), (rdw, rhvp) = results
+    torch.testing.assert_close(dw, rdw)
+    torch.testing.assert_close(hvp, rhvp)
+    assert hvp.abs().max() > 1e-3  # the check is not vacuous
+
+
+def test_first_order_backward_stays_on_the_kernel(extension, monkeypatch):
+    """Only create_graph takes the differentiable (reference) backward; a plain backward of
+    either autograd path, lam's gradient included, uses the kernel and the closed form."""
+    ce_mod = importlib.import_module("fastcore_train.ops.cross_entropy")
+
+    def fail(*a, **k):
+        raise AssertionError("the differentiable backward ran without create_graph")
+
+    monkeypatch.setattr(ce_mod, "_differentiable_backward", fail)
+    x = _logits(6, 37, torch.float32).requires_grad_(True)
+    y, y_b, lam = _targets(6, 37), _targets(6, 37, seed=3), torch.rand(6, requires_grad=True)
+    ft.ops.cross_entropy(x, y, target_b=y_b, lam=lam, label_smoothing=0.1).backward()
+    torch.ops.fastcore_train.cross_entropy(x, y, y_b, lam, 1.0, 0.1, -100, 1)[0].backward()
+    with pytest.raises(AssertionError, match="differentiable backward"):
+        torch.autograd.grad(ft.ops.cross_entropy(x, y), x, create_graph=True)
 
 
 @pytest.mark.cuda

@@ -44,17 +44,18 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, label_smoothing
 
     Equals ``F.cross_entropy(logits, target, label_smoothing=..., ignore_index=...,
     reduction=...)`` for one target (int64 or uint8 class indices, as torch takes). With
-    ``target_b`` and ``lam`` (a float or a (B,) tensor of per-sample weights) it is the
-    soft-target cross-entropy against ``lam * q(target) + (1 - lam) * q(target_b)`` -- mixup's
-    loss -- without building a (B, C) target. The loss is float32 (float64 for float64 logits)
-    whatever the logits dtype; the gradient has the logits dtype.
+    ``target_b`` and ``lam`` (a float or a (B,) tensor of per-sample weights, which gets its
+    gradient when it requires one) it is the soft-target cross-entropy against
+    ``lam * q(target) + (1 - lam) * q(target_b)`` -- mixup's loss -- without building a (B, C)
+    target. The loss is float32 (float64 for float64 logits) whatever the logits dtype; the
+    gradient has the logits dtype. Double backward works (through the reference's formula).
     """
     lam_t, lam_s = _check_args(logits, target, target_b, lam, label_smoothing, reduction)
     eps, ignore_index = float(label_smoothing), int(ignore_index)
     if _backend.use_extension("cross_entropy", logits):
         args = (logits, target, target_b, lam_t, lam_s, eps, ignore_index,
                 _REDUCTION_CODE[reduction])
-        if _eager_autograd(logits):
+        if _eager_autograd(logits, lam_t):
             loss, _ = _CrossEntropyFunction.apply(*args)
         else:
             loss, _ = torch.ops.fastcore_train.cross_entropy(*args)
@@ -72,9 +73,10 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, *,
     return _reference(logits, target, target_b, lam_t, lam_s, eps, ignore_index, reduction)
 
 
-def _reference(logits, target, target_b, lam_t, lam_s, eps, ignore_index, reduction):
+def _reference(logits, target, target_b, lam_t, lam_s, eps, ignore_index, reduction,
+               check=True):
     target, target_b = _long(target), _long(target_b)
-    rows = _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index)
+    rows = _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index, check)
     return _reduce(rows, target, target_b, ignore_index, reduction)
 
 
@@ -183,10 +185,11 @@ def _acc_dtype(logits):
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index):
-    """Per-row losses (int64 targets)."""
+def _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index, check=True):
+    """Per-row losses (int64 targets), differentiable any number of times."""
     C = logits.shape[1]
-    _check_values(target, target_b, lam_t, C, ignore_index)
+    if check:
+        _check_values(target, target_b, lam_t, C, ignore_index)
     ignored = _ignored(target, target_b, ignore_index)
     # Ignored rows count for nothing whatever their logits: zeroed before any maths, so that
     # a NaN there cannot leak into the gradient through 0 * NaN.
@@ -216,8 +219,14 @@ def _reference_rows(logits, target, target_b, lam_t, lam_s, eps, ignore_index):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library registrations for the compiled op: fake kernel (torch.compile) and autograd.
-# Only when the extension loaded; a failure here must never break `import fastcore_train`.
+# Autograd of the compiled op, shared by the eager autograd.Function and the torch.library
+# registration. First order: the backward kernel for the logits, a closed form for lam.
+# Under create_graph (double backward) the kernel's output would be a dead end for autograd,
+# so the gradient is taken through the reference's formula instead, which autograd can
+# differentiate again.
+
+_REDUCTION_NAME = {code: name for name, code in _REDUCTION_CODE.items()}
+
 
 def _setup_context(ctx, inputs, output):
     logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index, reduction = inputs
@@ -231,12 +240,52 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_stats):
     logits, target, target_b, lam, stats = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = torch.ops.fastcore_train.cross_entropy_backward(
-            grad_loss, logits, target, target_b, lam, ctx.lam_scalar, stats,
-            ctx.label_smoothing, ctx.ignore_index, ctx.reduction)
-    return grad, None, None, None, None, None, None, None
+    need_x, need_lam = ctx.needs_input_grad[0], lam is not None and ctx.needs_input_grad[3]
+    if torch.is_grad_enabled():  # create_graph=True
+        grad, grad_lam = _differentiable_backward(ctx, grad_loss, logits, target, target_b, lam,
+                                                  need_x, need_lam)
+    else:
+        grad = grad_lam = None
+        if need_x:
+            grad = torch.ops.fastcore_train.cross_entropy_backward(
+                grad_loss, logits, target, target_b, lam, ctx.lam_scalar, stats,
+                ctx.label_smoothing, ctx.ignore_index, ctx.reduction)
+        if need_lam:
+            grad_lam = _lam_grad(ctx, grad_loss, logits, target, target_b, lam, stats)
+    return grad, None, None, grad_lam, None, None, None, None
+
+
+def _lam_grad(ctx, grad_loss, logits, target, target_b, lam, stats):
+    """d loss / d lam_i = (1-eps) * ((m - z_a) - (m - z_b)) = CE_a,i - CE_b,i for rows not
+    ignored whose targets differ (0 otherwise: a row with a == b does not depend on lam),
+    times grad_loss (divided by the number of rows not ignored for the mean). NaN for a row
+    whose loss is NaN, as lam * CE_a + (1 - lam) * CE_b gives."""
+    target, target_b = _long(target), _long(target_b)
+    ignored = _ignored(target, target_b, ctx.ignore_index)
+    mixed = ~ignored & (target != target_b)
+    if logits.shape[1] == 0:
+        return torch.zeros_like(lam)
+    m = stats[:, 0]
+    za = logits.gather(1, target.masked_fill(~mixed, 0)[:, None])[:, 0].to(m.dtype)
+    zb = logits.gather(1, target_b.masked_fill(~mixed, 0)[:, None])[:, 0].to(m.dtype)
+    g = grad_loss.to(m.dtype)
+    if ctx.reduction == _REDUCTION_CODE["mean"]:
+        g = g / (~ignored).sum()
+    dlam = (1.0 - ctx.label_smoothing) * ((m - za) - (m - zb))
+    return torch.where(mixed, g * dlam, 0.0).to(lam.dtype)
+
+
+def _differentiable_backward(ctx, grad_loss, logits, target, target_b, lam, need_x, need_lam):
+    inputs = [t for t, need in ((logits, need_x), (lam, need_lam)) if need]
+    if not inputs:
+        return None, None
+    with torch.enable_grad():
+        loss = _reference(logits, target, target_b, lam, ctx.lam_scalar, ctx.label_smoothing,
+                          ctx.ignore_index, _REDUCTION_NAME[ctx.reduction], check=False)
+        grads = torch.autograd.grad(loss, inputs, grad_loss, create_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+    grads = iter(grads)
+    return (next(grads) if need_x else None), (next(grads) if need_lam else None)
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
@@ -256,10 +305,14 @@ class _CrossEntropyFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _eager_autograd(logits) -> bool:
-    return (logits.requires_grad and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+def _eager_autograd(logits, lam) -> bool:
+    return ((logits.requires_grad or (lam is not None and lam.requires_grad))
+            and torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registrations for the compiled op: fake kernel (torch.compile) and autograd.
+# Only when the extension loaded; a failure here must never break `import fastcore_train`.
 
 def _register():
     lib = "fastcore_train::cross_entropy"

@@ -2,6 +2,7 @@
 the two-target (mixup) form, bad input, torch.library and torch.compile integration."""
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -845,6 +846,68 @@ def test_first_order_backward_stays_on_the_kernel(extension, monkeypatch):
     torch.ops.fastcore_train.cross_entropy(x, y, y_b, lam, 1.0, 0.1, -100, 1)[0].backward()
     with pytest.raises(AssertionError, match="differentiable backward"):
         torch.autograd.grad(ft.ops.cross_entropy(x, y), x, create_graph=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument types: torch's exception types, with a sentence that names the argument
+
+def _torch_exception(**kw):
+    try:
+        F.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), **kw)
+        return None
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return type(e)
+
+
+ARG_CASES = [
+    ("ignore_index", 2 ** 70, "ignore_index must fit in int64"),
+    ("ignore_index", -2 ** 63 - 1, "ignore_index must fit in int64"),
+    ("ignore_index", 3.7, "ignore_index must be an int, not float"),
+    ("ignore_index", 3.0, "ignore_index must be an int, not float"),
+    ("ignore_index", True, "ignore_index must be an int, not bool"),
+    ("ignore_index", None, "ignore_index must be an int, not NoneType"),
+    ("ignore_index", "3", "ignore_index must be an int, not str"),
+    ("ignore_index", torch.tensor(3.0), "ignore_index must be an int, not Tensor"),
+    ("label_smoothing", None, "label_smoothing must be a float, not NoneType"),
+    ("label_smoothing", "0.1", "label_smoothing must be a float, not str"),
+    ("label_smoothing", [0.1], "label_smoothing must be a float, not list"),
+    ("label_smoothing", torch.tensor([0.1, 0.2]), "label_smoothing must be a float, not Tensor"),
+]
+ARG_ACCEPTED = [
+    ("ignore_index", 2 ** 63 - 1), ("ignore_index", np.int64(2)), ("ignore_index", torch.tensor(2)),
+    ("label_smoothing", 1), ("label_smoothing", np.float64(0.1)),
+    ("label_smoothing", torch.tensor(0.1)),
+]
+
+
+@pytest.mark.parametrize("name,value,msg", ARG_CASES)
+def test_bad_argument_types_like_torch(backend, name, value, msg):
+    """The exception type torch raises for the same value (TypeError for a float, bool or None
+    ignore_index -- never truncated --, a None or string label_smoothing; ValueError beyond
+    int64), with a sentence naming the argument; the module says it at construction."""
+    exc = _torch_exception(**{name: value})
+    assert exc in (TypeError, ValueError)
+    x, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    with pytest.raises(exc, match=f"cross_entropy: {msg}"):
+        ft.ops.cross_entropy(x, y, **{name: value})
+    with pytest.raises(exc, match=f"cross_entropy: {msg}"):
+        cross_entropy_reference(x, y, **{name: value})
+    module_arg = {"label_smoothing": "smoothing"}.get(name, name)
+    with pytest.raises(exc, match="LabelSmoothingCrossEntropy: " +
+                       msg.replace("label_smoothing", "smoothing")):
+        ft.nn.LabelSmoothingCrossEntropy(**{module_arg: value})
+
+
+@pytest.mark.parametrize("name,value", ARG_ACCEPTED)
+def test_argument_types_torch_accepts(backend, name, value):
+    assert _torch_exception(**{name: value}) is None
+    x, y = _logits(3, 5, torch.float32), torch.tensor([0, 1, 2])
+    _assert_close(ft.ops.cross_entropy(x, y, **{name: value}), _torch_ce(x, y, **{name: value}),
+                  torch.float32)
+    crit = ft.nn.LabelSmoothingCrossEntropy(**{{"label_smoothing": "smoothing"}.get(name, name):
+                                               value})
+    want = _torch_ce(x, y, label_smoothing=crit.smoothing, ignore_index=crit.ignore_index)
+    _assert_close(crit(x, y), want, torch.float32)
 
 
 @pytest.mark.cuda

@@ -21,6 +21,8 @@ gradient, whatever its logits, left out of the mean) when ``target`` or ``target
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Optional, Union
 
 import torch
@@ -50,8 +52,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, label_smoothing
     target. The loss is float32 (float64 for float64 logits) whatever the logits dtype; the
     gradient has the logits dtype. Double backward works (through the reference's formula).
     """
-    lam_t, lam_s = _check_args(logits, target, target_b, lam, label_smoothing, reduction)
-    eps, ignore_index = float(label_smoothing), int(ignore_index)
+    lam_t, lam_s, eps, ignore_index = _check_args(logits, target, target_b, lam,
+                                                  label_smoothing, ignore_index, reduction)
     if _backend.use_extension("cross_entropy", logits):
         args = (logits, target, target_b, lam_t, lam_s, eps, ignore_index,
                 _REDUCTION_CODE[reduction])
@@ -68,8 +70,8 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, *,
                             reduction: str = "mean", target_b: Optional[torch.Tensor] = None,
                             lam: Lam = None) -> torch.Tensor:
     """The pure-torch definition of :func:`cross_entropy`: test oracle, fallback, baseline."""
-    lam_t, lam_s = _check_args(logits, target, target_b, lam, label_smoothing, reduction)
-    eps, ignore_index = float(label_smoothing), int(ignore_index)
+    lam_t, lam_s, eps, ignore_index = _check_args(logits, target, target_b, lam,
+                                                  label_smoothing, ignore_index, reduction)
     return _reference(logits, target, target_b, lam_t, lam_s, eps, ignore_index, reduction)
 
 
@@ -89,7 +91,34 @@ def _long(t):
 # ---------------------------------------------------------------------------------------------
 # argument checks: the same messages as csrc/common/cross_entropy_checks.h
 
-def _check_args(logits, target, target_b, lam, label_smoothing, reduction):
+def _as_float(value, name, who="cross_entropy"):
+    """``value`` as a Python float where torch's float arguments take it (a real number or a
+    0-d real tensor); anything else (None, a string, ...) is a TypeError, as in torch."""
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        return float(value)
+    raise TypeError(f"{who}: {name} must be a float, not {type(value).__name__}")
+
+
+def _as_int64(value, name, who="cross_entropy"):
+    """``value`` as a Python int where torch's int arguments take it (an int, a numpy integer,
+    a one-element integer tensor; not a bool or a float: torch raises TypeError rather than
+    truncate), in int64's range (ValueError otherwise, as torch)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{who}: {name} must be an int, not {type(value).__name__}") from None
+    if not -2**63 <= v < 2**63:
+        raise ValueError(f"{who}: {name} must fit in int64 (a 64-bit signed integer), got {v}")
+    return v
+
+
+def _check_args(logits, target, target_b, lam, label_smoothing, ignore_index, reduction):
+    """Checks the arguments; returns (lam tensor or None, lam float, label_smoothing as a float,
+    ignore_index as an int)."""
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         hint = (" (for mixup targets pass target_b and lam, or an ft.MixedTarget to "
                 "LabelSmoothingCrossEntropy)" if isinstance(target, (tuple, list)) else "")
@@ -97,6 +126,8 @@ def _check_args(logits, target, target_b, lam, label_smoothing, reduction):
                         f"{type(logits).__name__} and {type(target).__name__}{hint}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    eps = _as_float(label_smoothing, "label_smoothing")
+    ignore_index = _as_int64(ignore_index, "ignore_index")
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy: logits must be 2-D (batch, classes), got {logits.dim()}-D")
     if logits.dtype not in _FLOAT_DTYPES:
@@ -117,12 +148,12 @@ def _check_args(logits, target, target_b, lam, label_smoothing, reduction):
         if t.device != logits.device:
             raise ValueError(f"cross_entropy: {name} is on {t.device} but logits is on "
                              f"{logits.device}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if not 0.0 <= eps <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     if (target_b is None) != (lam is None):
         raise ValueError("cross_entropy: target_b and lam must be given together")
     if lam is None:
-        return None, 1.0
+        return None, 1.0, eps, ignore_index
     if isinstance(lam, torch.Tensor):
         if not lam.is_floating_point():
             raise TypeError(f"cross_entropy: lam must be a float tensor, got {lam.dtype}")
@@ -134,11 +165,11 @@ def _check_args(logits, target, target_b, lam, label_smoothing, reduction):
         if lam.dim() != 1 or lam.shape[0] != B:
             raise ValueError(f"cross_entropy: lam must have shape ({B},) to match logits, "
                              f"got {list(lam.shape)}")
-        return lam, 1.0
-    lam = float(lam)
+        return lam, 1.0, eps, ignore_index
+    lam = _as_float(lam, "lam")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"cross_entropy: lam must be in [0, 1], got {lam}")
-    return None, lam
+    return None, lam, eps, ignore_index
 
 
 def _check_values(target, target_b, lam_t, classes, ignore_index):

@@ -94,6 +94,8 @@ def _long(t):
 def _as_float(value, name, who="cross_entropy"):
     """``value`` as a Python float where torch's float arguments take it (a real number or a
     0-d real tensor); anything else (None, a string, ...) is a TypeError, as in torch."""
+    if type(value) is float:  # the usual case, ahead of the slower ABC check
+        return value
     if isinstance(value, numbers.Real):
         return float(value)
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():

@@ -9,8 +9,11 @@
 TORCH_LIBRARY(fastcore_train, m) {
   // Label-smoothed cross-entropy, one or two targets (mixup). Returns the loss, reduced as
   // torch does (reduction: 0 none, 1 mean over rows not ignored, 2 sum; torch's at::Reduction),
-  // and the per-row log-sum-exp, the only thing backward needs. Both are in the accumulation
-  // dtype (float32, or float64 for float64 logits).
+  // and per-row stats (B, 2), the only thing backward needs: the row max m and
+  // log(sum_j exp(z_j - m)), kept apart so that large logits keep their precision (NaN in the
+  // second column for a row whose loss is NaN: a NaN or +inf logit, or only -inf ones; zeros for
+  // ignored rows). Both are in the accumulation dtype (float32, or float64 for float64 logits).
+  // target, target_b: int64 or uint8 class indices.
   // lam: per-row weight of `target` (shape (B,)); when absent, lam_scalar is used.
   m.def(
       "cross_entropy(Tensor logits, Tensor target, Tensor? target_b, Tensor? lam, "
@@ -18,7 +21,7 @@ TORCH_LIBRARY(fastcore_train, m) {
       "(Tensor, Tensor)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "
-      "Tensor? target_b, Tensor? lam, float lam_scalar, Tensor lse, float label_smoothing, "
+      "Tensor? target_b, Tensor? lam, float lam_scalar, Tensor stats, float label_smoothing, "
       "int ignore_index, int reduction) -> Tensor");
 
   // Mixed-precision fused optimizer step (fastcore_train/optim), two passes.

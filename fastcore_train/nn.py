@@ -6,6 +6,7 @@ from typing import NamedTuple, Union
 import torch
 
 from fastcore_train import ops
+from fastcore_train.ops.cross_entropy import _as_float, _as_int64
 
 __all__ = ["LabelSmoothingCrossEntropy", "MixedTarget"]
 
@@ -31,12 +32,16 @@ class LabelSmoothingCrossEntropy(torch.nn.Module):
 
     def __init__(self, smoothing: float = 0.1, ignore_index: int = -100, reduction: str = "mean"):
         super().__init__()
+        # torch's exception types (TypeError for a None or a string smoothing, a float
+        # ignore_index; ValueError beyond int64), at construction rather than at the first call
+        who = type(self).__name__
+        smoothing = _as_float(smoothing, "smoothing", who)
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        self.smoothing = float(smoothing)
-        self.ignore_index = int(ignore_index)
+        self.smoothing = smoothing
+        self.ignore_index = _as_int64(ignore_index, "ignore_index", who)
         self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, target) -> torch.Tensor:

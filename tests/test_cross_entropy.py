@@ -1,5 +1,8 @@
 """Fused label-smoothed cross-entropy: parity with torch and with the reference, gradients,
 the two-target (mixup) form, bad input, torch.library and torch.compile integration."""
+import importlib
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -331,16 +334,21 @@ def test_opcheck(extension):
     y = _targets(6, 37, ignore_every=5)
     y_b = _targets(6, 37, seed=3)
     lam = torch.rand(6)
+    lam_g = torch.rand(6, requires_grad=True)
     for reduction in (0, 1, 2):
         torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
                               (x, y, None, None, 1.0, 0.1, -100, reduction))
         torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
                               (x, y, y_b, lam, 1.0, 0.1, -100, reduction))
-    lse = torch.logsumexp(x.detach(), 1)
+        torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
+                              (x, y.to(torch.uint8).masked_fill(y < 0, 255), y_b, lam_g, 1.0,
+                               0.1, 255, reduction))
+    _, stats = torch.ops.fastcore_train.cross_entropy(x.detach(), y, y_b, None, 0.3, 0.1, -100, 0)
+    assert stats.shape == (6, 2)
     torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
-                          (torch.rand(6), x.detach(), y, y_b, None, 0.3, lse, 0.1, -100, 0))
+                          (torch.rand(6), x.detach(), y, y_b, None, 0.3, stats, 0.1, -100, 0))
     torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
-                          (torch.rand(()), x.detach(), y, y_b, None, 0.3, lse, 0.1, -100, 1))
+                          (torch.rand(()), x.detach(), y, y_b, None, 0.3, stats, 0.1, -100, 1))
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
@@ -365,6 +373,14 @@ def test_eager_autograd_matches_registered_autograd(extension, reduction):
                                                         lam_s, 0.1, -100, reduction)
         (ref.sum() if ref.dim() else ref).backward()
         assert torch.equal(loss, ref.detach()) and torch.equal(grad, xr.grad)
+    # lam's gradient, from both paths
+    lam_a, lam_b = lam.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+    out = ft.ops.cross_entropy(x, y, target_b=y_b, lam=lam_a, reduction=name)
+    assert type(out.grad_fn).__name__.startswith("_CrossEntropyFunction")
+    (out.sum() if out.dim() else out).backward()
+    ref, _ = torch.ops.fastcore_train.cross_entropy(x, y, y_b, lam_b, 1.0, 0.0, -100, reduction)
+    (ref.sum() if ref.dim() else ref).backward()
+    assert lam_a.grad is not None and torch.equal(lam_a.grad, lam_b.grad)
 
 
 def test_torch_compile_fullgraph(extension):
@@ -386,6 +402,31 @@ def test_torch_compile_fullgraph(extension):
     torch.testing.assert_close(g_compiled, model.weight.grad)
 
 
+def test_torch_compile_uint8_targets_and_lam_grad(extension):
+    """uint8 class indices and a lam that requires grad trace through torch.compile too, with
+    the gradients of eager mode (the registered autograd computes lam's gradient)."""
+    model = torch.nn.Linear(16, 11)
+
+    def step(inp, y, y_b, lam):
+        return ft.ops.cross_entropy(model(inp), y, target_b=y_b, lam=lam, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    inp = torch.randn(8, 16)
+    y, y_b = _targets(8, 11).to(torch.uint8), _targets(8, 11, seed=7).to(torch.uint8)
+    results = []
+    for fn in (compiled, step):
+        model.zero_grad()
+        lam = torch.rand(8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        loss = fn(inp, y, y_b, lam)
+        loss.backward()
+        results.append((loss.detach(), model.weight.grad.clone(), lam.grad))
+    (l1, w1, g1), (l2, w2, g2) = results
+    assert g1 is not None
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(w1, w2)
+    torch.testing.assert_close(g1, g2)
+
+
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_every_cpu_build(extension, isa):
     """Each per-ISA build of the kernel gives the same answer (the CPU may lack some)."""
@@ -404,6 +445,469 @@ def test_every_cpu_build(extension, isa):
     ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, label_smoothing=0.1)
     _assert_close(loss, ref_loss, torch.bfloat16)
     _assert_close(grad, ref_grad.bfloat16(), torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics at every magnitude
+
+OFFSETS = [0.0, 50.0, 1e2, 1e4, 1e6, 1e7, 1e8, 1e10, 1e20, 1e30]
+# The kernels' vector exp (at::vec exp_u20, the price of their speed) is good to ~3 float32
+# ulps of 1; torch's fp32 gradient is sometimes exact to the last bit. A gradient error within
+# 4 ulps of 1 therefore passes even where it exceeds twice torch's.
+GRAD_FLOOR = 4 * 2.0 ** -24
+
+
+def _cpu_builds():
+    if not _backend.extension_loaded():
+        return []
+    order = ["default", "avx2", "avx512"]
+    return order[: order.index(_backend._C.best_cpu_capability()) + 1]
+
+
+def _offset_case(offset, two):
+    g = torch.Generator().manual_seed(int(offset) % 1000 + 7)
+    x = torch.randn(8, 1000, generator=g) * 3 + offset
+    y_a = torch.randint(0, 1000, (8,), generator=g)
+    y_b = torch.randint(0, 1000, (8,), generator=g)
+    lam = torch.rand(8, generator=g)
+    return x, y_a, (dict(target_b=y_b, lam=lam) if two else {})
+
+
+def _float64_truth_and_torch_fp32(x, y_a, kw, eps):
+    """The float64 computation of the same float32 logits, and torch's own fp32 op."""
+    if kw:
+        C = x.shape[1]
+        lam = kw["lam"][:, None]
+        q = lam * F.one_hot(y_a, C) + (1 - lam) * F.one_hot(kw["target_b"], C)
+
+        def soft(t, dtype):
+            return F.cross_entropy(t.to(dtype), q.to(dtype), label_smoothing=eps,
+                                   reduction="none")
+        truth = _loss_and_grad(soft, x, torch.float64)
+        fp32 = _loss_and_grad(soft, x, torch.float32)
+    else:
+        truth = _loss_and_grad(_torch_ce, x, y_a, label_smoothing=eps, reduction="none")
+        fp32 = _loss_and_grad(F.cross_entropy, x, y_a, label_smoothing=eps, reduction="none")
+    return truth, fp32
+
+
+def _max_errors(got, truth):
+    return tuple(float((a.double() - b.double()).abs().max()) for a, b in zip(got, truth))
+
+
+@pytest.mark.parametrize("two", [False, True], ids=["one_target", "two_targets"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_precision_at_every_offset(offset, eps, two):
+    """8x1000 logits randn*3 + offset, float32: loss and gradient within twice torch's own fp32
+    error (both against a float64 computation) on every CPU build and on the reference. The
+    log-sum-exp stored as one float32 value lost everything from offset 1e4 on (loss off by
+    3.6 at 1e8, gradient rows summing to 0.6 at 1e7); a plain sum of logits for the smoothing
+    term lost it too (off by 1e22 at 1e30)."""
+    x, y_a, kw = _offset_case(offset, two)
+    truth, fp32 = _float64_truth_and_torch_fp32(x, y_a, kw, eps)
+    torch_loss_err, torch_grad_err = _max_errors(fp32, truth)
+    variants = [("reference", None)] + [("extension", isa) for isa in _cpu_builds()]
+    for backend_name, isa in variants:
+        try:
+            if isa:
+                _backend._C._set_cpu_capability(isa)
+            with _backend.use_backend(backend_name):
+                got = _loss_and_grad(ft.ops.cross_entropy, x, y_a, label_smoothing=eps,
+                                     reduction="none", **kw)
+        finally:
+            if isa:
+                _backend._C._set_cpu_capability("")
+        loss_err, grad_err = _max_errors(got, truth)
+        where = f"{backend_name} {isa or ''}: loss err {loss_err:.3g} grad err {grad_err:.3g}; " \
+                f"torch {torch_loss_err:.3g} {torch_grad_err:.3g}"
+        assert loss_err <= 2 * torch_loss_err, where
+        assert grad_err <= max(2 * torch_grad_err, GRAD_FLOOR), where
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_issue_examples_large_logits(backend, eps):
+    """Issue 13's cases: logits of 1e8 (log-sum-exp lost in float32) and of 1e38 with smoothing
+    (the logit sum overflowed to -inf where torch gives log 4)."""
+    for x, y in ((torch.tensor([[1e8, 1e8, 0.0]]), torch.tensor([0])),
+                 (torch.full((2, 4), 1e38), torch.tensor([0, 3])),
+                 (torch.tensor([[3e38, -3e38, 3e38, 0.0]]), torch.tensor([2]))):
+        got = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps)
+        want = _loss_and_grad(F.cross_entropy, x, y, label_smoothing=eps)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["masked_start", "low_start", "far_max", "top_of_range"])
+def test_one_pass_pivot_cases(backend, dtype, layout):
+    """The CPU forward's one pass works against a pivot (the max of the row's first vector
+    step, 0 when that is -inf) when the row max is near it, and redoes the row with the shifted
+    form otherwise. Rows on both sides, on every CPU build."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1031, generator=g) * 3 + (0.0 if layout == "masked_start" else 1e4)
+    if layout == "masked_start":
+        x[:, :40] = float("-inf")       # no finite pivot: 0, one pass
+    elif layout == "low_start":
+        x[:, :40] -= 60.0               # pivot ~55 below the max, still one pass
+    elif layout == "far_max":
+        x[:, 500] += 200.0              # the max too far above the pivot: the shifted form
+    else:
+        x[:, :40] = 3e38                # one pass at the top of float32's range
+    x = x.to(dtype)
+    y = _targets(6, 1031, seed=4)
+    want = _loss_and_grad(_torch_ce, x, y, reduction="none")
+    for isa in _cpu_builds() if backend == "extension" else [None]:
+        try:
+            if isa:
+                _backend._C._set_cpu_capability(isa)
+            got = _loss_and_grad(ft.ops.cross_entropy, x, y, reduction="none")
+        finally:
+            if isa:
+                _backend._C._set_cpu_capability("")
+        _assert_close(got[0], want[0], dtype)
+        _assert_close(got[1], want[1].to(dtype), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite rows
+
+INF, NAN = float("inf"), float("nan")
+NONFINITE_ROWS = {
+    "nan": [0.0, NAN, 1.0, 2.0],
+    "nan_at_target": [NAN, 0.0, 1.0, 2.0],
+    "pos_inf": [0.0, INF, 1.0, 2.0],
+    "pos_inf_at_target": [INF, 0.0, 1.0, 2.0],
+    "two_pos_inf": [INF, INF, 1.0, 2.0],
+    "all_neg_inf": [-INF] * 4,
+    "pos_and_neg_inf": [0.0, INF, -INF, 2.0],
+    "nan_and_neg_inf": [0.0, NAN, -INF, 2.0],
+}
+
+
+@pytest.mark.parametrize("two", [False, True], ids=["one_target", "two_targets"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("row", list(NONFINITE_ROWS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nonfinite_rows_like_torch(backend, dtype, row, eps, two):
+    """A row with a NaN or +inf logit, or only -inf ones, has a NaN loss and a NaN gradient
+    across the row, as F.cross_entropy gives (with probability targets for the two-target
+    form); the other rows are untouched. The row goes through every kernel path: short rows
+    (scalar tails), long rows (vector body, several online chunks)."""
+    for C in (4, 9000):
+        x = _logits(3, C, torch.float32)
+        x[1, :4] = torch.tensor(NONFINITE_ROWS[row])
+        if C > 4 and row == "all_neg_inf":
+            x[1] = -INF
+        elif C > 4:
+            x[1, 5000:5004] = torch.tensor(NONFINITE_ROWS[row])  # also in a later chunk
+        x = x.to(dtype)
+        y = torch.tensor([1, 0, 2])
+        if two:
+            y_b, lam = torch.tensor([3, 2, 2]), torch.tensor([0.3, 0.6, 0.5])
+            got = _loss_and_grad(ft.ops.cross_entropy, x, y, target_b=y_b, lam=lam,
+                                 label_smoothing=eps, reduction="none")
+            q = lam[:, None] * F.one_hot(y, C) + (1 - lam[:, None]) * F.one_hot(y_b, C)
+            want = _loss_and_grad(F.cross_entropy, x.double(), q.double(),
+                                  label_smoothing=eps, reduction="none")
+        else:
+            got = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps,
+                                 reduction="none")
+            want = _loss_and_grad(_torch_ce, x, y, label_smoothing=eps, reduction="none")
+        assert torch.isnan(got[0][1]) and torch.isnan(got[1][1]).all(), (C, got)
+        _assert_close(got[0], want[0], dtype)
+        _assert_close(got[1], want[1].to(dtype), dtype)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_ignored_rows_count_for_nothing_whatever_their_logits(backend, eps):
+    """An ignored row gives 0 loss and 0 gradient even with NaN or infinite logits, on both
+    backends (F.cross_entropy gives a NaN gradient there: its log_softmax backward multiplies
+    the row's zero upstream gradient by NaN). A fully masked padding row does not poison the
+    batch."""
+    x = _logits(4, 6, torch.float32)
+    x[0, 2] = NAN
+    x[1, 3] = INF
+    x[2] = -INF
+    y = torch.tensor([-100, -100, -100, 4])
+    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps)
+    want_loss, want_grad = _loss_and_grad(_torch_ce, x[3:], y[3:], label_smoothing=eps)
+    _assert_close(loss, want_loss, torch.float32)
+    assert (grad[:3] == 0).all()
+    _assert_close(grad[3:], want_grad.float(), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# class-index dtypes
+
+INDEX_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool]
+
+
+def _torch_accepts_index_dtype(dtype):
+    try:
+        F.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]).to(dtype))
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("dtype", INDEX_DTYPES)
+def test_index_dtypes_exactly_where_torch_takes_them(backend, dtype):
+    """Targets of every integer dtype torch accepts (int64 and uint8 in torch 2.13) give the
+    int64 result; the others are refused with our message, from both backends."""
+    x = _logits(6, 9, torch.float32)
+    y = _targets(6, 9, seed=1)
+    if not _torch_accepts_index_dtype(dtype):
+        with pytest.raises(TypeError, match=r"target must be int64 \(torch.long\) class indices"):
+            ft.ops.cross_entropy(x, y.to(dtype))
+        with pytest.raises(TypeError, match="target_b must be int64"):
+            ft.ops.cross_entropy(x, y, target_b=y.to(dtype), lam=0.5)
+        return
+    y_b = _targets(6, 9, seed=2)
+    for kw in ({"label_smoothing": 0.1, "reduction": "none"},
+               {"target_b": y_b, "lam": torch.rand(6), "reduction": "sum"}):
+        kw_t = dict(kw, target_b=kw["target_b"].to(dtype)) if "target_b" in kw else kw
+        got = _loss_and_grad(ft.ops.cross_entropy, x, y.to(dtype), **kw_t)
+        want = _loss_and_grad(ft.ops.cross_entropy, x, y, **kw)
+        torch.testing.assert_close(got, want)
+    got = _loss_and_grad(ft.ops.cross_entropy, x, y.to(dtype), label_smoothing=0.1)
+    want = _loss_and_grad(F.cross_entropy, x, y.to(dtype), label_smoothing=0.1)
+    torch.testing.assert_close(got, want)
+
+
+def test_uint8_ignore_index_compares_values_like_torch(backend):
+    """uint8 targets are compared with ignore_index by value, as torch's NLL does: 255 ignores
+    the rows holding 255, and -100 ignores nothing (it is not 156 in disguise). Torch 2.13's
+    smoothing term compares in uint8 and drops the smoothing of a 156 row for -100 -- half
+    ignored; we follow the int64 semantics there."""
+    x = _logits(4, 300, torch.float32)
+    y = torch.tensor([0, 255, 156, 7], dtype=torch.uint8)
+    for ignore_index in (255, -100, 156):
+        for eps in (0.0, 0.1):
+            kw = dict(ignore_index=ignore_index, label_smoothing=eps, reduction="none")
+            got = _loss_and_grad(ft.ops.cross_entropy, x, y, **kw)
+            want = _loss_and_grad(_torch_ce, x, y.long(), **kw)
+            _assert_close(got[0], want[0], torch.float32)
+            _assert_close(got[1], want[1].float(), torch.float32)
+            if eps == 0 or ignore_index != -100:
+                want_u8 = _loss_and_grad(_torch_ce, x, y, **kw)
+                _assert_close(got[0], want_u8[0], torch.float32)
+                _assert_close(got[1], want_u8[1].float(), torch.float32)
+    crit = ft.nn.LabelSmoothingCrossEntropy(0.1, ignore_index=255)
+    _assert_close(crit(x, y), _torch_ce(x, y, label_smoothing=0.1, ignore_index=255),
+                  torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients: lam, double backward
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _torch_two_target(x, y_a, y_b, lam, reduction, **kw):
+    """Mixup's loss as torch users write it: lam * CE(y_a) + (1 - lam) * CE(y_b) per row."""
+    rows = (lam * F.cross_entropy(x, y_a, reduction="none", **kw)
+            + (1 - lam) * F.cross_entropy(x, y_b, reduction="none", **kw))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (y_a != kw.get("ignore_index", -100)).sum()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_lam_tensor_gets_its_gradient(backend, reduction):
+    """dloss/dlam_i = CE_a,i - CE_b,i, reduced like the loss: against torch's
+    lam*CE(a) + (1-lam)*CE(b) (rows 2 and 5 ignored in both targets, row 3 with a == b) and
+    gradcheck."""
+    B, C = 7, 11
+    x = _logits(B, C, torch.float64)
+    y_a, y_b = _targets(B, C, seed=4), _targets(B, C, seed=5)
+    y_b[3] = y_a[3]
+    y_a[[2, 5]] = y_b[[2, 5]] = -100
+    lam = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    kw = dict(label_smoothing=0.2)
+    grads = []
+    for fn in (lambda t, l: ft.ops.cross_entropy(t, y_a, target_b=y_b, lam=l,
+                                                 reduction=reduction, **kw),
+               lambda t, l: _torch_two_target(t, y_a, y_b, l, reduction, **kw)):
+        t, l = x.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+        out = fn(t, l)
+        (out.sum() if out.dim() else out).backward()
+        grads.append((out.detach(), t.grad, l.grad))
+    (loss, gx, gl), (ref, rgx, rgl) = grads
+    assert gl is not None
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gx, rgx)
+    torch.testing.assert_close(gl, rgl)
+    assert gl[3] == 0 and gl[2] == 0 and gl[5] == 0
+    torch.autograd.gradcheck(
+        lambda t, l: ft.ops.cross_entropy(t, y_a, target_b=y_b, lam=l, reduction=reduction, **kw),
+        (x.clone().requires_grad_(True), lam.clone().requires_grad_(True)))
+
+
+def test_lam_gradient_shapes_and_dtypes(backend):
+    """A 0-d lam tensor gets a 0-d gradient (through the broadcast), a float32 lam with float64
+    logits a float32 one; lam alone requiring grad works; a float lam has nothing to get."""
+    x = _logits(5, 6, torch.float64)
+    y_a, y_b = _targets(5, 6, seed=1), _targets(5, 6, seed=2)
+    lam0 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    ft.ops.cross_entropy(x, y_a, target_b=y_b, lam=lam0).backward()
+    lam_ref = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    _torch_two_target(x, y_a, y_b, lam_ref, "mean").backward()
+    assert lam0.grad.shape == ()
+    torch.testing.assert_close(lam0.grad, lam_ref.grad)
+    lam32 = torch.rand(5, requires_grad=True)
+    xr = x.clone().requires_grad_(True)
+    ft.ops.cross_entropy(xr, y_a, target_b=y_b, lam=lam32, reduction="sum").backward()
+    assert lam32.grad.dtype == torch.float32 and xr.grad.dtype == torch.float64
+    assert not ft.ops.cross_entropy(x, y_a, target_b=y_b, lam=0.3).requires_grad
+
+
+def _second_order_cases():
+    y = _targets(6, 9, seed=1)
+    y_ign = y.clone()
+    y_ign[[1, 4]] = 7
+    y_b = _targets(6, 9, seed=2)
+    return {
+        "one": (y, {}),
+        "smooth": (y, {"label_smoothing": 0.2}),
+        "ignore": (y_ign, {"label_smoothing": 0.1, "ignore_index": 7}),
+        "two_float_lam": (y, {"target_b": y_b, "lam": 0.35, "label_smoothing": 0.1}),
+        "two_lam_tensor": (y_ign, {"target_b": y_b, "label_smoothing": 0.1, "ignore_index": 7}),
+    }
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", list(_second_order_cases()))
+def test_gradgradcheck(backend, case, reduction):
+    """Double backward is correct (gradgradcheck in float64, w.r.t. the logits, lam and the
+    incoming gradient) for one and two targets, smoothing, ignore_index, every reduction."""
+    y, kw = _second_order_cases()[case]
+    x = _logits(6, 9, torch.float64).requires_grad_(True)
+    inputs = [x]
+    if case == "two_lam_tensor":
+        lam = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        inputs.append(lam.clamp(0.1, 0.9).requires_grad_(True))
+
+    def fn(t, *lam):
+        extra = {"lam": lam[0]} if lam else {}
+        return ft.ops.cross_entropy(t, y, reduction=reduction, **kw, **extra)
+
+    torch.autograd.gradgradcheck(fn, tuple(inputs))
+
+
+def _torch_second_order_ref(x, y, kw):
+    if "target_b" in kw:
+        kw = dict(kw)
+        y_b, lam = kw.pop("target_b"), kw.pop("lam")
+        return _torch_two_target(x, y, y_b, lam, "mean", **kw)
+    return F.cross_entropy(x, y, **kw)
+
+
+@pytest.mark.parametrize("case", ["one", "smooth", "ignore", "two_float_lam"])
+def test_second_order_matches_torch(backend, case):
+    """Gradient penalty (loss + ||dloss/dlogits||^2, backpropagated into a weight), a
+    Hessian-vector product and a pure second derivative give F.cross_entropy's values."""
+    y, kw = _second_order_cases()[case]
+    g = torch.Generator().manual_seed(5)
+    inp = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    w0 = torch.randn(4, 9, dtype=torch.float64, generator=g)
+    v = torch.randn(6, 9, dtype=torch.float64, generator=g)
+    results = []
+    for fn in (lambda t: ft.ops.cross_entropy(t, y, **kw),
+               lambda t: _torch_second_order_ref(t, y, kw)):
+        w = w0.clone().requires_grad_(True)
+        logits = inp @ w
+        loss = fn(logits)
+        (gz,) = torch.autograd.grad(loss, logits, create_graph=True)
+        (dw,) = torch.autograd.grad(loss + (gz ** 2).sum(), w)  # gradient penalty
+        x = (inp @ w0).requires_grad_(True)
+        (gx,) = torch.autograd.grad(fn(x), x, create_graph=True)
+        (hvp,) = torch.autograd.grad((gx * v).sum(), x)  # Hessian-vector product / pure 2nd
+        results.append((dw, hvp))
+    (dw, hvp), (rdw, rhvp) = results
+    torch.testing.assert_close(dw, rdw)
+    torch.testing.assert_close(hvp, rhvp)
+    assert hvp.abs().max() > 1e-3  # the check is not vacuous
+
+
+def test_first_order_backward_stays_on_the_kernel(extension, monkeypatch):
+    """Only create_graph takes the differentiable (reference) backward; a plain backward of
+    either autograd path, lam's gradient included, uses the kernel and the closed form."""
+    ce_mod = importlib.import_module("fastcore_train.ops.cross_entropy")
+
+    def fail(*a, **k):
+        raise AssertionError("the differentiable backward ran without create_graph")
+
+    monkeypatch.setattr(ce_mod, "_differentiable_backward", fail)
+    x = _logits(6, 37, torch.float32).requires_grad_(True)
+    y, y_b, lam = _targets(6, 37), _targets(6, 37, seed=3), torch.rand(6, requires_grad=True)
+    ft.ops.cross_entropy(x, y, target_b=y_b, lam=lam, label_smoothing=0.1).backward()
+    torch.ops.fastcore_train.cross_entropy(x, y, y_b, lam, 1.0, 0.1, -100, 1)[0].backward()
+    with pytest.raises(AssertionError, match="differentiable backward"):
+        torch.autograd.grad(ft.ops.cross_entropy(x, y), x, create_graph=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument types: torch's exception types, with a sentence that names the argument
+
+def _torch_exception(**kw):
+    try:
+        F.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), **kw)
+        return None
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return type(e)
+
+
+ARG_CASES = [
+    ("ignore_index", 2 ** 70, "ignore_index must fit in int64"),
+    ("ignore_index", -2 ** 63 - 1, "ignore_index must fit in int64"),
+    ("ignore_index", 3.7, "ignore_index must be an int, not float"),
+    ("ignore_index", 3.0, "ignore_index must be an int, not float"),
+    ("ignore_index", True, "ignore_index must be an int, not bool"),
+    ("ignore_index", None, "ignore_index must be an int, not NoneType"),
+    ("ignore_index", "3", "ignore_index must be an int, not str"),
+    ("ignore_index", torch.tensor(3.0), "ignore_index must be an int, not Tensor"),
+    ("label_smoothing", None, "label_smoothing must be a float, not NoneType"),
+    ("label_smoothing", "0.1", "label_smoothing must be a float, not str"),
+    ("label_smoothing", [0.1], "label_smoothing must be a float, not list"),
+    ("label_smoothing", torch.tensor([0.1, 0.2]), "label_smoothing must be a float, not Tensor"),
+]
+ARG_ACCEPTED = [
+    ("ignore_index", 2 ** 63 - 1), ("ignore_index", np.int64(2)), ("ignore_index", torch.tensor(2)),
+    ("label_smoothing", 1), ("label_smoothing", np.float64(0.1)),
+    ("label_smoothing", torch.tensor(0.1)),
+]
+
+
+@pytest.mark.parametrize("name,value,msg", ARG_CASES)
+def test_bad_argument_types_like_torch(backend, name, value, msg):
+    """The exception type torch raises for the same value (TypeError for a float, bool or None
+    ignore_index -- never truncated --, a None or string label_smoothing; ValueError beyond
+    int64), with a sentence naming the argument; the module says it at construction."""
+    exc = _torch_exception(**{name: value})
+    assert exc in (TypeError, ValueError)
+    x, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    with pytest.raises(exc, match=f"cross_entropy: {msg}"):
+        ft.ops.cross_entropy(x, y, **{name: value})
+    with pytest.raises(exc, match=f"cross_entropy: {msg}"):
+        cross_entropy_reference(x, y, **{name: value})
+    module_arg = {"label_smoothing": "smoothing"}.get(name, name)
+    with pytest.raises(exc, match="LabelSmoothingCrossEntropy: " +
+                       msg.replace("label_smoothing", "smoothing")):
+        ft.nn.LabelSmoothingCrossEntropy(**{module_arg: value})
+
+
+@pytest.mark.parametrize("name,value", ARG_ACCEPTED)
+def test_argument_types_torch_accepts(backend, name, value):
+    assert _torch_exception(**{name: value}) is None
+    x, y = _logits(3, 5, torch.float32), torch.tensor([0, 1, 2])
+    _assert_close(ft.ops.cross_entropy(x, y, **{name: value}), _torch_ce(x, y, **{name: value}),
+                  torch.float32)
+    crit = ft.nn.LabelSmoothingCrossEntropy(**{{"label_smoothing": "smoothing"}.get(name, name):
+                                               value})
+    want = _torch_ce(x, y, label_smoothing=crit.smoothing, ignore_index=crit.ignore_index)
+    _assert_close(crit(x, y), want, torch.float32)
 
 
 @pytest.mark.cuda

@@ -22,7 +22,9 @@ inline void check_cross_entropy_inputs(const at::Tensor& logits, const at::Tenso
               py_dtype(dt));
   const int64_t B = logits.size(0);
   auto check_target = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "cross_entropy: ", name,
+    // int64 and uint8, exactly the index dtypes torch's cross_entropy takes
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kByte,
+                     "cross_entropy: ", name,
                      " must be int64 (torch.long) class indices, got ", py_dtype(t.scalar_type()),
                      at::isFloatingType(t.scalar_type())
                          ? " (probability targets are not supported; for mixup pass target_b "
@@ -60,8 +62,9 @@ inline void check_cross_entropy_reduction(int64_t reduction) {
                     reduction);
 }
 
-inline void check_cross_entropy_backward_shapes(const at::Tensor& grad_loss, const at::Tensor& lse,
-                                               int64_t B, int64_t reduction) {
+inline void check_cross_entropy_backward_shapes(const at::Tensor& grad_loss,
+                                               const at::Tensor& stats, int64_t B,
+                                               int64_t reduction) {
   if (reduction == kReduceNone) {
     TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B,
                       "cross_entropy_backward: grad_loss must have shape (", B, ",), got ",
@@ -71,8 +74,9 @@ inline void check_cross_entropy_backward_shapes(const at::Tensor& grad_loss, con
                       "cross_entropy_backward: grad_loss of a reduced loss must have one "
                       "element, got shape ", grad_loss.sizes());
   }
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B, "cross_entropy_backward: lse must have "
-                    "shape (", B, ",), got ", lse.sizes());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == B && stats.size(1) == 2,
+                    "cross_entropy_backward: stats must have shape (", B, ", 2), got ",
+                    stats.sizes());
 }
 
 inline at::ScalarType cross_entropy_acc_type(at::ScalarType logits_type) {

@@ -90,8 +90,9 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
   check_cross_entropy_inputs(logits, target, target_b, lam, lam_scalar, smoothing);
   Prepared r;
   r.x = rows_with_unit_stride(logits);
-  r.target = target.contiguous();
-  if (target_b.has_value()) r.target_b = target_b->contiguous();
+  // uint8 class indices are read as int64 (B values: nothing next to the (B, C) pass)
+  r.target = target.to(at::kLong).contiguous();
+  if (target_b.has_value()) r.target_b = target_b->to(at::kLong).contiguous();
   if (lam.has_value()) r.lam = lam->to(cross_entropy_acc_type(logits.scalar_type())).contiguous();
   r.valid = check_values(r.target, r.target_b, r.lam, logits.size(1), ignore_index);
   return r;
@@ -106,15 +107,15 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(
   const int64_t B = logits.size(0);
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
   at::Tensor rows = at::empty({B}, logits.options().dtype(acc));
-  at::Tensor lse = at::empty({B}, logits.options().dtype(acc));
+  at::Tensor stats = at::empty({B, 2}, logits.options().dtype(acc));
   if (B > 0) {
     auto p = make_params(in.x, in.target, in.target_b, in.lam, lam_scalar, label_smoothing,
                          ignore_index);
     p.loss = rows.data_ptr();
-    p.lse = lse.data_ptr();
+    p.stats = stats.data_ptr();
     FT_ISA_CALL(cross_entropy_forward_kernel, p);
   }
-  if (reduction == kReduceNone) return {rows, lse};
+  if (reduction == kReduceNone) return {rows, stats};
   // The reduction over B rows is done here rather than by separate torch ops: at small sizes
   // their dispatch and autograd nodes cost as much as the kernel.
   at::Tensor loss = at::empty({}, logits.options().dtype(acc));
@@ -126,23 +127,23 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(
     *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(
         reduction == kReduceMean ? total / static_cast<double>(in.valid) : total);
   });
-  return {loss, lse};
+  return {loss, stats};
 }
 
 at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                                       const at::Tensor& target,
                                       const std::optional<at::Tensor>& target_b,
                                       const std::optional<at::Tensor>& lam, double lam_scalar,
-                                      const at::Tensor& lse, double label_smoothing,
+                                      const at::Tensor& stats, double label_smoothing,
                                       int64_t ignore_index, int64_t reduction) {
   check_cross_entropy_reduction(reduction);
   Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, ignore_index);
   const int64_t B = logits.size(0);
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
-  check_cross_entropy_backward_shapes(grad_loss, lse, B, reduction);
+  check_cross_entropy_backward_shapes(grad_loss, stats, B, reduction);
   at::Tensor grad = cpu::empty_large({B, logits.size(1)}, logits.options());
   if (grad.numel() == 0) return grad;
-  at::Tensor l = lse.to(acc).contiguous();
+  at::Tensor st = stats.to(acc).contiguous();
   auto p = make_params(in.x, in.target, in.target_b, in.lam, lam_scalar, label_smoothing,
                        ignore_index);
   // Per-row upstream gradient: a (B,) tensor for reduction none, else one value for every row.
@@ -161,7 +162,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
                                      : static_cast<const void*>(&g_value_f);
     p.grad_loss_stride = 0;
   }
-  p.lse_in = l.const_data_ptr();
+  p.stats_in = st.const_data_ptr();
   p.grad_logits = grad.data_ptr();
   p.stream_stores = stream_stores_for(grad.nbytes());
   FT_ISA_CALL(cross_entropy_backward_kernel, p);

@@ -31,64 +31,79 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// Per-thread, then per-block state of the online log-sum-exp over a row. The loss is assembled
+// from differences with the max (as in the CPU kernel): lse = m + log(s) rounded to acc_t would
+// lose log(s) once |m| >> 1, and a plain sum of z overflows for logits near the type's maximum.
 template <typename acc_t>
 struct LseState {
-  acc_t m;  // running max
-  acc_t s;  // sum of exp(z - m)
-  acc_t z;  // sum of z (label smoothing term)
+  acc_t m;    // running max (never NaN: a NaN logit goes into s)
+  acc_t s;    // sum of exp(z - m)
+  acc_t t;    // sum of (z - m), the label-smoothing term
+  int64_t n;  // elements seen
 };
 
 template <typename acc_t>
 __device__ __forceinline__ void lse_add(LseState<acc_t>& st, acc_t v) {
-  st.z += v;
   if (v > st.m) {
+    // rescale to the new max; the earlier elements' z - m all drop by v - m (to -inf when m
+    // was -inf, which only -inf elements give)
     st.s = st.s * exp(st.m - v) + acc_t(1);
+    if (st.n > 0) st.t += static_cast<acc_t>(st.n) * (st.m - v);
     st.m = v;
-  } else if (!(v == -std::numeric_limits<acc_t>::infinity())) {
+  } else if (v == -std::numeric_limits<acc_t>::infinity()) {
+    st.t += v;  // z - m is -inf, also while m is still -inf (where v - m would be NaN)
+  } else {
     st.s += exp(v - st.m);  // NaN propagates through s
+    st.t += v - st.m;
   }
+  st.n += 1;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t lse_shift(const LseState<acc_t>& a, acc_t m) {
+  return (a.n > 0 && a.m != m) ? static_cast<acc_t>(a.n) * (a.m - m) : acc_t(0);
 }
 
 template <typename acc_t>
 __device__ __forceinline__ LseState<acc_t> lse_merge(const LseState<acc_t>& a,
                                                      const LseState<acc_t>& b) {
   LseState<acc_t> r;
-  r.z = a.z + b.z;
   r.m = a.m > b.m ? a.m : b.m;
   if (r.m == -std::numeric_limits<acc_t>::infinity()) {
-    r.s = a.s + b.s;  // both empty so far
+    r.s = a.s + b.s;  // both empty or all -inf so far
   } else {
     r.s = a.s * exp(a.m - r.m) + b.s * exp(b.m - r.m);
   }
+  r.t = a.t + b.t + lse_shift(a, r.m) + lse_shift(b, r.m);
+  r.n = a.n + b.n;
   return r;
 }
 
 template <typename acc_t>
+__device__ __forceinline__ LseState<acc_t> shfl_down(const LseState<acc_t>& st, int o) {
+  return {__shfl_down_sync(0xffffffff, st.m, o), __shfl_down_sync(0xffffffff, st.s, o),
+          __shfl_down_sync(0xffffffff, st.t, o), __shfl_down_sync(0xffffffff, st.n, o)};
+}
+
+template <typename acc_t>
 __device__ LseState<acc_t> block_reduce(LseState<acc_t> st) {
-  __shared__ acc_t sm[32], ss[32], sz[32];
+  __shared__ acc_t sm[32], ss[32], stt[32];
+  __shared__ int64_t sn[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int o = 16; o > 0; o /= 2) {
-    LseState<acc_t> other{__shfl_down_sync(0xffffffff, st.m, o),
-                          __shfl_down_sync(0xffffffff, st.s, o),
-                          __shfl_down_sync(0xffffffff, st.z, o)};
-    st = lse_merge(st, other);
-  }
+  for (int o = 16; o > 0; o /= 2) st = lse_merge(st, shfl_down(st, o));
   if (lane == 0) {
     sm[warp] = st.m;
     ss[warp] = st.s;
-    sz[warp] = st.z;
+    stt[warp] = st.t;
+    sn[warp] = st.n;
   }
   __syncthreads();
   const int nwarps = (blockDim.x + 31) / 32;
   if (warp == 0) {
-    st = lane < nwarps ? LseState<acc_t>{sm[lane], ss[lane], sz[lane]}
-                       : LseState<acc_t>{-std::numeric_limits<acc_t>::infinity(), 0, 0};
-    for (int o = 16; o > 0; o /= 2) {
-      LseState<acc_t> other{__shfl_down_sync(0xffffffff, st.m, o),
-                            __shfl_down_sync(0xffffffff, st.s, o),
-                            __shfl_down_sync(0xffffffff, st.z, o)};
-      st = lse_merge(st, other);
-    }
+    st = lane < nwarps
+             ? LseState<acc_t>{sm[lane], ss[lane], stt[lane], sn[lane]}
+             : LseState<acc_t>{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), 0};
+    for (int o = 16; o > 0; o /= 2) st = lse_merge(st, shfl_down(st, o));
   }
   return st;  // valid in thread 0
 }
@@ -121,18 +136,19 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits, int64_t r
                                   const int64_t* __restrict__ target_b,
                                   const acc_t* __restrict__ lam, acc_t lam_scalar, acc_t eps,
                                   int64_t ignore_index, acc_t* __restrict__ loss,
-                                  acc_t* __restrict__ lse) {
+                                  acc_t* __restrict__ stats) {
   const int64_t r = blockIdx.x;
   const RowTarget t = load_targets(target, target_b, r, C, ignore_index);
   if (t.ignored) {  // uniform across the block
     if (threadIdx.x == 0) {
       loss[r] = 0;
-      lse[r] = 0;
+      stats[2 * r] = 0;
+      stats[2 * r + 1] = 0;
     }
     return;
   }
   const scalar_t* x = logits + r * row_stride;
-  LseState<acc_t> st{-std::numeric_limits<acc_t>::infinity(), 0, 0};
+  LseState<acc_t> st{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), 0};
   const int64_t nvec = C / VEC;
   const auto* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x);
   for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
@@ -145,19 +161,20 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits, int64_t r
   }
   st = block_reduce(st);
   if (threadIdx.x == 0) {
-    const acc_t l = st.m + log(st.s);
+    // A NaN or +inf logit, or only -inf ones, make torch's log_softmax NaN across the row: a
+    // NaN second stat carries that into the loss and every gradient entry.
+    const acc_t L = (isfinite(st.m) && isfinite(st.s)) ? log(st.s) : static_cast<acc_t>(NAN);
     const acc_t lm = load_lam(lam, lam_scalar, r);
-    const acc_t za = static_cast<acc_t>(x[t.a]);
-    const acc_t zb = static_cast<acc_t>(x[t.b]);
-    // One target (b == a, lam == 1) must give z_a itself, as the CPU kernel and the reference
-    // do: the blend would be 1*z_a + 0*z_a, NaN for z_a = -inf where the loss is +inf.
-    const acc_t zt = t.a == t.b ? za : lm * za + (acc_t(1) - lm) * zb;
-    lse[r] = l;
-    // Without smoothing the logit sum is not part of the loss (0 * -inf would be NaN); a +inf
-    // logit makes the loss NaN, as torch's log_softmax does.
-    const acc_t smooth = eps != acc_t(0) ? eps / static_cast<acc_t>(C) * st.z : acc_t(0);
-    loss[r] = (isinf(l) && l > acc_t(0)) ? static_cast<acc_t>(NAN)
-                                         : l - (acc_t(1) - eps) * zt - smooth;
+    const acc_t da = st.m - static_cast<acc_t>(x[t.a]);
+    const acc_t db = st.m - static_cast<acc_t>(x[t.b]);
+    // One target (b == a, lam == 1) must use m - z_a itself, as the CPU kernel and the reference
+    // do: the blend would be 1*inf + 0*inf, NaN for z_a = -inf where the loss is +inf.
+    const acc_t dt = t.a == t.b ? da : lm * da + (acc_t(1) - lm) * db;
+    stats[2 * r] = st.m;
+    stats[2 * r + 1] = L;
+    // Without smoothing the logit sum is not part of the loss (0 * -inf would be NaN).
+    const acc_t smooth = eps != acc_t(0) ? eps / static_cast<acc_t>(C) * st.t : acc_t(0);
+    loss[r] = L + (acc_t(1) - eps) * dt - smooth;
   }
 }
 
@@ -167,7 +184,7 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss, int64_t 
                                    int64_t C, const int64_t* __restrict__ target,
                                    const int64_t* __restrict__ target_b,
                                    const acc_t* __restrict__ lam, acc_t lam_scalar,
-                                   const acc_t* __restrict__ lse, acc_t eps,
+                                   const acc_t* __restrict__ stats, acc_t eps,
                                    int64_t ignore_index, scalar_t* __restrict__ grad) {
   const int64_t r = blockIdx.x;
   const RowTarget t = load_targets(target, target_b, r, C, ignore_index);
@@ -184,14 +201,14 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss, int64_t 
     return;
   }
   const acc_t g = grad_loss[r * grad_loss_stride];
-  const acc_t l = lse[r];
+  const acc_t m = stats[2 * r], L = stats[2 * r + 1];
   const acc_t lm = load_lam(lam, lam_scalar, r);
   const acc_t off = g * eps / static_cast<acc_t>(C);
   // q's one-hot part, folded in as each column is written (no second pass, no race).
   const acc_t ga = g * (acc_t(1) - eps) * (t.a == t.b ? acc_t(1) : lm);
   const acc_t gb = g * (acc_t(1) - eps) * (acc_t(1) - lm);
   auto value = [&](acc_t z, int64_t j) {
-    acc_t v = g * exp(z - l) - off;
+    acc_t v = g * exp((z - m) - L) - off;  // softmax as torch's exp(log_softmax)
     if (j == t.a) v -= ga;
     if (j == t.b && t.b != t.a) v -= gb;
     return static_cast<scalar_t>(v);
@@ -240,8 +257,9 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
   check_cross_entropy_inputs(logits, target, target_b, lam, lam_scalar, smoothing);
   Prepared p;
   p.x = (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
-  p.target = target.contiguous();
-  if (target_b.has_value()) p.target_b = target_b->contiguous();
+  // uint8 class indices are read as int64 (B values)
+  p.target = target.to(at::kLong).contiguous();
+  if (target_b.has_value()) p.target_b = target_b->to(at::kLong).contiguous();
   if (lam.has_value()) {
     p.lam = lam->to(cross_entropy_acc_type(logits.scalar_type())).contiguous();
   }
@@ -265,12 +283,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
   const int64_t B = logits.size(0), C = logits.size(1);
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
   at::Tensor loss = at::empty({B}, logits.options().dtype(acc));
-  at::Tensor lse = at::empty({B}, logits.options().dtype(acc));
+  at::Tensor stats = at::empty({B, 2}, logits.options().dtype(acc));
   auto reduce = [&](const at::Tensor& rows) -> std::tuple<at::Tensor, at::Tensor> {
-    if (reduction == kReduceNone) return {rows, lse};
+    if (reduction == kReduceNone) return {rows, stats};
     at::Tensor total = rows.sum();
     // mean over rows not ignored; none at all gives 0/0 = NaN, as in torch
-    return {reduction == kReduceMean ? total.div(valid_rows(in, ignore_index)) : total, lse};
+    return {reduction == kReduceMean ? total.div(valid_rows(in, ignore_index)) : total, stats};
   };
   if (B == 0) return reduce(loss);
   if (C == 0) {
@@ -279,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
     TORCH_CHECK_INDEX(valid_rows(in, ignore_index).item<int64_t>() == 0,
                       "cross_entropy: a target is out of range for 0 classes");
     loss.zero_();
-    lse.zero_();
+    stats.zero_();
     return reduce(loss);
   }
   const unsigned blocks = blocks_for_rows(B);
@@ -299,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
                                              static_cast<acc_t>(lam_scalar),
                                              static_cast<acc_t>(label_smoothing), ignore_index,
                                              loss.mutable_data_ptr<acc_t>(),
-                                             lse.mutable_data_ptr<acc_t>());
+                                             stats.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec) {
@@ -315,11 +333,11 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
                                        const at::Tensor& target,
                                        const std::optional<at::Tensor>& target_b,
                                        const std::optional<at::Tensor>& lam, double lam_scalar,
-                                       const at::Tensor& lse, double label_smoothing,
+                                       const at::Tensor& stats, double label_smoothing,
                                        int64_t ignore_index, int64_t reduction) {
   check_cross_entropy_reduction(reduction);
   Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing);
-  // prepare() checks the devices of target, target_b and lam; grad_loss and lse are read by
+  // prepare() checks the devices of target, target_b and lam; grad_loss and stats are read by
   // the kernel too (a host pointer there is an illegal address), and a CPU logits would make
   // the guard below throw an unhelpful error.
   auto check_device = [&](const at::Tensor& t, const char* name) {
@@ -327,10 +345,10 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
                       t.device(), " but logits is on ", logits.device());
   };
   check_device(grad_loss, "grad_loss");
-  check_device(lse, "lse");
+  check_device(stats, "stats");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), C = logits.size(1);
-  check_cross_entropy_backward_shapes(grad_loss, lse, B, reduction);
+  check_cross_entropy_backward_shapes(grad_loss, stats, B, reduction);
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
   at::Tensor grad = at::empty({B, C}, logits.options());
   if (grad.numel() == 0) return grad;
@@ -339,7 +357,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
   at::Tensor g = grad_loss.to(acc);
   if (reduction == kReduceMean) g = g.div(valid_rows(in, ignore_index));
   if (reduction != kReduceNone) g = g.reshape({1}).expand({B});
-  at::Tensor l = lse.to(acc).contiguous();
+  at::Tensor st = stats.to(acc).contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "cross_entropy_backward_cuda", [&] {
@@ -356,7 +374,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
                                              in.x.stride(0), C,
                                              in.target.const_data_ptr<int64_t>(), tb, lm,
                                              static_cast<acc_t>(lam_scalar),
-                                             l.const_data_ptr<acc_t>(),
+                                             st.const_data_ptr<acc_t>(),
                                              static_cast<acc_t>(label_smoothing), ignore_index,
                                              out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -22,11 +22,12 @@ struct CrossEntropyParams {
   double lam_scalar = 1.0;
   double smoothing = 0.0;
   int64_t ignore_index = -100;
-  // forward outputs, acc dtype, (rows,)
+  // forward outputs, acc dtype: loss (rows,); stats (rows, 2) contiguous, per row the max m and
+  // log(sum_j exp(z_j - m)), kept apart (m + log s rounds log s away once |m| >> 1)
   void* loss = nullptr;
-  void* lse = nullptr;
+  void* stats = nullptr;
   // backward inputs/outputs
-  const void* lse_in = nullptr;     // acc dtype, (rows,), contiguous
+  const void* stats_in = nullptr;   // acc dtype, (rows, 2), contiguous, as the forward wrote it
   const void* grad_loss = nullptr;  // acc dtype, (rows,), stride grad_loss_stride (0 allowed)
   int64_t grad_loss_stride = 1;
   void* grad_logits = nullptr;      // (rows, classes) contiguous, logits dtype

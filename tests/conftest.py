@@ -1,9 +1,29 @@
+import glob
+import hashlib
 import os
+import tempfile
 
-import pytest
-import torch
 
-from fastcore_train import _backend
+def _compile_cache_dir():
+    """torch.compile's on-disk cache is keyed by torch's version and the graph, not by a custom
+    op's fake kernel: a graph compiled before an op's output shapes changed would be reused.
+    The tests get a cache of their own per version of the ops (csrc/ and fastcore_train/ops/)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(root, "csrc", "**", "*"), recursive=True)
+                       + glob.glob(os.path.join(root, "fastcore_train", "ops", "*.py"))):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_fastcore_train_{h.hexdigest()[:12]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _compile_cache_dir())
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastcore_train import _backend  # noqa: E402
 
 BACKENDS = ["extension", "reference"] if _backend.extension_loaded() else ["reference"]
 

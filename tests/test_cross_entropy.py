@@ -930,3 +930,42 @@ def test_cuda_matches_torch(extension, dtype, shape):
                                   lam=lam.cpu(), label_smoothing=0.1, reduction="sum")
     _assert_close(loss2.cpu(), ref2, dtype, scale=max(B, 1))
     _assert_close(grad2.cpu(), rgrad2, dtype)
+
+
+# ---- an ignored target does not excuse its partner (issue 15 review of the CUDA kernel) ---------
+
+@pytest.mark.parametrize("target,target_b,lam,exc,msg", [
+    ([7], [-100], [0.5], IndexError, "target 7 is out of range for 5 classes"),
+    ([-100], [7], [0.5], IndexError, "target 7 is out of range for 5 classes"),
+    ([-100], [0], [2.0], ValueError, r"lam must be in \[0, 1\], got 2"),
+])
+def test_ignored_rows_still_check_the_other_target_and_lam(backend, target, target_b, lam, exc,
+                                                           msg):
+    x = torch.randn(1, 5)
+    with pytest.raises(exc, match=msg):
+        ft.ops.cross_entropy(x, torch.tensor(target), target_b=torch.tensor(target_b),
+                             lam=torch.tensor(lam))
+
+
+_CUDA_BAD_ROW = """
+import sys, torch, fastcore_train as ft
+t, tb, lam = {args}
+loss = ft.ops.cross_entropy(torch.randn(1, 5, device="cuda"), torch.tensor(t, device="cuda"),
+                            target_b=torch.tensor(tb, device="cuda"),
+                            lam=torch.tensor(lam, device="cuda"))
+torch.cuda.synchronize()
+print("no assert", loss.item())
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("args", ["([7], [-100], [0.5])", "([-100], [0], [2.0])"])
+def test_cuda_ignored_rows_still_assert_on_bad_partners(extension, args):
+    """On CUDA a bad value is a device-side assert (no host sync), which poisons the context:
+    run in a child process."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _CUDA_BAD_ROW.format(args=args)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "no assert" not in r.stdout
+    assert "device-side assert" in r.stderr or "Assertion" in r.stderr

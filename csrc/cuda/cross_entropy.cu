@@ -113,13 +113,22 @@ struct RowTarget {
   bool ignored;
 };
 
+__device__ __forceinline__ bool target_ok(int64_t v, int64_t C, int64_t ignore_index) {
+  return v == ignore_index || (v >= 0 && v < C);
+}
+
+// The row's targets, each checked on its own as the CPU checks them: an ignored target does
+// not excuse an out-of-range partner, and a per-row lam is checked on ignored rows too.
+template <typename acc_t>
 __device__ __forceinline__ RowTarget load_targets(const int64_t* target, const int64_t* target_b,
-                                                  int64_t r, int64_t C, int64_t ignore_index) {
+                                                  const acc_t* lam, int64_t r, int64_t C,
+                                                  int64_t ignore_index) {
   RowTarget t;
   t.a = target[r];
   t.b = target_b ? target_b[r] : t.a;
   t.ignored = t.a == ignore_index || t.b == ignore_index;
-  CUDA_KERNEL_ASSERT(t.ignored || (t.a >= 0 && t.a < C && t.b >= 0 && t.b < C));
+  CUDA_KERNEL_ASSERT(target_ok(t.a, C, ignore_index) && target_ok(t.b, C, ignore_index));
+  if (lam != nullptr) CUDA_KERNEL_ASSERT(lam[r] >= acc_t(0) && lam[r] <= acc_t(1));
   return t;
 }
 
@@ -138,7 +147,7 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits, int64_t r
                                   int64_t ignore_index, acc_t* __restrict__ loss,
                                   acc_t* __restrict__ stats) {
   const int64_t r = blockIdx.x;
-  const RowTarget t = load_targets(target, target_b, r, C, ignore_index);
+  const RowTarget t = load_targets(target, target_b, lam, r, C, ignore_index);
   if (t.ignored) {  // uniform across the block
     if (threadIdx.x == 0) {
       loss[r] = 0;
@@ -187,7 +196,7 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss, int64_t 
                                    const acc_t* __restrict__ stats, acc_t eps,
                                    int64_t ignore_index, scalar_t* __restrict__ grad) {
   const int64_t r = blockIdx.x;
-  const RowTarget t = load_targets(target, target_b, r, C, ignore_index);
+  const RowTarget t = load_targets(target, target_b, lam, r, C, ignore_index);
   scalar_t* out = grad + r * C;
   const scalar_t* x = logits + r * row_stride;
   const int64_t nvec = C / VEC;

@@ -1,7 +1,8 @@
 """Whole training steps (mixup + model + loss + optimizer): fastcore_train's recipe vs the eager
 recipe users write today (timm-style flip mixup, dense soft targets, soft-target CE,
-AdamW(fused=True)) and the same under torch.compile, plus the model's forward and backward alone
-("model only"), so that the table shows what each recipe adds around the model. The cases live
+AdamW(fused=True)) and the same under torch.compile, plus what the fused ops replace timed alone
+("parts ...": blend, loss forward+backward on ready logits, optimizer step), so that the table
+shows their share of each recipe's step. The cases live
 in fastcore_train/bench_step.py (shared with `fastcore-train bench --op step`)."""
 import pytest
 import torch
@@ -12,7 +13,8 @@ from conftest import record, run, step_for
 CASES = bench.cases("step", device="cpu")
 
 
-@pytest.mark.parametrize("impl", ["fastcore_train", "eager", "compile", "model only"])
+@pytest.mark.parametrize("impl", ["fastcore_train", "eager", "compile", "parts fastcore_train",
+                                  "parts eager"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name.replace(" ", "-").replace(",", "")
                                              for c in CASES])
 def test_step(benchmark, case, impl):

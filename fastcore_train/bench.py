@@ -491,6 +491,9 @@ def format_multi(rows_by_config: Dict[str, List[dict]], bandwidth: Optional[floa
     head = ["op", "case"]
     for c in order:
         head += [f"ms [{c}]"] + [f"× {n} [{c}]" for n in names]
+    parts = list(dict.fromkeys(k for c in order for r in rows_by_config[c]
+                               for k in r.get("parts_share", {})))
+    head += [f"{p} fused parts ms (share) [{order[0]}]" for p in parts]
     head += ["GB/s", "% copy BW"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = {c: {(r["op"], r["case"]): r for r in rows_by_config[c]} for c in order}
@@ -502,7 +505,9 @@ def format_multi(rows_by_config: Dict[str, List[dict]], bandwidth: Optional[floa
             cells += [f"{r['speedup'][n]:.2f}" if r and n in r["speedup"] else "-"
                       for n in names]
         first = next((by[c][key] for c in order if key in by[c]), None)
-        cells += [f"{first['gbps']:.1f}" if first else "-",
+        cells += [f"{first['parts_ms'][p]:.2f} ({100 * first['parts_share'][p]:.0f}%)"
+                  if first and p in first.get("parts_share", {}) else "-" for p in parts]
+        cells += [f"{first['gbps']:.1f}" if first and first["gbps"] else "-",
                   f"{first['pct_bandwidth']:.0f}%" if first and first["pct_bandwidth"] else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -516,8 +521,8 @@ def format_multi(rows_by_config: Dict[str, List[dict]], bandwidth: Optional[floa
 
 def _is_variant(name: str) -> bool:
     """Other forms of our op (``fastcore_train fresh``/``inplace``), the same-size ``copy`` and
-    the whole-step ``model only``: shown as times, not as speed-ups over a baseline."""
-    return name.startswith("fastcore_train ") or name in ("copy", "model only")
+    the whole-step ``parts ...``: shown as times, not as speed-ups over a baseline."""
+    return name.startswith(("fastcore_train ", "parts ")) or name == "copy"
 
 
 def run(case_list: List[Case], *, bandwidth: Optional[float] = None, progress=None) -> List[dict]:
@@ -545,12 +550,10 @@ def run(case_list: List[Case], *, bandwidth: Optional[float] = None, progress=No
             variants_ms={k: v * 1e3 for k, v in others.items() if _is_variant(k)},
             speedup={k: v / ours for k, v in others.items() if not _is_variant(k)},
             gbps=gbps, pct_bandwidth=100 * gbps / bandwidth if bandwidth and gbps else None))
-        if "model only" in times:  # whole steps: what each recipe adds around the model
-            base = times["model only"]
-            rows[-1]["added_ms"] = {k: (v - base) * 1e3 for k, v in times.items()
-                                    if k != "model only"}
-            rows[-1]["added_share"] = {k: (v - base) / v for k, v in times.items()
-                                       if k != "model only"}
+        parts = {k[len("parts "):]: v for k, v in times.items() if k.startswith("parts ")}
+        if parts:  # whole steps: the fused parts' time and share of each recipe's step
+            rows[-1]["parts_ms"] = {k: v * 1e3 for k, v in parts.items()}
+            rows[-1]["parts_share"] = {k: v / times[k] for k, v in parts.items() if k in times}
         if progress is not None:
             progress(rows[-1])
     return rows
@@ -561,10 +564,11 @@ def format_table(rows: List[dict], bandwidth: Optional[float] = None) -> str:
     for r in rows:
         variants += [k for k in r.get("variants_ms", {}) if k not in variants]
         names += [k for k in r["speedup"] if k not in names]
-    added = [k for r in rows for k in r.get("added_ms", {})]
+    variants = [v for v in variants if not v.startswith("parts ")]
+    added = [k for r in rows for k in r.get("parts_share", {})]
     added = list(dict.fromkeys(added))
     head = (["op", "case", "fastcore_train ms"] + [f"{v} ms" for v in variants]
-            + [f"× {n}" for n in names] + [f"{a}: added ms (share)" for a in added]
+            + [f"× {n}" for n in names] + [f"{a}: fused parts ms (share)" for a in added]
             + ["GB/s", "% copy BW"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -572,17 +576,17 @@ def format_table(rows: List[dict], bandwidth: Optional[float] = None) -> str:
         cells += [f"{r['variants_ms'][v]:.2f}" if v in r.get("variants_ms", {}) else "-"
                   for v in variants]
         cells += [f"{r['speedup'][n]:.2f}" if n in r["speedup"] else "-" for n in names]
-        cells += [f"{r['added_ms'][a]:.2f} ({100 * r['added_share'][a]:.0f}%)"
-                  if a in r.get("added_ms", {}) else "-" for a in added]
+        cells += [f"{r['parts_ms'][a]:.2f} ({100 * r['parts_share'][a]:.0f}%)"
+                  if a in r.get("parts_share", {}) else "-" for a in added]
         cells += [f"{r['gbps']:.1f}" if r["gbps"] else "-",
                   f"{r['pct_bandwidth']:.0f}%" if r["pct_bandwidth"] is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("\n× X: X's time over fastcore_train's (above 1: fastcore_train is faster). "
                  "GB/s: the bytes the op must move over its time.")
     if added:
-        lines.append("added ms (share): a whole step's time minus the model's forward and "
-                     "backward alone ('model only'): what mixup, targets, loss and optimizer "
-                     "cost in that recipe, and their share of its step.")
+        lines.append("fused parts ms (share): what the fused ops replace in that recipe -- the "
+                     "blend, the targets and loss forward+backward on ready logits, the "
+                     "optimizer step -- timed alone, and its share of that recipe's step.")
     if bandwidth:
         lines.append(f"% copy BW: of a 256 MB copy measured at the start of the run, "
                      f"{bandwidth:.1f} GB/s; small cases run from cache and exceed it "

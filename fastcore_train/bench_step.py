@@ -10,10 +10,9 @@ model, data and hyperparameters:
   ``torch.optim.AdamW(fused=True)``;
 * ``compile``: the eager recipe's mixup, targets, model and loss under ``torch.compile``
   (backward and ``AdamW(fused=True)`` as usual);
-* ``model only``: the same model's forward and backward (the logits' gradient given, no loss)
-  and no optimizer, so
-  that ``step - model only`` is what each recipe adds around the model (mixup, targets, loss,
-  optimizer): the share the fused ops can act on.
+* ``parts fastcore_train`` / ``parts eager``: what the fused ops replace, timed alone on the
+  same shapes -- the blend, the loss forward and backward on ready logits, the optimizer step --
+  so that the table shows their share of each recipe's step.
 
 Two models: a small CNN classifier (the model dominates) and an MLP with a 32000-class head
 (loss and optimizer state are a large share). Each at 1 and 2 threads on the CPU, and on CUDA
@@ -101,7 +100,7 @@ def _step_case(kind: str, threads: int, device: torch.device) -> Case:
         x = torch.randn((batch,) + shape, generator=g).to(device)
         y = torch.randint(0, classes, (batch,), generator=g).to(device)
         models = {name: make_model().to(device)
-                  for name in ("fastcore_train", "eager", "compile", "model only")}
+                  for name in ("fastcore_train", "eager", "compile")}
         steps = {}
 
         # ours
@@ -146,15 +145,30 @@ def _step_case(kind: str, threads: int, device: torch.device) -> Case:
             opt_c.step()
         steps["compile"] = compiled
 
-        mm = models["model only"]
-        # the logits' gradient, ready-made: a loss that costs nothing (a .sum() would hand
-        # backward a stride-0 gradient, which takes slow matmul paths)
-        dlogits = torch.randn(batch, classes, generator=g).to(device) / batch
+        # What the fused ops replace, timed on their own: the blend, the loss forward and
+        # backward on ready logits, the optimizer step (the models above hold gradients after
+        # the warm-up). Both on a scratch batch blended in place again and again.
+        xs = x.clone()
+        logits_o = torch.randn(batch, classes, generator=g).to(device).requires_grad_()
+        logits_e = logits_o.detach().clone().requires_grad_()
 
-        def model_only():
-            mm.zero_grad(set_to_none=True)
-            mm(x.clone()).backward(dlogits)
-        steps["model only"] = model_only
+        def parts_ours():
+            xm, t = mixup(xs, y)
+            logits_o.grad = None
+            crit(logits_o, t).backward()
+            opt.step()
+
+        def parts_eager():
+            timm_flip_(xs, LAM)
+            target = dense_mixup_targets(y, classes, LAM, SMOOTHING)
+            logits_e.grad = None
+            torch.sum(-target * F.log_softmax(logits_e, dim=-1), dim=-1).mean().backward()
+            opt_e.step()
+
+        steps["parts fastcore_train"] = parts_ours
+        steps["parts eager"] = parts_eager
+        ours()  # gradients and optimizer state exist before any part is timed alone
+        eager()
         return {k: _synced(v, device) for k, v in steps.items()}
 
     params = sum(p.numel() for p in make_model().parameters())
@@ -163,7 +177,8 @@ def _step_case(kind: str, threads: int, device: torch.device) -> Case:
     if device.type == "cuda":
         name = name.rsplit(",", 1)[0] + ", cuda"
     return Case("step", name, 0, make, rounds=5 if device.type == "cpu" else 20,
-                impls=("fastcore_train", "eager", "compile", "model only"), threads=threads)
+                impls=("fastcore_train", "eager", "compile", "parts fastcore_train", "parts eager"),
+                threads=threads)
 
 
 def step_cases(device, size="full") -> List[Case]:

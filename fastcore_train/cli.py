@@ -203,7 +203,8 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"  [{here}] {row['op']} {row['case']}: {row['ms']:.2f} ms, "
                   + ", ".join(f"{v:.2f}x {k}" for k, v in row["speedup"].items())
-                  + "".join(f"; {k} adds {v:.2f} ms" for k, v in row.get("added_ms", {}).items()),
+                  + "".join(f"; {k}'s fused parts {v:.2f} ms" for k, v
+                            in row.get("parts_ms", {}).items()),
                   flush=True)
 
     by_config = {here: bench.run(case_list, bandwidth=bandwidth, progress=progress)}

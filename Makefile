@@ -8,7 +8,7 @@ PIP         := $(PY) -m pip
 CSRC        := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: all test demo bench build cuda-check sanitize clean help
+.PHONY: all test demo bench build gpu-check cuda-check sanitize clean help
 
 all: test
 
@@ -48,6 +48,11 @@ bench: build
 	rm -f benchmarks/results/*.json
 	THP_MEM_ALLOC_ENABLE=1 $(PY) -m pytest $(BENCH_ARGS) $(PYTEST_ARGS)
 	env -u THP_MEM_ALLOC_ENABLE $(PY) -m pytest $(BENCH_ARGS) $(PYTEST_ARGS)
+
+# on a GPU machine: build for its GPU, CUDA tests, whole suite, GPU benchmarks (one line and
+# exit 0 without a GPU); GPU_PYTHON picks the interpreter whose torch has CUDA (default python3)
+gpu-check:
+	bash .ci/gpu_check.sh
 
 # compile-check the CUDA sources without a GPU (torch CUDA build from TORCH_CUDA_SPEC)
 cuda-check:

@@ -133,3 +133,23 @@ def test_timm_flip_baseline_is_a_mixup():
     from fastcore_train import bench as b
     x = torch.randn(6, 5)
     torch.testing.assert_close(b.timm_flip_(x.clone(), 0.3), 0.3 * x + 0.7 * x.flip(0))
+
+
+def test_gpu_report_names_existing_cases():
+    """benchmarks/gpu_report.py (make gpu-check) selects cases by name: a renamed case would
+    silently drop out of the GPU report."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "gpu_report.py")
+    spec = importlib.util.spec_from_file_location("gpu_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for op, names in mod.HEADLINE.items():
+        have = {c.name for c in bench.cases(op, device="cpu", size="full")}
+        assert names is None or set(names) <= have, (op, set(names) - have)
+    optim = bench._optim_case(bench.OPTIM_PARAMS["full"], torch.float16, torch.device("cpu"),
+                              compile_baseline=False)
+    assert optim.name == mod.TARGET["optim"]
+    for op in ("cross_entropy", "mixup"):
+        assert mod.TARGET[op] in mod.HEADLINE[op]

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# `make gpu-check`: everything only a GPU can prove, in one command sized for a short lease
+# (about 8 minutes on one H200): build the CUDA extension for the GPU in the machine (sm_90 on an
+# H100/H200) against the machine's torch, run the CUDA tests, then the whole suite, then the GPU
+# benchmarks (each op against torch eager, torch.compile and the peers installed there), with the
+# device's copy bandwidth measured in the same run. Writes benchmarks/results/cuda.md, and copies
+# the report and the logs to $OUT when it is set (the device tool brings those back).
+# Without a visible GPU it says so in one line and exits 0.
+#
+#   GPU_PYTHON      the interpreter whose torch has CUDA (default python3)
+#   GPU_CHECK_QUICK=1  the CUDA tests and the headline benchmark cases only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${GPU_PYTHON:-python3}
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu-check: no CUDA GPU visible to $PY (torch with CUDA and a GPU are needed); nothing to do"
+  exit 0
+fi
+export PYTHONUNBUFFERED=1
+RES=benchmarks/results
+mkdir -p "$RES"
+LOG=$RES/gpu_check.log
+: >"$LOG"
+say() { echo "gpu-check: $*" | tee -a "$LOG"; }
+status=0
+t0=$(date +%s)
+"$PY" - <<'PY' | tee -a "$LOG"
+import torch
+p = torch.cuda.get_device_properties(0)
+print(f"gpu-check: {torch.cuda.get_device_name(0)}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+      f"torch {torch.__version__} (CUDA {torch.version.cuda})")
+PY
+
+# 1. build, for the GPU in the machine only (a fat binary would triple the nvcc time)
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(0); print(f'{a}.{b}')")
+fi
+export TORCH_CUDA_ARCH_LIST
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+say "building for sm $TORCH_CUDA_ARCH_LIST with $MAX_JOBS jobs"
+if ! timeout 300 "$PY" setup.py -q build_ext --inplace --build-temp build/gpu >>"$LOG" 2>&1; then
+  tail -40 "$LOG"
+  say "FAILED: the build (log: $LOG)"
+  [[ -n "${OUT:-}" ]] && cp "$LOG" "$OUT/"
+  exit 1
+fi
+"$PY" -c "
+import fastcore_train as ft
+from fastcore_train import _backend
+assert ft.backend() == 'extension', ft.backend_reason()
+assert _backend._C.compiled_with_cuda(), 'the extension was built without CUDA'
+print('gpu-check: built;', _backend.built_against())" 2>&1 | tee -a "$LOG" || status=1
+say "build done in $(( $(date +%s) - t0 )) s"
+
+# 2. the CUDA tests, then the whole suite (CPU tests too, under this machine's torch)
+t1=$(date +%s)
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests -rfE \
+  --junitxml="$RES/pytest_cuda.xml" >"$RES/pytest_cuda.log" 2>&1
+rc=$?; tail -25 "$RES/pytest_cuda.log"; [[ $rc == 0 ]] || { status=1; say "CUDA tests: exit $rc"; }
+say "CUDA tests done in $(( $(date +%s) - t1 )) s"
+if [[ "${GPU_CHECK_QUICK:-0}" != 1 ]]; then
+  t1=$(date +%s)
+  xdist=(); "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m "not cuda" tests "${xdist[@]}" -rfE \
+    >"$RES/pytest_all.log" 2>&1
+  rc=$?; tail -8 "$RES/pytest_all.log"; [[ $rc == 0 ]] || { status=1; say "whole suite: exit $rc"; }
+  say "whole suite done in $(( $(date +%s) - t1 )) s"
+fi
+
+# 3. benchmarks, with the copy bandwidth of this run
+t1=$(date +%s)
+timeout 240 "$PY" benchmarks/gpu_report.py --out "$RES/cuda.md" \
+  $([[ "${GPU_CHECK_QUICK:-0}" == 1 ]] && echo --quick) 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}; [[ $rc == 0 ]] || { status=1; say "benchmarks: exit $rc"; }
+say "benchmarks done in $(( $(date +%s) - t1 )) s; total $(( $(date +%s) - t0 )) s"
+
+if [[ -n "${OUT:-}" ]]; then
+  cp "$RES"/cuda.md "$RES"/gpu_check.log "$RES"/pytest_cuda.log "$OUT/" 2>/dev/null
+  cp "$RES"/pytest_all.log "$OUT/" 2>/dev/null
+fi
+exit $status

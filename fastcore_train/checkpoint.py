@@ -13,8 +13,14 @@ The file is replaced atomically (written to a temporary file in the same folder,
 disk, renamed over the old one): a run killed at any instant leaves the previous epoch's
 checkpoint or the new one, never a torn file. Under DDP every rank takes part in the save (its
 RNG states travel to rank 0), only rank 0 writes, and every rank loads; the folder must be
-visible to all ranks. Files are read with ``torch.load(weights_only=True)``: no code in them
-runs, so every saved state must be plain data (tensors, numbers, strings, containers).
+visible to all ranks, and every rank must pass the same ``checkpoint_dir``. Files are read with
+``torch.load(weights_only=True)``: no code in them runs, so every saved state must be plain
+data (tensors, numbers, strings, containers).
+
+What cannot be continued exactly: the RNG state inside DataLoader worker processes kept alive
+across epochs (``persistent_workers=True``; without it each epoch's workers are seeded from the
+loader's generator, which is saved), the position inside an ``IterableDataset``, and RNG
+streams of objects the checkpoint does not know (give such a callback ``state_dict``).
 """
 from __future__ import annotations
 

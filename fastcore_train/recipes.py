@@ -7,6 +7,7 @@ usable on its own in a hand-written loop.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
@@ -84,11 +85,16 @@ def _check_cycle(epochs: Any, div: Any, div_final: Any, pct_start: Any, moms: An
         raise ValueError(f"wd must be a finite number >= 0, got {wd!r}")
 
 
-def _check_fit_kwargs(fit_kwargs: dict, who: str) -> None:
+def _check_fit_kwargs(fit_kwargs: dict, who: str, extra: Iterable[str] = ()) -> None:
+    """Refuse, before anything changes, what fit would refuse after the recipe has started."""
     own = [k for k in _OWN if k in fit_kwargs]
     if own:
         raise TypeError(f"{who} sets {own} itself; build your own with the parts "
                         "(schedules.OneCycleLR, fit) to choose them")
+    known = set(inspect.signature(fit).parameters) | set(extra)
+    unknown = sorted(k for k in fit_kwargs if k not in known)
+    if unknown:
+        raise TypeError(f"{who} got unexpected keyword argument(s) {unknown}")
 
 
 def _no_decay_ids(model: nn.Module) -> set:
@@ -297,7 +303,10 @@ def fine_tune(model: nn.Module, train_loader: Iterable, epochs: int, base_lr: fl
     cycle = {k: kwargs[k] for k in ("div_final", "moms", "wd") if k in kwargs}
     _check_cycle(epochs, div, cycle.get("div_final", 1e5), pct_start,
                  cycle.get("moms", (0.95, 0.85, 0.95)), cycle.get("wd", 1e-2))
-    _check_fit_kwargs(kwargs, "fine_tune")
+    _check_fit_kwargs(kwargs, "fine_tune", extra=[
+        k for k, p in inspect.signature(fit_one_cycle).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("optimizer", "pct_start",
+                                                                  "div", "groups")])
     inner = getattr(model, "module", model)
     groups = transfer.layer_groups(inner) if groups is None else list(groups)
     if len(groups) < 2:

@@ -166,7 +166,8 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, loss_fn: Calla
     elif checkpoint_dir is not None and os.path.exists(checkpoint.checkpoint_path(checkpoint_dir)):
         log.warning("%s will be replaced by this new run (pass resume=True to continue it)",
                     checkpoint.checkpoint_path(checkpoint_dir))
-    for epoch in range(start_epoch, epochs if not stopped else start_epoch):
+    # a resumed run that had been stopped by a callback trains no further
+    for epoch in range(start_epoch, start_epoch if stopped else epochs):
         _call(callbacks, "on_epoch_begin", epoch)
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch

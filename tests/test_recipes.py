@@ -231,6 +231,7 @@ class Endless(IterableDataset):
     (dict(scheduler=object()), TypeError, "scheduler"),
     (dict(resume=True), ValueError, "checkpoint_dir"),
     (dict(grad_accum=0), ValueError, "accumulation_steps"),
+    (dict(lr_mult=10), TypeError, "unexpected keyword argument"),
     (dict(loader="endless"), TypeError, "length"),
     (dict(lr_max=[1e-3, 1e-2, 1e-1], optimizer="sgd"), ValueError, "learning rates"),
     (dict(groups=[], optimizer="sgd"), ValueError, "groups"),
@@ -344,6 +345,9 @@ def test_fine_tune_freeze_epochs_zero_still_halves_base_lr():
     (dict(lr_max=1e-3), TypeError, "lr_max"),
     (dict(resume=True), ValueError, "checkpoint_dir"),
     (dict(groups=["one"]), ValueError, "two layer groups"),
+    (dict(lr_mul=10), TypeError, "unexpected keyword argument"),
+    (dict(pct_start=0.3, div=5.0, val_loader=None, wd=0.0, moms=None, mixup=None,
+          wd_bn_bias=True, lr_find_kwargs={}, div_final=1e4, sheduler=1), TypeError, "sheduler"),
 ])
 def test_fine_tune_bad_input_changes_nothing(kwargs, exc, match):
     train, _ = loaders()
@@ -403,3 +407,28 @@ def test_fine_tune_resumes_into_the_right_phase(tmp_path, crash):
         assert torch.equal(model.state_dict()[k], v), k
     assert _strip(hist) == _strip(ref_hist)
     assert hist.meta == ref_hist.meta
+
+
+def test_fit_one_cycle_resume_keeps_the_lr_find_choice(tmp_path, monkeypatch):
+    def run(ckpt, crash=None, resume=False):
+        torch.manual_seed(0)
+        train, val = loaders()
+        model = mlp()
+        cbs = [CrashAt(0, crash)] if crash is not None else []
+        hist = ft.fit_one_cycle(model, train, 3, val_loader=val, callbacks=cbs,
+                                checkpoint_dir=ckpt, resume=resume, progress=False,
+                                lr_find_kwargs=dict(num_iter=20, progress=False))
+        return model, hist
+
+    ref_model, ref_hist = run(tmp_path / "ref")
+    with pytest.raises(Crash):
+        run(tmp_path / "run", crash=2)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a resumed run must not search for its lr again")
+    monkeypatch.setattr(ft.recipes, "lr_find", no_search)
+    model, hist = run(tmp_path / "run", resume=True)
+    assert hist.meta == ref_hist.meta and hist.meta["lr_max_from"] == "lr_find"
+    assert _strip(hist) == _strip(ref_hist)
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

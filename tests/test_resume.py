@@ -68,7 +68,8 @@ def assert_same_run(a, b):
     assert a["early"] == b["early"] and a["early"]["best_epoch"] == 0
     # every RNG stream is where the uninterrupted run left it
     assert torch.equal(a["next_random"][0], b["next_random"][0])
-    assert a["next_random"][1:] == b["next_random"][1:]
+    assert a["next_random"][1:3] == b["next_random"][1:3]
+    assert torch.equal(a["next_random"][3], b["next_random"][3])  # the device's generator
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,19 @@ def test_sigkilled_run_resumes_bit_identical(tmp_path, uninterrupted, kill):
     final = checkpoint.read_checkpoint(ckpt)
     assert (final["epoch"], final["global_step"]) == (3, 32)  # 4 epochs of 8 steps
     assert [p.name for p in ckpt.iterdir()] == [checkpoint.CHECKPOINT_FILE]  # debris removed
+
+
+@pytest.mark.cuda
+def test_sigkilled_cuda_run_resumes_bit_identical(tmp_path):
+    """The same on the GPU: FusedAdamW's CUDA step, dropout on the CUDA generator."""
+    finish(start(tmp_path / "reference.pt", "--device", "cuda"))
+    ckpt = tmp_path / "ckpt"
+    finish(start(tmp_path / "killed.pt", "--ckpt", ckpt, "--kill", "step", "--device", "cuda"),
+           expect_killed=True)
+    assert checkpoint.read_checkpoint(ckpt)["rng"][0]["cuda"] is not None
+    finish(start(tmp_path / "resumed.pt", "--ckpt", ckpt, "--resume", "--device", "cuda"))
+    assert_same_run(torch.load(tmp_path / "reference.pt", weights_only=True),
+                    torch.load(tmp_path / "resumed.pt", weights_only=True))
 
 
 # --- in-process resumes ------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def main():
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--kill", choices=["epoch", "step", "write"])
     p.add_argument("--kill-epoch", type=int, default=2, help="0-based epoch the kill falls in")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -82,7 +83,7 @@ def main():
     x = torch.randn(160, 12, generator=g)
     y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 0.5).long()
     model = nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2),
-                          nn.Linear(32, 3)).to(torch.bfloat16)
+                          nn.Linear(32, 3)).to(args.device, torch.bfloat16)
     train = DataLoader(NoisyData(x[:128].bfloat16(), y[:128]), batch_size=16, shuffle=True,
                        generator=torch.Generator().manual_seed(7))
     val = DataLoader(NoisyData(x[128:].bfloat16(), y[128:]), batch_size=32)
@@ -103,10 +104,13 @@ def main():
                   optimizer=opt, scheduler=sched, val_loader=val, mixup=mixup, scaler=scaler,
                   callbacks=callbacks, progress=True, checkpoint_dir=args.ckpt,
                   resume=args.resume)
+    if args.device != "cpu":  # the CUDA generator is part of the run's state there
+        torch.cuda.synchronize()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scale": scaler.get_scale(),
                 "history": list(hist), "early": early.state_dict(),
-                "next_random": (torch.rand(3), random.random(), float(np.random.rand()))},
+                "next_random": (torch.rand(3), random.random(), float(np.random.rand()),
+                                torch.rand(3, device=args.device).cpu())},
                args.out)
 
 

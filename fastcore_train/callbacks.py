@@ -11,17 +11,21 @@ tensor (call ``.item()`` only when needed: it synchronises with the GPU); ``logs
 row of the history, e.g. ``{"train_loss": .., "val_loss": .., "val_accuracy": .., "lr": ..}``.
 Training ends after the epoch in which a callback sets ``stop_training``; set in
 ``on_step_end``, it also cuts that epoch short (validation still runs).
+
+A callback with state that a resumed run needs (counters, best values) also has
+``state_dict() -> dict`` (plain data: tensors, numbers, strings, containers) and
+``load_state_dict(state)``; ``fit(..., checkpoint_dir=...)`` saves it after every epoch, after
+``on_epoch_end``, and ``fit(..., resume=True)`` loads it after ``on_train_begin``.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Dict, Optional
 
 import torch
 
-from fastcore_train import distributed
+from fastcore_train import checkpoint, distributed
 
 __all__ = ["Callback", "EarlyStopping", "Checkpoint"]
 
@@ -125,6 +129,20 @@ class EarlyStopping(Callback, _Monitor):
         if self.wait >= self.patience:
             self._stop(epoch, f"no improvement of {self.monitor} for {self.wait} epochs")
 
+    _STATE = ("best", "best_epoch", "wait", "best_state", "stop_training", "stopped_epoch",
+              "reason")
+
+    def state_dict(self) -> dict:
+        """The counters, the best value and epoch, the best weights (if kept) and the stop."""
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in self._STATE if k not in state]
+        if missing:
+            raise ValueError(f"EarlyStopping.load_state_dict: the state lacks {missing}")
+        for k in self._STATE:
+            setattr(self, k, state[k])
+
     def _stop(self, epoch: int, reason: str) -> None:
         self.stop_training, self.stopped_epoch, self.reason = True, epoch, reason
         if distributed.is_main_process():
@@ -168,8 +186,11 @@ class Checkpoint(Callback, _Monitor):
             if self.last_path is not None:
                 self._save(self.last_path)
 
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+
     def _save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(self.model.state_dict(), tmp)
-        os.replace(tmp, path)
+        checkpoint.atomic_save(self.model.state_dict(), path)

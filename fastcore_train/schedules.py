@@ -389,9 +389,9 @@ class CyclicLR(_ClosedFormScheduler):
 # --------------------------------------------------------------------------------------------
 
 #: Named OneCycleLR configurations. "torch" is torch.optim.lr_scheduler.OneCycleLR's defaults;
-#: "fastai" is fastai's fit_one_cycle defaults; "smith" follows Smith (2018, arXiv:1803.09820):
-#: a symmetric linear cycle between max_lr/10 and max_lr over 90 % of training, then a linear
-#: annihilation phase far below the cycle's low end.
+#: "fastai" is fastai's fit_one_cycle (defaults *and* conventions, see OneCycleLR); "smith"
+#: follows Smith (2018, arXiv:1803.09820): a symmetric linear cycle between max_lr/10 and max_lr
+#: over 90 % of training, then a linear annihilation phase far below the cycle's low end.
 ONE_CYCLE_PRESETS: dict[str, dict[str, Any]] = {
     "torch": dict(pct_start=0.3, div_factor=25.0, final_div_factor=1e4,
                   anneal_strategy="cos", three_phase=False),
@@ -414,9 +414,9 @@ class OneCycleLR(_ClosedFormScheduler):
     """The 1cycle policy (Smith & Topin 2017, arXiv:1708.07120), stepped per optimizer step.
 
     The lr warms from ``max_lr / div_factor`` to ``max_lr`` over ``pct_start`` of the
-    ``total_steps`` and anneals (``"cos"`` or ``"linear"``) to
-    ``max_lr / div_factor / final_div_factor``; momentum (SGD) or beta1 (Adam family) moves
-    the other way, ``max_momentum -> base_momentum -> max_momentum`` (0.95 -> 0.85 -> 0.95).
+    ``total_steps`` and anneals (``"cos"`` or ``"linear"``) to its final value; momentum (SGD)
+    or beta1 (Adam family) moves the other way, ``max_momentum -> base_momentum ->
+    final_momentum`` (0.95 -> 0.85 -> 0.95; ``final_momentum`` defaults to ``max_momentum``).
     ``three_phase=True`` anneals back to the start lr over a second ``pct_start`` and then
     down to the final lr.
 
@@ -425,11 +425,20 @@ class OneCycleLR(_ClosedFormScheduler):
     ``three_phase``; any of them given explicitly wins. The length is ``total_steps`` or
     ``epochs × steps_per_epoch`` (see :func:`steps_per_epoch`).
 
-    With the same arguments the lr and momentum equal those of
-    :class:`torch.optim.lr_scheduler.OneCycleLR` at every step ``0 .. total_steps - 1`` (the
-    steps an optimizer uses). From ``total_steps`` on the value is held at the final one, and
-    stepping past the point where torch raises emits one warning. (torch extrapolates the last
-    phase at ``total_steps``, which is negative for linear annealing.)
+    The "torch" and "smith" presets follow torch's conventions: the final lr is
+    ``max_lr / div_factor / final_div_factor``, reached at step ``total_steps - 1``, and the lr
+    and momentum equal those of :class:`torch.optim.lr_scheduler.OneCycleLR` at every step
+    ``0 .. total_steps - 1`` (the steps an optimizer uses). (torch extrapolates the last phase
+    at ``total_steps``, which is negative for linear annealing.)
+
+    The "fastai" preset follows fastai's ``fit_one_cycle`` (``combined_cos``): step ``t`` sits
+    at position ``pos = t / total_steps``; the first phase covers ``pos < pct_start`` and runs
+    from ``max_lr / div_factor`` to ``max_lr``, the second from ``max_lr`` to
+    ``max_lr / final_div_factor`` (fastai's ``div_final`` divides ``max_lr`` itself), reached
+    at ``pos = 1``, i.e. after the last step. It has two phases (``three_phase`` is refused).
+
+    From ``total_steps`` on the value is held at the final one, and stepping past the point
+    where torch raises emits one warning.
     """
 
     def __init__(self, optimizer: Optimizer, max_lr: FloatOrList,
@@ -439,7 +448,8 @@ class OneCycleLR(_ClosedFormScheduler):
                  base_momentum: FloatOrList = 0.85, max_momentum: FloatOrList = 0.95,
                  div_factor: Optional[float] = None, final_div_factor: Optional[float] = None,
                  three_phase: Optional[bool] = None, last_epoch: int = -1, *,
-                 preset: str = "torch") -> None:
+                 preset: str = "torch",
+                 final_momentum: Optional[FloatOrList] = None) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
         if preset not in ONE_CYCLE_PRESETS:
@@ -464,6 +474,11 @@ class OneCycleLR(_ClosedFormScheduler):
         if not isinstance(pct, numbers.Real) or not 0.0 <= pct <= 1.0:
             raise ValueError(f"pct_start must be a number in [0, 1], got {pct!r}")
         self.three_phase = bool(cfg["three_phase"])
+        # fastai's schedule is combined_cos: two phases on the position t / total_steps
+        self.convention = "fastai" if preset == "fastai" else "torch"
+        if self.three_phase and self.convention == "fastai":
+            raise ValueError("preset='fastai' is fastai's two-phase schedule; three_phase needs "
+                             "preset='torch' or 'smith'")
         if self.three_phase and pct > 0.5:
             raise ValueError(f"three_phase needs pct_start <= 0.5 (the rise and the fall each "
                              f"take pct_start), got {pct}")
@@ -479,24 +494,35 @@ class OneCycleLR(_ClosedFormScheduler):
 
         self.max_lrs = _per_group("max_lr", optimizer, max_lr)
         self.initial_lrs = [m / div for m in self.max_lrs]
-        self.min_lrs = [i / final_div for i in self.initial_lrs]
+        # torch divides the start lr by final_div_factor; fastai divides max_lr (div_final)
+        self.min_lrs = [(m if self.convention == "fastai" else i) / final_div
+                        for m, i in zip(self.max_lrs, self.initial_lrs)]
 
-        # Phases: (last step of the phase, lr from, lr to, momentum from, momentum to); the
-        # names index the per-group lists. Boundaries are computed as torch computes them.
+        # Phases: (end of the phase, lr from, lr to, momentum from, momentum to); the names
+        # index the per-group lists. torch's ends are step indices (last step of the phase),
+        # computed as torch computes them; fastai's are positions t / total_steps.
         T = self.total_steps
-        if self.three_phase:
+        if self.convention == "fastai":
+            self._phases = [
+                (float(pct), "initial", "max", "max", "base"),
+                (1.0, "max", "min", "base", "final"),
+            ]
+        elif self.three_phase:
             self._phases = [
                 (float(pct * T) - 1, "initial", "max", "max", "base"),
                 (float(2 * pct * T) - 2, "max", "initial", "base", "max"),
-                (T - 1, "initial", "min", "max", "max"),
+                (T - 1, "initial", "min", "max", "final"),
             ]
         else:
             self._phases = [
                 (float(pct * T) - 1, "initial", "max", "max", "base"),
-                (T - 1, "max", "min", "base", "max"),
+                (T - 1, "max", "min", "base", "final"),
             ]
         self._warned_past_end = False
         self._setup_momentum(optimizer, cycle_momentum, base_momentum, max_momentum)
+        if self.cycle_momentum:
+            self.final_momentums = (list(self.max_momentums) if final_momentum is None else
+                                    _per_group("final_momentum", optimizer, final_momentum))
         if last_epoch == -1:
             for group, lr in zip(optimizer.param_groups, self.initial_lrs):
                 group["initial_lr"] = lr
@@ -506,6 +532,8 @@ class OneCycleLR(_ClosedFormScheduler):
         return {"initial": self.initial_lrs, "max": self.max_lrs, "min": self.min_lrs}[name]
 
     def _mom_list(self, name: str) -> list[float]:
+        if name == "final":  # absent from states saved before final_momentum existed
+            return getattr(self, "final_momentums", self.max_momentums)
         return self.max_momentums if name == "max" else self.base_momentums
 
     def _on_step(self, step: int) -> None:
@@ -519,15 +547,21 @@ class OneCycleLR(_ClosedFormScheduler):
                           stacklevel=_caller_stacklevel())
 
     def _values(self, step: int) -> tuple[list[float], Optional[list[float]]]:
-        step = min(step, self.total_steps - 1)
+        if getattr(self, "convention", "torch") == "fastai":
+            # combined_cos: phase i covers pct_i <= pos < pct_{i+1}; pos = 1 is the final value
+            where = min(step, self.total_steps) / self.total_steps
+            strict = True
+        else:
+            where = min(step, self.total_steps - 1)
+            strict = False
         anneal = _anneal_cos if self.anneal_strategy == "cos" else _anneal_linear
         start = 0.0
         last = len(self._phases) - 1
         for i, (end, lr_a, lr_b, mom_a, mom_b) in enumerate(self._phases):
-            if step <= end or i == last:
+            if (where < end if strict else where <= end) or i == last:
                 span = end - start
                 # A zero-length phase (degenerate pct_start/total_steps) is already complete.
-                frac = (step - start) / span if span != 0 else 1.0
+                frac = (where - start) / span if span != 0 else 1.0
                 break
             start = end
         lrs = [anneal(a, b, frac) for a, b in zip(self._lr_list(lr_a), self._lr_list(lr_b))]

@@ -2,12 +2,15 @@
 
 It takes plain torch objects (any loss callable, optimizer, LR scheduler, DataLoader) and adds
 what a modern recipe needs around them: per-step LR scheduling, mixup, autocast, loss scaling,
-gradient accumulation, callbacks, DDP (through :mod:`fastcore_train.distributed`) and a history.
+gradient accumulation, callbacks, DDP (through :mod:`fastcore_train.distributed`), a history and
+whole-run checkpoints to resume from (through :mod:`fastcore_train.checkpoint`).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import sys
 import time
 from typing import Callable, Dict, Iterable, Mapping, Optional
@@ -15,9 +18,11 @@ from typing import Callable, Dict, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from fastcore_train import distributed
+from fastcore_train import checkpoint, distributed
 
 __all__ = ["fit", "evaluate", "History", "accuracy"]
+
+log = logging.getLogger(__name__)
 
 
 def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -34,7 +39,13 @@ class History(list):
     Keys: ``epoch`` (from 0), ``train_loss`` (on the mixed batches when mixup is on), ``val_loss``
     and ``val_<metric>`` (with a ``val_loader``), ``lr`` (param group 0's at the epoch's end),
     ``epoch_time_s`` (training and validation) and ``ms_per_step`` (training time per batch).
+    ``meta`` is a dict of facts about the run as a whole (e.g. the lr that
+    :func:`~fastcore_train.fit_one_cycle` took from the LR finder); it is checkpointed with it.
     """
+
+    def __init__(self, rows=(), meta: Optional[Mapping] = None):
+        super().__init__(rows)
+        self.meta = dict(meta or {})
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -79,7 +90,8 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, loss_fn: Calla
         optimizer: torch.optim.Optimizer, scheduler=None, val_loader: Optional[Iterable] = None,
         mixup: Optional[Callable] = None, scaler=None, amp_dtype: Optional[torch.dtype] = None,
         callbacks=(), grad_accum: int = 1, device=None, progress: bool = True,
-        metrics: Optional[Mapping[str, Callable]] = None) -> History:
+        metrics: Optional[Mapping[str, Callable]] = None, checkpoint_dir=None,
+        resume: bool = False, meta: Optional[Mapping] = None) -> History:
     """Train ``model`` for ``epochs`` epochs and return the :class:`History`.
 
     - Batches are ``(x, y)``; they are moved to ``device`` (default: the model's).
@@ -94,17 +106,34 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, loss_fn: Calla
       default is ``{"accuracy": accuracy}``, pass ``{}`` for none.
     - ``callbacks`` follow :mod:`fastcore_train.callbacks`; training stops after the epoch in
       which any of them sets ``stop_training``.
+    - ``checkpoint_dir``: after every epoch the whole run is saved to ``checkpoint_dir/last.pt``
+      (atomically; see :mod:`fastcore_train.checkpoint`): model, optimizer (master weights
+      included), scheduler, scaler, callbacks' state (those with ``state_dict`` /
+      ``load_state_dict``), History, epoch and step counts and the RNG states, including the
+      ``torch.Generator`` of the loaders, their samplers and ``mixup``. With ``resume=True`` the
+      run continues after the saved epoch (from scratch when there is no checkpoint yet, so one
+      command serves the first start and every restart): build the model, optimizer, scheduler,
+      scaler, loaders, mixup and callbacks as for the first start and call ``fit`` with the same
+      arguments; the parameters and History (but its timings) end as in an uninterrupted run. A
+      run that had already ended (all epochs, or stopped by a callback) returns its History.
+    - ``meta`` is copied into ``History.meta`` (and so into checkpoints).
     Under DDP (a model wrapped by :func:`fastcore_train.distributed.wrap`) losses and metrics are
-    averaged over all ranks' samples, and only rank 0 prints.
+    averaged over all ranks' samples, and only rank 0 prints and writes checkpoints.
     """
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
+    if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and \
+            not os.path.isdir(checkpoint_dir):
+        raise ValueError(f"checkpoint_dir {checkpoint_dir!r} exists and is not a folder")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     metrics = {"accuracy": accuracy} if metrics is None else dict(metrics)
     callbacks = [callbacks] if not isinstance(callbacks, (list, tuple)) else list(callbacks)
     show = progress and distributed.is_main_process()
-    history = History()
-    global_step = 0
+    history = History(meta=meta)
+    global_step, start_epoch, stopped = 0, 0, False
+    generators = checkpoint.generators_of(train=train_loader, val=val_loader, mixup=mixup)
 
     def optimizer_step():
         nonlocal global_step
@@ -120,7 +149,25 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, loss_fn: Calla
 
     _call(callbacks, "set_optimizer", optimizer)
     _call(callbacks, "on_train_begin", model)
-    for epoch in range(epochs):
+    if resume:
+        run = checkpoint.load_run(checkpoint_dir, model=model, optimizer=optimizer,
+                                  scheduler=scheduler, scaler=scaler, callbacks=callbacks,
+                                  epochs=epochs, generators=generators)
+        where = checkpoint.checkpoint_path(checkpoint_dir)
+        if run is None:
+            log.info("no checkpoint at %s: starting from scratch", where)
+        else:
+            history = History(run["history"], {**run["meta"], **history.meta})
+            start_epoch, global_step, stopped = run["epoch"] + 1, run["global_step"], \
+                run["stopped"]
+            log.info("resumed from %s after epoch %d/%d", where, start_epoch, epochs)
+            if show:
+                print(f"resumed from {where} after epoch {start_epoch}/{epochs}", flush=True)
+    elif checkpoint_dir is not None and os.path.exists(checkpoint.checkpoint_path(checkpoint_dir)):
+        log.warning("%s will be replaced by this new run (pass resume=True to continue it)",
+                    checkpoint.checkpoint_path(checkpoint_dir))
+    # a resumed run that had been stopped by a callback trains no further
+    for epoch in range(start_epoch, start_epoch if stopped else epochs):
         _call(callbacks, "on_epoch_begin", epoch)
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
@@ -181,7 +228,13 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, loss_fn: Calla
             print(f"epoch {epoch + 1}/{epochs} " + " ".join(
                 f"{k}={v:.4g}" for k, v in logs.items() if k != "epoch"), flush=True)
         _call(callbacks, "on_epoch_end", epoch, logs)
-        if any(getattr(cb, "stop_training", False) for cb in callbacks):
+        stopped = any(getattr(cb, "stop_training", False) for cb in callbacks)
+        if checkpoint_dir is not None:
+            checkpoint.save_run(checkpoint_dir, model=model, optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler, callbacks=callbacks,
+                                history=history, meta=history.meta, epoch=epoch, epochs=epochs,
+                                global_step=global_step, stopped=stopped, generators=generators)
+        if stopped:
             break
     _call(callbacks, "on_train_end", model)
     return history

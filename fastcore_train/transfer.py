@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = [
     "freeze", "unfreeze", "freeze_to", "layer_groups", "find_head", "replace_head",
-    "discriminative_lrs", "load_pretrained", "LoadReport", "GradualUnfreezer",
+    "discriminative_lrs", "group_lrs", "load_pretrained", "LoadReport", "GradualUnfreezer",
 ]
 
 log = logging.getLogger(__name__)
@@ -205,15 +205,21 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Linear:
 # ---------------------------------------------------------------------------------------------
 # learning rates
 
-def _lrs_for(lr: LR, n: int) -> List[float]:
+def group_lrs(lr: LR, n: int) -> List[float]:
+    """The learning rates of ``n`` groups from a float, a ``slice`` or one float per group, as
+    :func:`discriminative_lrs` spreads them."""
     if isinstance(lr, slice):
-        if lr.start is None or lr.stop is None or lr.step is not None:
-            raise ValueError("a learning-rate slice must be slice(first_group_lr, last_group_lr)")
-        lo, hi = float(lr.start), float(lr.stop)
+        if lr.stop is None or lr.step is not None:
+            raise ValueError("a learning-rate slice must be slice(first_group_lr, last_group_lr) "
+                             "or slice(last_group_lr)")
+        hi = float(lr.stop)
+        lo = hi / 10 if lr.start is None else float(lr.start)
         if lo <= 0 or hi <= 0:
             raise ValueError(f"learning rates must be positive, got {lr}")
         if n == 1:
             return [hi]
+        if lr.start is None:  # fastai's slice(lr): the head at lr, every other group at lr/10
+            return [lo] * (n - 1) + [hi]
         return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
     if isinstance(lr, (int, float)):
         return [float(lr)] * n
@@ -228,14 +234,15 @@ def discriminative_lrs(model: nn.Module, lr: LR = slice(1e-5, 1e-3),
     """Optimizer parameter groups with one learning rate per layer group.
 
     ``lr`` is a ``slice(first, last)`` (rates spaced geometrically from the first group to the
-    last: early layers hold general features and move least), a float for all groups, or one
-    float per group. Only trainable parameters are included; a group with none is left out.
+    last: early layers hold general features and move least), ``slice(last)`` (fastai's: the
+    last group at ``last``, all others at ``last / 10``), a float for all groups, or one float
+    per group. Only trainable parameters are included; a group with none is left out.
     ``groups`` defaults to ``layer_groups(model)``. Pass the result to any torch optimizer.
     """
     groups = layer_groups(model) if groups is None else list(groups)
     seen: set = set()
     out = []
-    for g, rate in zip(groups, _lrs_for(lr, len(groups))):
+    for g, rate in zip(groups, group_lrs(lr, len(groups))):
         params = [p for p in _unique(_flatten(g)[1]) if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in params)
         if params:
@@ -362,7 +369,7 @@ class GradualUnfreezer:
                  train_bn: bool = True):
         self.model, self.optimizer, self.train_bn = model, optimizer, train_bn
         self.groups = layer_groups(model) if groups is None else list(groups)
-        self.lrs = _lrs_for(optimizer.defaults["lr"] if lrs is None else lrs, len(self.groups))
+        self.lrs = group_lrs(optimizer.defaults["lr"] if lrs is None else lrs, len(self.groups))
         self.n_frozen = len(self.groups) - 1
         self._apply()
 
@@ -390,3 +397,17 @@ class GradualUnfreezer:
 
     def on_epoch_end(self, epoch: int, logs: dict) -> None:
         self.step()
+
+    def state_dict(self) -> dict:
+        """How many groups are still frozen (a resumed run unfreezes to the same point)."""
+        return {"n_frozen": self.n_frozen}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Freeze to the saved point, adding the param groups the optimizer had then; load the
+        optimizer's state after this."""
+        n = state["n_frozen"]
+        if not (isinstance(n, int) and 0 <= n < len(self.groups)):
+            raise ValueError(f"GradualUnfreezer.load_state_dict: n_frozen={n!r} is not a frozen "
+                             f"count for {len(self.groups)} layer groups")
+        self.n_frozen = n
+        self._apply()

@@ -89,8 +89,6 @@ def test_onecycle_per_group_momentum_and_epochs(kind):
 # The preset numbers are the ones the presets are specified by; "torch" is torch's defaults.
 @pytest.mark.parametrize("preset,torch_kwargs", [
     ("torch", dict()),
-    ("fastai", dict(pct_start=0.25, div_factor=25.0, final_div_factor=1e5,
-                    anneal_strategy="cos")),
     ("smith", dict(three_phase=True, anneal_strategy="linear",
                    pct_start=S.ONE_CYCLE_PRESETS["smith"]["pct_start"],
                    div_factor=S.ONE_CYCLE_PRESETS["smith"]["div_factor"],
@@ -104,11 +102,83 @@ def test_onecycle_presets(preset, torch_kwargs, kind):
     assert trace(o1, ours, 50) == trace(o2, ref, 50)
 
 
-def test_onecycle_preset_overridden_by_explicit_argument():
+# fastai's schedule, written out from fastai.callback.schedule (SchedCos, combine_scheds,
+# combined_cos) and fit_one_cycle: before batch t of a run of N batches the position is
+# pct_train = t / N, the lr is combined_cos(pct_start, lr_max/div, lr_max, lr_max/div_final)(pos)
+# and the momentum combined_cos(pct_start, *moms)(pos).
+def fastai_sched_cos(start, end, pos):
+    return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
+
+
+def fastai_combined_cos(pct, start, middle, end):
+    def at(pos):
+        if pos >= 1:  # combine_scheds caps the phase index at the last one: its end value
+            return fastai_sched_cos(middle, end, 1.0)
+        if pos < pct:
+            return fastai_sched_cos(start, middle, pos / pct)
+        return fastai_sched_cos(middle, end, (pos - pct) / (1 - pct))
+    return at
+
+
+def assert_fastai_trace(got, n, lr_max, pct, div, div_final, moms):
+    lr_max = lr_max if isinstance(lr_max, list) else [lr_max]
+    lr_f = [fastai_combined_cos(pct, m / div, m, m / div_final) for m in lr_max]
+    mom_f = fastai_combined_cos(pct, *moms)
+    for t, (lrs, ms) in enumerate(got):
+        pos = min(t, n) / n
+        # the two cosine forms agree to rounding; scale the tolerance by the phase's start
+        assert lrs == [pytest.approx(f(pos), rel=1e-12, abs=1e-14 * m)
+                       for f, m in zip(lr_f, lr_max)], t
+        assert ms == [pytest.approx(mom_f(pos), rel=1e-12)] * len(ms), t
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("n", [1, 7, 40, 101])
+def test_onecycle_fastai_preset_is_fastais_combined_cos(kind, n):
+    opt = make_opt(kind, 2)
+    sched = S.OneCycleLR(opt, [0.3, 0.003], total_steps=n, preset="fastai",
+                         max_momentum=0.95, base_momentum=0.85)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stepping past the end is part of the check
+        got = trace(opt, sched, n + 3)
+    assert_fastai_trace(got, n, [0.3, 0.003], 0.25, 25.0, 1e5, (0.95, 0.85, 0.95))
+    # the final lr is lr_max / div_final (torch's convention would give lr_max/div/div_final)
+    assert got[-1][0] == pytest.approx([0.3 / 1e5, 0.003 / 1e5], rel=1e-12)
+
+
+@pytest.mark.parametrize("pct,div,div_final,moms", [
+    (0.5, 10.0, 1e4, (0.9, 0.8, 0.7)),
+    (0.99, 25.0, 1e5, (0.95, 0.85, 0.95)),   # fine_tune's frozen phase
+    (0.3, 5.0, 1e5, (0.95, 0.85, 0.9)),      # fine_tune's unfrozen phase, uneven moms
+    (0.0, 25.0, 1e5, (0.95, 0.85, 0.95)),
+])
+def test_onecycle_fastai_preset_overridden_by_explicit_arguments(pct, div, div_final, moms):
+    opt = make_opt("adamw")
+    sched = S.OneCycleLR(opt, 0.01, total_steps=37, preset="fastai", pct_start=pct,
+                         div_factor=div, final_div_factor=div_final, max_momentum=moms[0],
+                         base_momentum=moms[1], final_momentum=moms[2])
+    assert_fastai_trace(trace(opt, sched, 37), 37, 0.01, pct, div, div_final, moms)
+
+
+def test_onecycle_fastai_preset_resumes_exactly():
+    o1, o2 = make_opt("sgd", 2), make_opt("sgd", 2)
+    kw = dict(max_lr=[0.5, 0.05], total_steps=30, preset="fastai", final_momentum=0.9)
+    full = trace(o1, S.OneCycleLR(o1, **kw), 30)
+    first = S.OneCycleLR(o2, **kw)
+    head = trace(o2, first, 12)
+    o3 = make_opt("sgd", 2)
+    second = S.OneCycleLR(o3, 1.0, total_steps=5)  # rebuilt differently: the state decides
+    second.load_state_dict(roundtrip(first.state_dict()))
+    assert head + trace(o3, second, 18) == full
+
+
+def test_onecycle_final_momentum_torch_convention():
     o1, o2 = make_opt("sgd"), make_opt("sgd")
-    ours = S.OneCycleLR(o1, 0.3, total_steps=40, preset="fastai", pct_start=0.5)
-    ref = tls.OneCycleLR(o2, 0.3, total_steps=40, pct_start=0.5, final_div_factor=1e5)
-    assert trace(o1, ours, 40) == trace(o2, ref, 40)
+    ours = trace(o1, S.OneCycleLR(o1, 0.3, total_steps=20, final_momentum=0.9), 20)
+    ref = trace(o2, tls.OneCycleLR(o2, 0.3, total_steps=20), 20)
+    assert [lr for lr, _ in ours] == [lr for lr, _ in ref]
+    assert [m for _, m in ours][:6] == [m for _, m in ref][:6]  # rise phase unchanged
+    assert ours[-1][1] == [pytest.approx(0.9, rel=1e-12)]
 
 
 @pytest.mark.parametrize("anneal", ["cos", "linear"])
@@ -143,6 +213,10 @@ def test_onecycle_validation():
         S.OneCycleLR(opt, 0.1, total_steps=10, pct_start=1.5)
     with pytest.raises(ValueError, match="three_phase"):
         S.OneCycleLR(opt, 0.1, total_steps=10, three_phase=True, pct_start=0.6)
+    with pytest.raises(ValueError, match="two-phase"):
+        S.OneCycleLR(opt, 0.1, total_steps=10, preset="fastai", three_phase=True)
+    with pytest.raises(ValueError, match="final_momentum"):
+        S.OneCycleLR(opt, 0.1, total_steps=10, final_momentum=[0.9, 0.9])
     with pytest.raises(ValueError, match="anneal_strategy"):
         S.OneCycleLR(opt, 0.1, total_steps=10, anneal_strategy="step")
     with pytest.raises(ValueError, match="param groups"):

@@ -214,6 +214,13 @@ def test_discriminative_lrs_geometric_and_trainable_only(model):
     assert sum(p.numel() for g in pg for p in g["params"]) == n_trainable(model)
 
     assert [g["lr"] for g in discriminative_lrs(model, 0.1, groups)] == [0.1, 0.1]
+    # fastai's slice(lr): every group but the last at lr / 10 (Optimizer.set_hyper)
+    unfreeze(model)
+    assert [g["lr"] for g in discriminative_lrs(model, slice(2e-3), groups)] == \
+        pytest.approx([2e-4, 2e-4, 2e-3], rel=1e-15)
+    assert [g["lr"] for g in discriminative_lrs(model, slice(2e-3), groups[2:])] == [2e-3]
+    with pytest.raises(ValueError, match="slice"):
+        discriminative_lrs(model, slice(1e-3, None), groups)
     with pytest.raises(ValueError, match="3 layer groups"):
         discriminative_lrs(model, [1e-3, 1e-2], groups)
 

@@ -200,30 +200,40 @@ def _acc_dtype(logits):
 
 
 def _soft_targets(target, target_b, lam_t, lam_s, eps, shape, dtype, device):
-    """The dense targets timm builds: off everywhere, on at the target; blended for mixup. A row
-    whose two targets agree gets on itself (lam * on + (1 - lam) * on can round off it)."""
+    """The dense targets timm builds (off everywhere, on at the target; blended for mixup), and
+    1 - q built the same way from 1 - off and 1 - on: 1 - q formed after q is rounded to
+    float32 would lose most digits of a target's 1 - q ~ eps. A row whose two targets agree
+    gets on itself (lam * on + (1 - lam) * on can round off it)."""
     C = shape[1]
     off = eps / C if C else 0.0
     on = 1.0 - eps + off
-    q_a = torch.full(shape, off, dtype=dtype, device=device).scatter_(1, target[:, None], on)
+
+    def one_hot(t, hot, cold):
+        return torch.full(shape, cold, dtype=dtype, device=device).scatter_(1, t[:, None], hot)
+
+    q_a, p_a = one_hot(target, on, off), one_hot(target, 1.0 - on, 1.0 - off)
     if target_b is None:
-        return q_a
-    q_b = torch.full(shape, off, dtype=dtype, device=device).scatter_(1, target_b[:, None], on)
+        return q_a, p_a
+    q_b, p_b = one_hot(target_b, on, off), one_hot(target_b, 1.0 - on, 1.0 - off)
     lam = lam_t.to(dtype)[:, None] if lam_t is not None else lam_s
-    return torch.where((target == target_b)[:, None], q_a, lam * q_a + (1.0 - lam) * q_b)
+    same = (target == target_b)[:, None]
+    return (torch.where(same, q_a, lam * q_a + (1.0 - lam) * q_b),
+            torch.where(same, p_a, lam * p_a + (1.0 - lam) * p_b))
 
 
-def _elementwise(z, q, pw):
+def _elementwise(z, q, one_minus_q, pw):
     """loss = c |z| + w log1p(exp(-|z|)) (see the module docstring), differentiable any number
-    of times. Each branch is evaluated where it is exact; the inputs of the discarded one are
-    clamped so that neither it nor its derivatives overflow. The derivative is exact at z = 0
-    too (a form with |z| would give autograd's sign(0) = 0 there)."""
+    of times. Each branch is evaluated where it is exact, and exp only ever sees arguments <= 0,
+    so the discarded branch overflows neither in value nor in derivative. The z >= 0 branch
+    clamps (its derivative is exact at z = 0, where |z|'s would be autograd's sign(0) = 0); the
+    other takes -|z|, whose derivative carries a NaN logit's NaN into the gradient, as torch's
+    does (a clamp's would be 0 there)."""
     if pw is None:
         w, c_neg = 1.0, q
     else:
         w, c_neg = 1.0 + (pw - 1.0) * q, pw * q
-    pos = (1.0 - q) * z + w * torch.log1p(torch.exp(-z.clamp(min=0)))
-    neg = -c_neg * z + w * torch.log1p(torch.exp(z.clamp(max=0)))
+    pos = one_minus_q * z + w * torch.log1p(torch.exp(-z.clamp(min=0)))
+    neg = -c_neg * z + w * torch.log1p(torch.exp(-z.abs()))
     loss = torch.where(z >= 0, pos, neg)
     # torch's value at z = -inf is NaN whatever q (its form adds -inf and +inf); added as a
     # constant so that the gradient there stays torch's finite -pw q
@@ -235,8 +245,9 @@ def _reference(logits, target, target_b, lam_t, lam_s, eps, pw, reduction, check
     if check:
         _check_values(target, target_b, lam_t, logits.shape[1])
     z = logits.to(_acc_dtype(logits))
-    q = _soft_targets(target, target_b, lam_t, lam_s, eps, tuple(z.shape), z.dtype, z.device)
-    loss = _elementwise(z, q, None if pw is None else pw.to(z.dtype))
+    q, one_minus_q = _soft_targets(target, target_b, lam_t, lam_s, eps, tuple(z.shape), z.dtype,
+                                   z.device)
+    loss = _elementwise(z, q, one_minus_q, None if pw is None else pw.to(z.dtype))
     if reduction == "none":
         return loss
     if reduction == "sum":

@@ -447,26 +447,30 @@ def test_exact_where_torch_is_exact(backend, dtype):
 def test_nonfinite_like_torch(backend, dtype, eps, two, reduction):
     """NaN, +inf and -inf logits at target columns and elsewhere, in the vector body and in
     the scalar tail: torch's loss (NaN at -inf whatever q, inf at +inf, NaN at NaN) and
-    gradient (finite at +-inf: 1 - q and -pw q)."""
-    B, C = 8, 75
+    gradient (finite at +-inf: 1 - q and -pw q). For the reduced forms each row is checked
+    on its own (a batch's one NaN row would hide the others)."""
+    B, C = 9, 75
     x = _logits(B, C, torch.float32)
-    y = torch.tensor([3, 3, 3, 40, 40, 70, 72, 5])
-    y_b = torch.tensor([9, 9, 9, 41, 40, 71, 2, 6])
+    y = torch.tensor([3, 3, 3, 40, 40, 70, 72, 5, 1])
+    y_b = torch.tensor([9, 9, 9, 41, 40, 71, 2, 6, 2])
     x[0, 3], x[1, 3], x[2, 3] = NAN, INF, -INF           # at the target (vector body)
     x[3, 10], x[4, 50], x[5, 72] = NAN, INF, -INF        # elsewhere, body and tail
     x[6, 72] = INF                                        # at the target, in the tail
     x[7, :] = -INF                                        # a whole row
+    x[8, 20] = -INF                                       # elsewhere, alone in its row
     x = x.to(dtype)
-    kw = dict(label_smoothing=eps, reduction=reduction,
-              **({"target_b": y_b, "lam": torch.linspace(0, 1, B)} if two else {}))
-    for with_pw in (None, torch.rand(C) * 2):
-        got = _loss_and_grad(bce, x, y, pos_weight=with_pw, **kw)
-        want = _loss_and_grad(_torch_bce, x, y, pos_weight=with_pw, **kw)
-        if reduction == "none":
-            assert torch.equal(torch.isnan(got[0]), torch.isnan(want[0]))
-            assert torch.equal(torch.isinf(got[0]), torch.isinf(want[0]))
-        _assert_close(got[0], want[0], dtype)
-        _assert_close(got[1], want[1].to(dtype), dtype)
+    lam = torch.linspace(0, 1, B)
+    for pw in (None, torch.rand(C) * 2):
+        rows = [slice(None)] if reduction == "none" else [slice(i, i + 1) for i in range(B)]
+        for r in rows:
+            kw = dict(label_smoothing=eps, reduction=reduction, pos_weight=pw,
+                      **({"target_b": y_b[r], "lam": lam[r]} if two else {}))
+            got = _loss_and_grad(bce, x[r], y[r], **kw)
+            want = _loss_and_grad(_torch_bce, x[r], y[r], **kw)
+            assert torch.equal(torch.isnan(got[0]), torch.isnan(want[0])), (r, got[0], want[0])
+            assert torch.equal(torch.isinf(got[0]), torch.isinf(want[0])), (r, got[0], want[0])
+            _assert_close(got[0], want[0], dtype)
+            _assert_close(got[1], want[1].to(dtype), dtype)
 
 
 def test_large_negative_logits_do_not_overflow_the_sum(backend):

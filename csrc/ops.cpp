@@ -24,6 +24,23 @@ TORCH_LIBRARY(fastcore_train, m) {
       "Tensor? target_b, Tensor? lam, float lam_scalar, Tensor stats, float label_smoothing, "
       "int ignore_index, int reduction) -> Tensor");
 
+  // Binary cross-entropy with logits against label-smoothed one-hot targets, one or two targets
+  // (mixup): torch's binary_cross_entropy_with_logits(logits, q, pos_weight=pos_weight) with
+  // q = lam * q(target) + (1 - lam) * q(target_b), q(y) = on at column y and off = eps / C
+  // elsewhere, on = 1 - eps + off (timm's smoothing); q is never built. target, target_b: int64
+  // or uint8 class indices in [0, C). lam: per-row weight of `target` (shape (B,)); when absent,
+  // lam_scalar is used. pos_weight: (C,) float, absent means 1. reduction: 0 none (the (B, C)
+  // elementwise loss), 1 mean over B x C, 2 sum (torch's at::Reduction). The loss is in the
+  // accumulation dtype (float32, or float64 for float64 logits). Backward needs nothing saved:
+  // it recomputes from the logits.
+  m.def(
+      "binary_cross_entropy(Tensor logits, Tensor target, Tensor? target_b, Tensor? lam, "
+      "float lam_scalar, float label_smoothing, Tensor? pos_weight, int reduction) -> Tensor");
+  m.def(
+      "binary_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "
+      "Tensor? target_b, Tensor? lam, float lam_scalar, float label_smoothing, "
+      "Tensor? pos_weight, int reduction) -> Tensor");
+
   // Mixed-precision fused optimizer step (fastcore_train/optim), two passes.
   // Pass 1 reads every gradient once and writes nothing else: it sets found_inf to 1 when an
   // element is inf or NaN (it never clears it) and adds the sum of squares of all elements

@@ -1,14 +1,14 @@
 """Modules over the fused ops."""
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 from fastcore_train import ops
 from fastcore_train.ops.cross_entropy import _as_float, _as_int64
 
-__all__ = ["LabelSmoothingCrossEntropy", "MixedTarget"]
+__all__ = ["LabelSmoothingCrossEntropy", "BinaryCrossEntropy", "MixedTarget"]
 
 
 class MixedTarget(NamedTuple):
@@ -59,3 +59,48 @@ class LabelSmoothingCrossEntropy(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
                 f"reduction={self.reduction!r}")
+
+
+class BinaryCrossEntropy(torch.nn.Module):
+    """Drop-in for timm's ``BinaryCrossEntropy(smoothing=..., reduction=..., pos_weight=...)`` on
+    (B, C) logits and class-index targets, fused.
+
+    The loss is ``F.binary_cross_entropy_with_logits(logits, q, pos_weight=pos_weight,
+    reduction=reduction)`` with timm's smoothed targets ``q`` (``off = smoothing / C``, ``on = 1 -
+    smoothing + off``). The target is either class indices (B,) or a :class:`MixedTarget` from
+    :class:`fastcore_train.Mixup` (``q = lam * q(y_a) + (1 - lam) * q(y_b)``, what timm's
+    ``Mixup`` builds); neither builds the (B, C) targets. ``pos_weight`` (one weight per class) is
+    a buffer, so ``.to(device)`` moves it.
+    """
+
+    def __init__(self, smoothing: float = 0.0, reduction: str = "mean",
+                 pos_weight: Optional[torch.Tensor] = None):
+        super().__init__()
+        # torch's exception types, at construction rather than at the first call
+        who = type(self).__name__
+        smoothing = _as_float(smoothing, "smoothing", who)
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"{who}: smoothing must be in [0, 1], got {smoothing:g}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"{who}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if pos_weight is not None and not isinstance(pos_weight, torch.Tensor):
+            raise TypeError(f"{who}: pos_weight must be a tensor or None, got "
+                            f"{type(pos_weight).__name__}")
+        self.smoothing = smoothing
+        self.reduction = reduction
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, target) -> torch.Tensor:
+        kw = dict(label_smoothing=self.smoothing, reduction=self.reduction,
+                  pos_weight=self.pos_weight)
+        if isinstance(target, MixedTarget):
+            return ops.binary_cross_entropy(logits, target.y_a, target_b=target.y_b,
+                                            lam=target.lam, **kw)
+        if isinstance(target, (tuple, list)):
+            raise TypeError("BinaryCrossEntropy: target must be a tensor of class indices or an "
+                            f"ft.MixedTarget(y_a, y_b, lam), got a {type(target).__name__}")
+        return ops.binary_cross_entropy(logits, target, **kw)
+
+    def extra_repr(self) -> str:
+        pw = "None" if self.pos_weight is None else f"tensor of shape {list(self.pos_weight.shape)}"
+        return f"smoothing={self.smoothing}, reduction={self.reduction!r}, pos_weight={pw}"

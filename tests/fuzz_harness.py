@@ -49,6 +49,13 @@ KNOWN = {
     "mixup.x_int": "TypeError",                # eager blends ints into floats
     "cutmix.box_outside": "ValueError",       # slicing wraps negatives, clips, empties
     "cutmix.box_none": "TypeError",            # a slice takes None as an open end
+    "bce.target_out_of_range": "IndexError",  # torch's scatter of the dense targets: RuntimeError
+    "bce.target_int": "TypeError",             # timm's .long() takes any integer (and float) dtype
+    "bce.target_float": "TypeError",           # probability targets: pass class indices
+    "bce.batch_mismatch": "ValueError",        # torch's scatter: RuntimeError
+    "bce.smoothing_above_one": "ValueError",   # the dense targets would go negative
+    "bce.lam_outside": "ValueError",           # the blend would extrapolate
+    "bce.pos_weight_per_element": "ValueError",  # torch broadcasts a (B, C) weight; ours is per class
     "optim.lr_str": "TypeError",
     "optim.lr_none": "TypeError",
     "optim.lr_nan": "ValueError",              # torch.optim.SGD accepts a NaN lr (AdamW refuses)
@@ -269,6 +276,92 @@ def _ce_case(h, cid, shape, dtype, vals, tkind, eps, red, ign, gen):
     h.case("cross_entropy", f"{cid}:{list(shape)}:{dtype}:{vals}:{tkind}:{eps}:{red}:{ign}",
            kind, run(F.cross_entropy, logits), run(ft.ops.cross_entropy, logits),
            run(F.cross_entropy, truth_x), dtype)
+
+
+# ---- binary cross-entropy ----------------------------------------------------------------------
+
+def bce_family(h: Harness, rng: random.Random):
+    """ft.ops.binary_cross_entropy against timm's recipe written with torch's ops: dense smoothed
+    one-hot targets (scatter, as timm's BinaryCrossEntropy and mixup_target build them), then
+    F.binary_cross_entropy_with_logits."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(0, 5), (1, 1), (3, 5), (17, 1000)]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16]
+    values = ["randn", "offset_1e6", "max_float", "nan_row", "posinf_row", "neginf_row", "masked"]
+    targets = ["valid", "out_of_range", "negative", "uint8", "int32", "float", "batch_mismatch"]
+    smoothing = [0.0, 0.1, 1.0, 1.1, None]
+    reductions = ["mean", "sum", "none", "bad"]
+    pws = [None, "per_class", "scalar", "per_element"]
+    lams = [None, 0.3, "tensor", 1.5]
+    for i, (shape, dtype, vals) in enumerate(itertools.product(shapes, dtypes, values)):
+        draws = [("valid", 0.1, "mean", None, 0.3)] + [
+            (rng.choice(targets), rng.choice(smoothing), rng.choice(reductions), rng.choice(pws),
+             rng.choice(lams))]
+        for j, draw in enumerate(draws):
+            _bce_case(h, f"{i}.{j}", shape, dtype, vals, *draw, gen)
+    for tkind in targets:
+        _bce_case(h, f"t.{tkind}", (3, 5), torch.float32, "randn", tkind, 0.1, "mean", None,
+                  None, gen)
+    for k, pwk in enumerate(pws):
+        _bce_case(h, f"w.{k}", (3, 5), torch.float32, "randn", "valid", 0.1, "none", pwk, 0.3,
+                  gen)
+    for k, lamk in enumerate(lams):
+        _bce_case(h, f"l.{k}", (3, 5), torch.float32, "randn", "valid", 0.1, "sum", None, lamk,
+                  gen)
+
+
+def _bce_case(h, cid, shape, dtype, vals, tkind, eps, red, pwk, lamk, gen):
+    B, C = shape
+    logits = _logits(shape, dtype, vals, gen)
+    target = _target(tkind, B, C, -100, gen)
+    target_b = lam = None
+    if lamk is not None:
+        target_b = torch.randint(0, max(C, 1), (B,), generator=gen)
+        lam = torch.rand(B, generator=gen) if lamk == "tensor" else lamk
+    pw = {None: None, "per_class": torch.rand(C, generator=gen) * 3,
+          "scalar": torch.tensor(2.0), "per_element": torch.rand(B, C, generator=gen)}[pwk]
+    kind = {"int32": ["bce.target_int"], "float": ["bce.target_float"],
+            "batch_mismatch": ["bce.batch_mismatch"]}.get(tkind, [])
+    if tkind in ("out_of_range", "negative") and B > 0:
+        kind.append("bce.target_out_of_range")
+    if isinstance(eps, float) and eps > 1:
+        kind.append("bce.smoothing_above_one")
+    if isinstance(lam, float) and not 0 <= lam <= 1:
+        kind.append("bce.lam_outside")
+    if pwk == "per_element":
+        kind.append("bce.pos_weight_per_element")
+
+    def timm_recipe(z, target, **kw):
+        # the reduction is checked first, as F.binary_cross_entropy_with_logits does before it
+        # looks at its inputs (and as ours does)
+        torch.nn._reduction.get_enum(kw["reduction"])
+        off = eps / C if C else 0.0
+        on = 1.0 - eps + off
+
+        def one_hot(t):
+            return torch.full((B, C), off, dtype=z.dtype).scatter_(1, t.long().view(-1, 1), on)
+
+        q = one_hot(target)
+        if target_b is not None:
+            lt = lam[:, None].to(z.dtype) if isinstance(lam, torch.Tensor) else lam
+            q = q * lt + one_hot(target_b) * (1 - lt)
+        return F.binary_cross_entropy_with_logits(
+            z, q, pos_weight=None if pw is None else pw.to(z.dtype), reduction=kw["reduction"])
+
+    def run(fn, x):
+        def go():
+            z = x.clone().requires_grad_(True)
+            kw = dict(reduction=red)
+            if fn is not timm_recipe:
+                kw.update(label_smoothing=eps, pos_weight=pw, target_b=target_b, lam=lam)
+            loss = fn(z, target, **kw)
+            loss.sum().backward()
+            return (loss.detach(), z.grad)
+        return go
+
+    h.case("binary_cross_entropy", f"{cid}:{list(shape)}:{dtype}:{vals}:{tkind}:{eps}:{red}:"
+           f"{pwk}:{lamk}", kind, run(timm_recipe, logits),
+           run(ft.ops.binary_cross_entropy, logits), run(timm_recipe, logits.double()), dtype)
 
 
 # ---- mixup ---------------------------------------------------------------------------------------
@@ -492,8 +585,9 @@ def scaler_family(h: Harness, rng: random.Random):
                run(LossScaler), None, torch.float32)
 
 
-FAMILIES = {"cross_entropy": ce_family, "mixup": mixup_family, "cutmix": cutmix_family,
-            "optim": optim_family, "scaler": scaler_family}
+FAMILIES = {"cross_entropy": ce_family, "binary_cross_entropy": bce_family,
+            "mixup": mixup_family, "cutmix": cutmix_family, "optim": optim_family,
+            "scaler": scaler_family}
 
 
 def main(argv):

@@ -1,0 +1,339 @@
+// CUDA implementation of fastcore_train::binary_cross_entropy{,_backward}. Same maths as
+// cpu/kernels/bce_kernel.cpp (see its header and fastcore_train/ops/binary_cross_entropy.py):
+//
+//   loss = c |z| + w log1p(exp(-|z|)),   c = 1 - q (z >= 0),  pw q (z < 0),  w = 1 + (pw - 1) q
+//   dloss/dz = (1 - q) - w sigmoid(-z) (z >= 0),   w sigmoid(z) - pw q (z < 0)
+//
+// Here every element is evaluated with its own q (off, or q_a / q_b at the target columns), so
+// nothing is masked or written twice. One block per row: the reduced forward sums its row (block
+// reduction) and writes one value; reduction none and the backward write each element once.
+// 16-byte vector loads (and stores of the gradient) when the rows are aligned.
+//
+// Out-of-range targets and lam outside [0, 1] trigger a device-side assert, as torch's own CUDA
+// losses do: naming the bad value would need a host sync on every call.
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <limits>
+
+#include "common/bce_checks.h"
+
+namespace fastcore_train {
+namespace {
+
+constexpr int kMaxThreads = 512;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t elem_loss(acc_t z, acc_t q, acc_t pw) {
+  if (z == -std::numeric_limits<acc_t>::infinity()) {
+    return std::numeric_limits<acc_t>::quiet_NaN();  // torch's value: its form adds -inf + inf
+  }
+  const acc_t w = acc_t(1) + (pw - acc_t(1)) * q;
+  const acc_t a = fabs(z);
+  const acc_t c = z >= acc_t(0) ? acc_t(1) - q : pw * q;  // NaN z: c * NaN
+  return c * a + w * log1p(exp(-a));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t elem_grad(acc_t z, acc_t q, acc_t pw) {
+  const acc_t w = acc_t(1) + (pw - acc_t(1)) * q;
+  const acc_t e = exp(-fabs(z));
+  const acc_t s = e / (acc_t(1) + e);  // sigmoid(-|z|)
+  return z >= acc_t(0) ? (acc_t(1) - q) - w * s : w * s - pw * q;
+}
+
+// A row's two target columns and their q (b == a for one target, or two equal ones: q = on).
+template <typename acc_t>
+struct RowQ {
+  int64_t a, b;
+  acc_t qa, qb, off;
+  __device__ __forceinline__ acc_t at(int64_t j) const {
+    return j == a ? qa : (j == b ? qb : off);
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ RowQ<acc_t> load_row(const int64_t* target, const int64_t* target_b,
+                                                const acc_t* lam, acc_t lam_scalar, int64_t r,
+                                                int64_t C, acc_t off, acc_t on) {
+  RowQ<acc_t> t;
+  t.a = target[r];
+  t.b = target_b ? target_b[r] : t.a;
+  t.off = off;
+  CUDA_KERNEL_ASSERT(t.a >= 0 && t.a < C && t.b >= 0 && t.b < C);
+  const acc_t l = lam ? lam[r] : lam_scalar;
+  CUDA_KERNEL_ASSERT(l >= acc_t(0) && l <= acc_t(1));
+  if (t.a == t.b) {
+    t.qa = t.qb = on;
+  } else {
+    t.qa = l * on + (acc_t(1) - l) * off;
+    t.qb = (acc_t(1) - l) * on + l * off;
+  }
+  return t;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t pw_at(const acc_t* pos_weight, int64_t j) {
+  return pos_weight ? pos_weight[j] : acc_t(1);
+}
+
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t partial[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffff, v, o);
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int nwarps = (blockDim.x + 31) / 32;
+  if (warp == 0) {
+    v = lane < nwarps ? partial[lane] : acc_t(0);
+    for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffff, v, o);
+  }
+  return v;  // valid in thread 0
+}
+
+struct Args {
+  int64_t C, row_stride;
+  const int64_t* target;
+  const int64_t* target_b;
+};
+
+// kElementwise: write each element's loss to out (B, C); else the row's sum to out[r].
+template <typename scalar_t, typename acc_t, int VEC, bool kElementwise>
+__global__ void bce_forward_kernel(const scalar_t* __restrict__ logits, Args args,
+                                   const acc_t* __restrict__ lam, acc_t lam_scalar, acc_t off,
+                                   acc_t on, const acc_t* __restrict__ pos_weight,
+                                   acc_t* __restrict__ out) {
+  const int64_t r = blockIdx.x, C = args.C;
+  const RowQ<acc_t> t = load_row(args.target, args.target_b, lam, lam_scalar, r, C, off, on);
+  const scalar_t* x = logits + r * args.row_stride;
+  acc_t* out_row = out + r * C;
+  acc_t sum = 0;
+  auto visit = [&](acc_t z, int64_t j) {
+    const acc_t v = elem_loss(z, t.at(j), pw_at(pos_weight, j));
+    if constexpr (kElementwise) {
+      out_row[j] = v;
+    } else {
+      sum += v;
+    }
+  };
+  const int64_t nvec = C / VEC;
+  const auto* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x);
+  for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const Pack<scalar_t, VEC> p = xv[i];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) visit(static_cast<acc_t>(p.v[k]), i * VEC + k);
+  }
+  for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) {
+    visit(static_cast<acc_t>(x[j]), j);
+  }
+  if constexpr (!kElementwise) {
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) out[r] = sum;
+  }
+}
+
+// g: the upstream gradient of element (r, j) is g[r * g_row_stride + j * g_col_stride] (strides
+// 0 for a reduced loss: one device value, the mean's 1/(B*C) already applied).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void bce_backward_kernel(const acc_t* __restrict__ g, int64_t g_row_stride,
+                                    int64_t g_col_stride, const scalar_t* __restrict__ logits,
+                                    Args args, const acc_t* __restrict__ lam, acc_t lam_scalar,
+                                    acc_t off, acc_t on, const acc_t* __restrict__ pos_weight,
+                                    scalar_t* __restrict__ grad) {
+  const int64_t r = blockIdx.x, C = args.C;
+  const RowQ<acc_t> t = load_row(args.target, args.target_b, lam, lam_scalar, r, C, off, on);
+  const scalar_t* x = logits + r * args.row_stride;
+  scalar_t* out = grad + r * C;
+  const acc_t* g_row = g + r * g_row_stride;
+  auto value = [&](acc_t z, int64_t j) {
+    const acc_t v = g_row[j * g_col_stride] * elem_grad(z, t.at(j), pw_at(pos_weight, j));
+    return static_cast<scalar_t>(v);
+  };
+  const int64_t nvec = C / VEC;
+  const auto* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x);
+  auto* outv = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
+  for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const Pack<scalar_t, VEC> p = xv[i];
+    Pack<scalar_t, VEC> o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o.v[k] = value(static_cast<acc_t>(p.v[k]), i * VEC + k);
+    outv[i] = o;
+  }
+  for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) {
+    out[j] = value(static_cast<acc_t>(x[j]), j);
+  }
+}
+
+// One block per row, and gridDim.x is at most 2^31 - 1: a larger B would fail to launch, or
+// from 2^32 on be truncated by the conversion to dim3 and leave rows unwritten.
+unsigned blocks_for_rows(int64_t B) {
+  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(),
+                    "binary_cross_entropy: the CUDA kernel handles at most 2^31 - 1 rows, got ", B);
+  return static_cast<unsigned>(B);
+}
+
+int threads_for(int64_t C, int vec) {
+  const int64_t want = (C + vec - 1) / vec;
+  int threads = 32;
+  while (threads < kMaxThreads && threads < want) threads *= 2;
+  return threads;
+}
+
+// 16-byte vectors when every row is 16-byte aligned, else scalar accesses.
+template <typename scalar_t>
+bool rows_aligned(const void* p, int64_t row_stride) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_stride * sizeof(scalar_t)) % 16 == 0;
+}
+
+struct Prepared {
+  at::Tensor x, target, target_b, lam, pos_weight;
+};
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
+                 const std::optional<at::Tensor>& target_b, const std::optional<at::Tensor>& lam,
+                 double lam_scalar, double smoothing, const std::optional<at::Tensor>& pos_weight) {
+  check_bce_inputs(logits, target, target_b, lam, lam_scalar, smoothing, pos_weight);
+  const auto acc = bce_acc_type(logits.scalar_type());
+  Prepared p;
+  p.x = (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
+  // uint8 class indices are read as int64 (B values)
+  p.target = target.to(at::kLong).contiguous();
+  if (target_b.has_value()) p.target_b = target_b->to(at::kLong).contiguous();
+  if (lam.has_value()) p.lam = lam->to(acc).contiguous();
+  if (pos_weight.has_value()) p.pos_weight = pos_weight->to(acc).contiguous();
+  return p;
+}
+
+template <typename acc_t>
+const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+Args make_args(const Prepared& in) {
+  return {in.x.size(1), in.x.stride(0), in.target.const_data_ptr<int64_t>(),
+          in.target_b.defined() ? in.target_b.const_data_ptr<int64_t>() : nullptr};
+}
+
+at::Tensor bce_cuda(const at::Tensor& logits, const at::Tensor& target,
+                    const std::optional<at::Tensor>& target_b,
+                    const std::optional<at::Tensor>& lam, double lam_scalar,
+                    double label_smoothing, const std::optional<at::Tensor>& pos_weight,
+                    int64_t reduction) {
+  check_bce_reduction(reduction);
+  Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, pos_weight);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const auto acc = bce_acc_type(logits.scalar_type());
+  const bool elementwise = reduction == kBceNone;
+  at::Tensor out = elementwise ? at::empty({B, C}, logits.options().dtype(acc))
+                               : at::empty({B}, logits.options().dtype(acc));
+  // B > 0 with C == 0 has every target out of range: the kernel's assert says so
+  if (B > 0) {
+    const unsigned blocks = blocks_for_rows(B);
+    const double off = C > 0 ? label_smoothing / static_cast<double>(C) : 0.0;
+    const double on = 1.0 - label_smoothing + off;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                    "binary_cross_entropy_cuda", [&] {
+      using acc_t = at::acc_type<scalar_t, true>;
+      constexpr int VEC = 16 / sizeof(scalar_t);
+      const auto* x = in.x.const_data_ptr<scalar_t>();
+      const bool vec = rows_aligned<scalar_t>(x, in.x.stride(0));
+      const int threads = threads_for(std::max<int64_t>(C, 1), vec ? VEC : 1);
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks, threads, 0, stream>>>(
+            x, make_args(in), ptr_or_null<acc_t>(in.lam), static_cast<acc_t>(lam_scalar),
+            static_cast<acc_t>(off), static_cast<acc_t>(on), ptr_or_null<acc_t>(in.pos_weight),
+            out.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (elementwise) {
+        vec ? launch(bce_forward_kernel<scalar_t, acc_t, VEC, true>)
+            : launch(bce_forward_kernel<scalar_t, acc_t, 1, true>);
+      } else {
+        vec ? launch(bce_forward_kernel<scalar_t, acc_t, VEC, false>)
+            : launch(bce_forward_kernel<scalar_t, acc_t, 1, false>);
+      }
+    });
+  }
+  if (elementwise) return out;
+  at::Tensor total = out.sum();
+  // the mean is over B x C elements, as torch's; none at all gives 0/0 = NaN (no host sync)
+  return reduction == kBceMean ? total.div(static_cast<double>(B * C)) : total;
+}
+
+at::Tensor bce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                             const at::Tensor& target, const std::optional<at::Tensor>& target_b,
+                             const std::optional<at::Tensor>& lam, double lam_scalar,
+                             double label_smoothing, const std::optional<at::Tensor>& pos_weight,
+                             int64_t reduction) {
+  check_bce_reduction(reduction);
+  Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, pos_weight);
+  check_bce_grad_loss(grad_loss, logits, reduction);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const auto acc = bce_acc_type(logits.scalar_type());
+  at::Tensor grad = at::empty({B, C}, logits.options());
+  if (grad.numel() == 0) return grad;
+  const unsigned blocks = blocks_for_rows(B);
+  // The upstream gradient stays on the device: (B, C) for reduction none, else one value.
+  at::Tensor g;
+  int64_t g_row_stride = 0, g_col_stride = 0;
+  if (reduction == kBceNone) {
+    g = grad_loss.to(acc).contiguous();
+    g_row_stride = C;
+    g_col_stride = 1;
+  } else {
+    g = grad_loss.to(acc).reshape({1});
+    if (reduction == kBceMean) g = g.div(static_cast<double>(B * C));
+  }
+  const double off = label_smoothing / static_cast<double>(C);
+  const double on = 1.0 - label_smoothing + off;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "binary_cross_entropy_backward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    const auto* x = in.x.const_data_ptr<scalar_t>();
+    auto* out = grad.mutable_data_ptr<scalar_t>();
+    const bool vec = rows_aligned<scalar_t>(x, in.x.stride(0)) && rows_aligned<scalar_t>(out, C);
+    const int threads = threads_for(C, vec ? VEC : 1);
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, threads, 0, stream>>>(
+          g.const_data_ptr<acc_t>(), g_row_stride, g_col_stride, x, make_args(in),
+          ptr_or_null<acc_t>(in.lam), static_cast<acc_t>(lam_scalar), static_cast<acc_t>(off),
+          static_cast<acc_t>(on), ptr_or_null<acc_t>(in.pos_weight), out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec) {
+      launch(bce_backward_kernel<scalar_t, acc_t, VEC>);
+    } else {
+      launch(bce_backward_kernel<scalar_t, acc_t, 1>);
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcore_train, CUDA, m) {
+  m.impl("binary_cross_entropy", &bce_cuda);
+  m.impl("binary_cross_entropy_backward", &bce_backward_cuda);
+}
+
+}  // namespace fastcore_train

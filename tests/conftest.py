@@ -76,14 +76,25 @@ def cpu_and_cuda():
     return DEVICES
 
 
+CUDA_OPS = ("cross_entropy", "cross_entropy_backward", "mixup", "mixup_out", "mixup_inplace",
+            "mixup_backward", "cutmix", "cutmix_out", "cutmix_inplace", "cutmix_backward",
+            "grad_stats_", "fused_adamw_", "fused_sgd_")
+
+
 def cuda_kernels_missing():
-    """Why CUDA tensors would silently take the reference with the extension backend, or None.
-    A GPU run must prove the CUDA kernels; set FASTCORE_TRAIN_BACKEND=reference to test only the
-    reference on the GPU."""
-    if _backend.extension_loaded() and not _backend._C.compiled_with_cuda():
-        return ("fastcore_train._C was built without CUDA kernels, so CUDA tensors would run "
-                "the reference: build with nvcc (make gpu-check) or set "
-                "FASTCORE_TRAIN_BACKEND=reference to test the reference alone")
+    """Why CUDA tensors would silently take the reference with the extension backend (which
+    falls back per call for a device without kernels), or None. A GPU run must prove the CUDA
+    kernels; FASTCORE_TRAIN_BACKEND=reference tests the reference alone on the GPU."""
+    if not _backend.extension_loaded():
+        return None
+    how = ("so CUDA tensors would run the reference: build with nvcc (make gpu-check) or set "
+           "FASTCORE_TRAIN_BACKEND=reference to test the reference alone")
+    if not _backend._C.compiled_with_cuda():
+        return f"fastcore_train._C was built without CUDA kernels, {how}"
+    missing = [op for op in CUDA_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fastcore_train::{op}", "CUDA")]
+    if missing:
+        return f"fastcore_train._C has no CUDA kernel for {', '.join(missing)}, {how}"
     return None
 
 

@@ -90,3 +90,9 @@ def test_a_build_without_cuda_kernels_is_not_tested_as_cuda(monkeypatch):
         return
     monkeypatch.setattr(_backend._C, "compiled_with_cuda", lambda: False, raising=False)
     assert "without CUDA kernels" in conftest.cuda_kernels_missing()
+    monkeypatch.setattr(_backend._C, "compiled_with_cuda", lambda: True, raising=False)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastcore_train::mixup", "CUDA"):
+        assert "no CUDA kernel for cross_entropy, " in conftest.cuda_kernels_missing()
+    # every op the suite names is an op of the extension
+    for op in conftest.CUDA_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcore_train::{op}", "CPU")

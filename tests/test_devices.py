@@ -1,15 +1,19 @@
 """The test suite's device axis (conftest.py): CUDA parameters carry the ``cuda`` mark, inputs
 reach a device in their own layout, and the child-process check of device-side asserts can
 fail. These run without a GPU, so that the CUDA half of the suite is known to be sound before
-a GPU runs it."""
+a GPU runs it. And one CUDA-only property of every op: it runs on the current stream."""
 import importlib
 
 import pytest
 import torch
+import torch.nn as nn
 
 import conftest
-from conftest import DEVICES, DeviceAsserts, cpu_and_cuda, on_device, to_cpu, to_device
+import fastcore_train as ft
+from conftest import (DEVICES, TOL, DeviceAsserts, cpu_and_cuda, device_context, on_device,
+                      to_cpu, to_device)
 from fastcore_train.nn import MixedTarget
+from fastcore_train.optim import FusedAdamW
 
 
 def test_the_cuda_parameter_has_the_cuda_mark():
@@ -96,3 +100,48 @@ def test_a_build_without_cuda_kernels_is_not_tested_as_cuda(monkeypatch):
     # every op the suite names is an op of the extension
     for op in conftest.CUDA_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcore_train::{op}", "CPU")
+
+
+def _every_op(logits, y, imgs, perm, grad):
+    """Cross-entropy forward and backward, mixup, cutmix and a FusedAdamW step (clipped: both
+    of its passes) on the given tensors; their results."""
+    x = logits.detach().requires_grad_(True)
+    loss = ft.ops.cross_entropy(x, y, label_smoothing=0.1, reduction="none")
+    loss.sum().backward()
+    mixed = ft.ops.mixup(imgs, perm, 0.3)
+    cut, _ = ft.ops.cutmix(imgs, perm, (2, 9, 3, 12))
+    p = nn.Parameter(torch.zeros(grad.shape, device=grad.device))
+    p.grad = grad
+    FusedAdamW([p], lr=0.1, max_grad_norm=1.0).step()
+    return [loss.detach(), x.grad, mixed, cut, p.detach()]
+
+
+@pytest.mark.cuda
+def test_kernels_run_on_the_current_stream(extension):
+    """Every op launches its kernels on the current stream, as torch's ops do (a kernel on the
+    default stream raced under torch.compile in pytorch/extension-cpp). On a side stream held
+    back by a sleep of ~0.1 s, the inputs are written after the sleep: an op on the current
+    stream reads them, one on the default stream would run at once and read the zeros there
+    before. (Ops on the current stream give the right answer whatever the timing.)"""
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(64, 1000, generator=g), torch.randint(0, 1000, (64,), generator=g),
+           torch.randn(8, 3, 16, 16, generator=g), torch.randperm(8, generator=g),
+           torch.randn(4096, generator=g)]
+    want = _every_op(*src)
+    with device_context("cuda"):
+        on_gpu = [t.cuda() for t in src]
+        inputs = [torch.zeros_like(t) for t in on_gpu]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # GPU clock cycles
+            for dst, t in zip(inputs, on_gpu):
+                dst.copy_(t)
+            got = _every_op(*inputs)
+        side.synchronize()
+        got = to_cpu(got)
+    atol, rtol = TOL[torch.float32]
+    for a, b in zip(got[:4], want[:4]):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    torch.testing.assert_close(got[4], want[4], atol=1e-6, rtol=1e-5)
+    assert got[4].abs().min() > 0  # the step did move every weight

@@ -1252,7 +1252,8 @@ def test_mixup_module_compiled_step_inductor(extension, fresh_dynamo):
 # blocks, then each block loops) and the 16-byte vectors of a sample with x (at most 1024
 # blocks of 256 threads, then a grid-stride loop); samples that are not 16-byte multiples take
 # scalar accesses. Cutmix walks every row of every plane of every sample with y (65535, then a
-# loop): NCHW has B * C * H rows, NHWC B * H rows of W * C elements.
+# loop; NCHW has B * C * H rows, NHWC B * H rows of W * C elements) and the elements of a row
+# with x (1024 blocks of 256 threads, then a loop).
 
 MIXUP_LIMITS = {
     "70000 samples of 3": (70000, 3),          # y loops; 12-byte samples: scalar accesses
@@ -1284,6 +1285,7 @@ def test_mixup_launch_limits(extension, device, case):
 CUTMIX_LIMITS = {
     "66000 rows, NCHW": ((2, 3, 11000, 4), "contiguous"),
     "66000 rows, NHWC": ((2, 2, 33000, 2), "channels_last"),
+    "rows of 300000": ((2, 1, 2, 300000), "contiguous"),  # x loops: > 1024 blocks of 256
 }
 
 
@@ -1294,7 +1296,7 @@ def test_cutmix_launch_limits(extension, device, case):
     x = _make(shape, torch.float32, layout)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     perm = torch.tensor([1, 0])
-    boxes = torch.tensor([[100, H - 7, 1, W], [H // 2, H, 0, W - 1]])  # overlapping, per sample
+    boxes = torch.tensor([[H // 10, H - H // 10, 1, W], [H // 2, H, 0, W - 1]])  # overlapping
     xd = _make(shape, torch.float32, layout, device=device).requires_grad_(True)
     out, lam = ft.ops.cutmix(xd, perm.to(device), boxes.to(device))
     out.backward(grad.to(device))
@@ -1304,7 +1306,7 @@ def test_cutmix_launch_limits(extension, device, case):
     assert torch.equal(out.detach().cpu(), want.detach())
     torch.testing.assert_close(lam.cpu(), want_lam)
     _assert_close(xd.grad, xr.grad, torch.float32)
-    box = (5, H - 5, 1, W - 1)  # in place: the swap kernel, only the boxes
+    box = (H // 4, H - H // 4, 1, W - 1)  # in place: the swap kernel, only the boxes
     xi = _make(shape, torch.float32, layout, device=device)
     ft.ops.cutmix(xi, perm.to(device), box, out=xi)
     assert torch.equal(xi.cpu(), _cut_by_slicing(x, perm, [box] * B))

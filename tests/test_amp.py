@@ -1,5 +1,6 @@
 """LossScaler: torch.amp.GradScaler's behaviour and scale sequence, with the scale and the
-found-inf flags kept on the device and no host read when the optimizer is fused."""
+found-inf flags kept on the device and no host read when the optimizer is fused. Tests that take
+``device`` run on the CPU and, with a GPU, on CUDA against GradScaler on the same device."""
 import inspect
 import pickle
 import warnings
@@ -12,14 +13,21 @@ from fastcore_train.amp import LossScaler
 from fastcore_train.optim import FusedAdamW, FusedSGD
 
 
-def _model(seed=0):
+def _model(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3)).to(device)
 
 
-def _batches(n, seed=1):
+def _batches(n, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 8, generator=g), torch.randn(16, 3, generator=g)) for _ in range(n)]
+    return [(torch.randn(16, 8, generator=g).to(device), torch.randn(16, 3, generator=g).to(device))
+            for _ in range(n)]
+
+
+def _atol(device):
+    """Weights against torch's optimizer on the same device: on CUDA torch's kernels (its fused
+    AdamW among them) round some products differently, an ulp that later steps carry on."""
+    return 1e-6 if device == "cpu" else 1e-5
 
 
 def _iteration(model, opt, scaler, x, y, poison=False):
@@ -40,20 +48,20 @@ POISON = {0, 1, 2, 5, 9}
     lambda ps: FusedAdamW(ps, lr=1e-3),                          # fused step
     lambda ps: FusedSGD(ps, lr=0.05, momentum=0.9),
 ], ids=["torch-sgd", "torch-fused-adamw", "fused-adamw", "fused-sgd"])
-def test_matches_gradscaler(backend, make_opt):
+def test_matches_gradscaler(backend, device, make_opt):
     """Same skipped steps, same scale after every update, same weights."""
-    ours, ref = _model(), _model()
+    ours, ref = _model(device=device), _model(device=device)
     opt, topt = make_opt(ours.parameters()), make_opt(ref.parameters())
     scaler = LossScaler(init_scale=2.0 ** 6, growth_interval=3)
-    tscaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 6, growth_interval=3)
-    for i, (x, y) in enumerate(_batches(14)):
+    tscaler = torch.amp.GradScaler(device, init_scale=2.0 ** 6, growth_interval=3)
+    for i, (x, y) in enumerate(_batches(14, device=device)):
         _iteration(ours, opt, scaler, x, y, poison=i in POISON)
         _iteration(ref, topt, tscaler, x, y, poison=i in POISON)
         assert scaler.get_scale() == tscaler.get_scale()
         assert scaler.state_dict() == tscaler.state_dict()
     assert scaler.get_scale() != 2.0 ** 6
     for p, q in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+        torch.testing.assert_close(p, q, atol=_atol(device), rtol=0)
 
 
 def test_growth_and_backoff():
@@ -68,12 +76,12 @@ def test_growth_and_backoff():
     assert seq == [8.0, 32.0, 32.0, 8.0, 8.0, 32.0]
 
 
-def test_no_host_sync_with_fused_optimizer(backend, monkeypatch):
+def test_no_host_sync_with_fused_optimizer(backend, device, monkeypatch):
     """scale / step / update never read a device value back when the optimizer is fused."""
-    model = _model()
+    model = _model(device=device)
     opt = FusedAdamW(model.parameters(), lr=1e-3, max_grad_norm=1.0)
     scaler = LossScaler(init_scale=2.0 ** 4)
-    batches = _batches(3)
+    batches = _batches(3, device=device)
     _iteration(model, opt, scaler, *batches[0])  # lazy state set-up out of the way
 
     def host_read(*args, **kwargs):
@@ -87,11 +95,11 @@ def test_no_host_sync_with_fused_optimizer(backend, monkeypatch):
     assert scaler.get_scale() == 2.0 ** 3
 
 
-def test_fused_step_never_writes_grads(backend):
-    model = _model()
+def test_fused_step_never_writes_grads(backend, device):
+    model = _model(device=device)
     opt = FusedAdamW(model.parameters(), lr=1e-3)
     scaler = LossScaler(init_scale=2.0 ** 10)
-    x, y = _batches(1)[0]
+    x, y = _batches(1, device=device)[0]
     scaler.scale(((model(x) - y) ** 2).mean()).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     scaler.step(opt)
@@ -99,13 +107,13 @@ def test_fused_step_never_writes_grads(backend):
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
 
 
-def test_unscale_then_clip_then_step(backend):
+def test_unscale_then_clip_then_step(backend, device):
     """unscale_ writes unscaled grads for the user; step then reuses the recorded flag."""
-    ours, ref = _model(), _model()
+    ours, ref = _model(device=device), _model(device=device)
     opt = FusedAdamW(ours.parameters(), lr=1e-2)
     topt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    scaler, tscaler = LossScaler(init_scale=2.0 ** 8), torch.amp.GradScaler("cpu", 2.0 ** 8)
-    for i, (x, y) in enumerate(_batches(6)):
+    scaler, tscaler = LossScaler(init_scale=2.0 ** 8), torch.amp.GradScaler(device, 2.0 ** 8)
+    for i, (x, y) in enumerate(_batches(6, device=device)):
         for model, o, s in ((ours, opt, scaler), (ref, topt, tscaler)):
             o.zero_grad()
             loss = ((model(x) - y) ** 2).mean()
@@ -121,16 +129,16 @@ def test_unscale_then_clip_then_step(backend):
             s.update()
         assert scaler.get_scale() == tscaler.get_scale()
     for p, q in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+        torch.testing.assert_close(p, q, atol=_atol(device), rtol=0)
 
 
-def test_two_optimizers_one_scaler(backend):
+def test_two_optimizers_one_scaler(backend, device):
     """Each optimizer skips on its own gradients; the scale backs off if either overflowed."""
-    model = _model()
+    model = _model(device=device)
     first, second = list(model.parameters())[:2], list(model.parameters())[2:]
     o1, o2 = FusedAdamW(first, lr=1e-3), FusedSGD(second, lr=1e-2)
     scaler = LossScaler(init_scale=2.0 ** 8)
-    x, y = _batches(1)[0]
+    x, y = _batches(1, device=device)[0]
     for o in (o1, o2):
         o.zero_grad()
     scaler.scale(((model(x) - y) ** 2).mean()).backward()

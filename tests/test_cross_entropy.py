@@ -1,5 +1,6 @@
 """Fused label-smoothed cross-entropy: parity with torch and with the reference, gradients,
-the two-target (mixup) form, bad input, torch.library and torch.compile integration."""
+the two-target (mixup) form, bad input, torch.library and torch.compile integration. Tests
+that take ``device`` run on the CPU and, with a GPU, on CUDA against the CPU reference."""
 import importlib
 
 import numpy as np
@@ -11,7 +12,7 @@ import fastcore_train as ft
 from fastcore_train import _backend
 from fastcore_train.ops.cross_entropy import cross_entropy_reference
 
-from conftest import TOL
+from conftest import TOL, on_device, to_cpu, to_device
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(0, 5), (1, 1), (1, 7), (5, 1), (7, 33), (16, 1000), (3, 4099), (2, 10007)]
@@ -23,6 +24,8 @@ def _logits(B, C, dtype, layout="contiguous", seed=0, scale=3.0):
         x = torch.randn(C, B, generator=g).mul_(scale).to(dtype).t()
     elif layout == "row_slice":  # rows strided (a view into a wider tensor)
         x = torch.randn(B, C + 3, generator=g).mul_(scale).to(dtype)[:, 1:C + 1]
+    elif layout == "offset":  # contiguous, one element into its storage: rows misaligned
+        x = torch.randn(B * C + 1, generator=g).mul_(scale).to(dtype)[1:].view(B, C)
     else:
         x = torch.randn(B, C, generator=g).mul_(scale).to(dtype)
     return x
@@ -42,27 +45,35 @@ def _torch_ce(x, y, **kw):
 
 
 def _loss_and_grad(fn, x, *args, **kw):
-    x = x.detach().clone().requires_grad_(True)
+    # a new leaf on x's memory (a clone would make a strided x contiguous before fn sees it)
+    x = x.detach().requires_grad_(True)
     loss = fn(x, *args, **kw)
     (loss.sum() if loss.dim() else loss).backward()
     return loss.detach(), x.grad
 
 
+def _on(device, fn, x, *args, **kw):
+    """``_loss_and_grad`` with x (in its own layout) and every tensor argument on ``device``;
+    the loss and gradient come back on the CPU."""
+    return to_cpu(_loss_and_grad(fn, on_device(x, device), *to_device(args, device),
+                                 **to_device(kw, device)))
+
+
 def _assert_close(actual, expected, dtype, scale=1.0):
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
-                               equal_nan=True)
+    torch.testing.assert_close(actual.cpu().double(), expected.cpu().double(), atol=atol * scale,
+                               rtol=rtol, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_torch(backend, dtype, shape, reduction):
+def test_matches_torch(backend, device, dtype, shape, reduction):
     B, C = shape
     x = _logits(B, C, dtype)
     y = _targets(B, C, ignore_every=3)
     kw = dict(label_smoothing=0.1, reduction=reduction)
-    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, **kw)
+    loss, grad = _on(device, ft.ops.cross_entropy, x, y, **kw)
     ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, **kw)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert grad.dtype == dtype and grad.shape == x.shape
@@ -75,11 +86,11 @@ def test_matches_torch(backend, dtype, shape, reduction):
 
 @pytest.mark.parametrize("layout", ["transposed", "row_slice"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_non_contiguous(backend, layout, dtype):
+def test_non_contiguous(backend, device, layout, dtype):
     x = _logits(9, 515, dtype, layout=layout)
-    assert not x.is_contiguous()
+    assert not x.is_contiguous() and not on_device(x, device).is_contiguous()
     y = _targets(9, 515)
-    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.2)
+    loss, grad = _on(device, ft.ops.cross_entropy, x, y, label_smoothing=0.2)
     ref_loss, ref_grad = _loss_and_grad(_torch_ce, x.contiguous(), y, label_smoothing=0.2)
     _assert_close(loss, ref_loss, dtype)
     _assert_close(grad, ref_grad.to(dtype), dtype)
@@ -87,36 +98,40 @@ def test_non_contiguous(backend, layout, dtype):
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("ignore_index", [-100, 3])
-def test_smoothing_and_ignore_index(backend, smoothing, ignore_index):
+def test_smoothing_and_ignore_index(backend, device, smoothing, ignore_index):
     x = _logits(20, 50, torch.float32)
     y = _targets(20, 50, ignore_every=4, ignore_index=ignore_index)
     kw = dict(label_smoothing=smoothing, ignore_index=ignore_index)
-    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, **kw)
+    loss, grad = _on(device, ft.ops.cross_entropy, x, y, **kw)
     ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, **kw)
     _assert_close(loss, ref_loss, torch.float32)
     _assert_close(grad, ref_grad.float(), torch.float32)
     assert grad[y == ignore_index].abs().max() == 0
 
 
-def test_extension_matches_reference_exactly_enough(extension):
-    """The kernel and the reference agree far tighter than either does with bf16 rounding."""
+def test_extension_matches_reference_exactly_enough(extension, device):
+    """The kernel and the reference (on the CPU) agree far tighter than either does with bf16
+    rounding."""
     x = _logits(64, 32000, torch.float32)
     y = _targets(64, 32000, ignore_every=7)
     with _backend.use_backend("extension"):
-        a, ga = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.1, reduction="none")
+        a, ga = _on(device, ft.ops.cross_entropy, x, y, label_smoothing=0.1, reduction="none")
     b, gb = _loss_and_grad(cross_entropy_reference, x, y, label_smoothing=0.1, reduction="none")
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(ga, gb, atol=1e-7, rtol=1e-5)
 
 
-def test_long_rows_online_softmax(backend):
-    """C = 262144 takes several online-softmax chunks; large offsets test the rescaling."""
+@pytest.mark.parametrize("B", [2, 8])
+def test_long_rows_online_softmax(backend, device, B):
+    """C = 262144 takes several online-softmax chunks on the CPU and the largest CUDA block
+    (512 threads of 16-byte vectors, 128 steps each) on a GPU, where B = 8 such rows leave most
+    of the GPU idle with one block per row; large offsets test the rescaling."""
     C = 262144
-    x = _logits(2, C, torch.float32)
+    x = _logits(B, C, torch.float32)
     x[0, : C // 2] += 40.0  # the max moves between chunks
     x[1, C // 2:] -= 40.0
-    y = torch.tensor([5, C - 1])
-    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.05)
+    y = torch.tensor([5, C - 1] + [C // 2 + i for i in range(B - 2)])
+    loss, grad = _on(device, ft.ops.cross_entropy, x, y, label_smoothing=0.05)
     ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, label_smoothing=0.05)
     _assert_close(loss, ref_loss, torch.float32)
     _assert_close(grad, ref_grad.float(), torch.float32)
@@ -135,50 +150,51 @@ def _soft_target_ce(x, y_a, y_b, lam, eps):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("lam_kind", ["float", "tensor", "same_targets"])
-def test_two_target_equals_soft_targets(backend, dtype, lam_kind):
+def test_two_target_equals_soft_targets(backend, device, dtype, lam_kind):
     B, C = 13, 301
     x = _logits(B, C, dtype)
     y_a = _targets(B, C, seed=2)
     y_b = y_a.flip(0) if lam_kind != "same_targets" else y_a.clone()
     lam = torch.rand(B, generator=torch.Generator().manual_seed(3)) if lam_kind == "tensor" else 0.37
-    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y_a, target_b=y_b, lam=lam,
-                                label_smoothing=0.1)
+    loss, grad = _on(device, ft.ops.cross_entropy, x, y_a, target_b=y_b, lam=lam,
+                     label_smoothing=0.1)
     ref_loss, ref_grad = _loss_and_grad(_soft_target_ce, x, y_a, y_b, lam, 0.1)
     _assert_close(loss, ref_loss, dtype)
     _assert_close(grad, ref_grad.to(dtype), dtype)
 
 
-def test_module_accepts_mixed_target(backend):
+def test_module_accepts_mixed_target(backend, device):
     B, C = 8, 10
     x = _logits(B, C, torch.float32)
     y_a, y_b = _targets(B, C, seed=4), _targets(B, C, seed=5)
     crit = ft.nn.LabelSmoothingCrossEntropy(smoothing=0.1)
-    got = crit(x, ft.MixedTarget(y_a, y_b, 0.7))
+    xd, ad, bd = to_device((x, y_a, y_b), device)
+    got = crit(xd, ft.MixedTarget(ad, bd, 0.7))
     want = _soft_target_ce(x, y_a, y_b, 0.7, 0.1)
     _assert_close(got, want, torch.float32)
     assert "smoothing=0.1" in repr(crit)
-    _assert_close(crit(x, y_a), _torch_ce(x, y_a, label_smoothing=0.1), torch.float32)
+    _assert_close(crit(xd, ad), _torch_ce(x, y_a, label_smoothing=0.1), torch.float32)
 
 
 @pytest.mark.parametrize("ignore_in", ["a", "b"])
-def test_two_target_ignore(backend, ignore_in):
+def test_two_target_ignore(backend, device, ignore_in):
     x = _logits(6, 9, torch.float32)
     y_a, y_b = _targets(6, 9, seed=1), _targets(6, 9, seed=2)
     (y_a if ignore_in == "a" else y_b)[2] = -100
-    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y_a, target_b=y_b, lam=0.5,
-                                reduction="none")
+    loss, grad = _on(device, ft.ops.cross_entropy, x, y_a, target_b=y_b, lam=0.5,
+                     reduction="none")
     assert loss[2] == 0 and grad[2].abs().max() == 0
-    mean = ft.ops.cross_entropy(x, y_a, target_b=y_b, lam=0.5)
+    mean = ft.ops.cross_entropy(*to_device((x, y_a), device), target_b=y_b.to(device), lam=0.5)
     _assert_close(mean, loss.sum() / 5, torch.float32)
 
 
-def test_nan_and_inf_propagate_like_torch(backend):
+def test_nan_and_inf_propagate_like_torch(backend, device):
     x = _logits(4, 40, torch.float32)
     x[1, 3] = float("nan")
     x[2, 7] = float("inf")
     x[3, :] = float("-inf")
     y = torch.tensor([0, 1, 2, 3])
-    loss = ft.ops.cross_entropy(x, y, reduction="none")
+    loss = ft.ops.cross_entropy(*to_device((x, y), device), reduction="none").cpu()
     ref = F.cross_entropy(x, y, reduction="none")
     torch.testing.assert_close(loss, ref, equal_nan=True)
 
@@ -186,7 +202,7 @@ def test_nan_and_inf_propagate_like_torch(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale,shift", [(3.0, 85.0), (3.0, -100.0), (3.0, -68.0), (500.0, 0.0),
                                          (1.0, 200.0), (2e4, 0.0)])
-def test_extreme_logit_ranges(backend, dtype, scale, shift):
+def test_extreme_logit_ranges(backend, device, dtype, scale, shift):
     """The CPU forward sums exp(z) unshifted when the row max allows it and falls back to the
     shifted form otherwise: rows on either side of the switch (max near 87 - ln C, below -70,
     huge spreads) must all match torch. One batch mixes ordinary and extreme rows."""
@@ -197,8 +213,7 @@ def test_extreme_logit_ranges(backend, dtype, scale, shift):
     x[::2] = torch.randn(4, 517, generator=g) * scale + shift
     x = x.to(dtype)
     y = _targets(8, 517, seed=2)
-    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.1,
-                                reduction="none")
+    loss, grad = _on(device, ft.ops.cross_entropy, x, y, label_smoothing=0.1, reduction="none")
     ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, label_smoothing=0.1, reduction="none")
     mag = float(x.double().abs().max())  # absolute errors scale with the logits
     _assert_close(loss, ref_loss, dtype, scale=max(1.0, mag))
@@ -208,7 +223,7 @@ def test_extreme_logit_ranges(backend, dtype, scale, shift):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("mask", [float("-inf"), -1e9, -100.0])
-def test_masked_logits_like_torch(backend, dtype, eps, mask):
+def test_masked_logits_like_torch(backend, device, dtype, eps, mask):
     """Classes masked with -inf or a huge negative value (common ways to restrict the label
     set): without smoothing the loss is finite and the gradient of masked classes is zero, as
     in torch; with smoothing the loss follows torch (+inf for -inf masks: the smoothed target
@@ -219,8 +234,7 @@ def test_masked_logits_like_torch(backend, dtype, eps, mask):
     x[4, 20:] = mask
     y = torch.tensor([0, 1, 2, 36, 3, 5])  # row 5: the target is masked
     x = x.to(dtype)
-    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps,
-                                reduction="none")
+    loss, grad = _on(device, ft.ops.cross_entropy, x, y, label_smoothing=eps, reduction="none")
     ref_loss, ref_grad = _loss_and_grad(_torch_ce, x.double(), y, label_smoothing=eps,
                                         reduction="none")
     _assert_close(loss, ref_loss, dtype, scale=max(1.0, abs(mask) if mask > -1e30 else 1.0))
@@ -233,24 +247,27 @@ def test_masked_logits_like_torch(backend, dtype, eps, mask):
             assert (loss == float("inf")).all()
 
 
-def test_no_classes_all_rows_ignored_like_torch(backend):
+def test_no_classes_all_rows_ignored_like_torch(backend, device):
     """Zero classes: every row must be ignored, each counts 0 and their mean is NaN. (With
-    smoothing torch also gives NaN for ignored rows, 0/0 in its smoothing term; ours stay 0.)"""
+    smoothing torch also gives NaN for ignored rows, 0/0 in its smoothing term; ours stay 0.)
+    A target that is not ignored is an IndexError on every device: with no classes the CUDA op
+    checks on the host (a degenerate case, where a sync costs nothing that matters)."""
     x = torch.zeros(3, 0)
     y = torch.full((3,), -100)
     for reduction in ("none", "sum", "mean"):
-        loss = ft.ops.cross_entropy(x, y, reduction=reduction)
+        loss = ft.ops.cross_entropy(*to_device((x, y), device), reduction=reduction).cpu()
         ref = F.cross_entropy(x, y, reduction=reduction)
         torch.testing.assert_close(loss, ref, equal_nan=True)
     with pytest.raises(IndexError, match="out of range for 0 classes"):
-        ft.ops.cross_entropy(x, torch.tensor([-100, 0, -100]))
+        ft.ops.cross_entropy(x.to(device), torch.tensor([-100, 0, -100], device=device))
 
 
-def test_gradcheck_float64(backend):
-    x = _logits(5, 7, torch.float64).requires_grad_(True)
-    y = _targets(5, 7, ignore_every=4)
-    y_b = _targets(5, 7, seed=9)
-    lam = torch.rand(5, dtype=torch.float64)
+def test_gradcheck_float64(backend, device):
+    """float64 on every device (the CUDA kernels dispatch float64 too)."""
+    x = _logits(5, 7, torch.float64).to(device).requires_grad_(True)
+    y = _targets(5, 7, ignore_every=4).to(device)
+    y_b = _targets(5, 7, seed=9).to(device)
+    lam = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
     torch.autograd.gradcheck(lambda t: ft.ops.cross_entropy(t, y, label_smoothing=0.3), (x,))
     torch.autograd.gradcheck(
         lambda t: ft.ops.cross_entropy(t, y, target_b=y_b, lam=lam, label_smoothing=0.2,
@@ -258,46 +275,65 @@ def test_gradcheck_float64(backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# bad input: the same exception type and message from both backends
+# bad input: the same exception type and message from both backends, on every device. On CUDA
+# the kernels check values (targets, a lam tensor) on the device -- a device-side assert, as in
+# torch's own CUDA losses, with no host sync -- so those cases assert there, in a child process.
 
-BAD = [
-    (lambda: (torch.randn(3, 4, 5), torch.zeros(3, dtype=torch.long)), {}, ValueError, "2-D"),
-    (lambda: (torch.randn(3, 4).int(), torch.zeros(3, dtype=torch.long)), {}, TypeError,
-     "logits must be float32"),
-    (lambda: (torch.randn(3, 4), torch.zeros(3, dtype=torch.int32)), {}, TypeError, "int64"),
-    (lambda: (torch.randn(3, 4), torch.zeros(2, dtype=torch.long)), {}, ValueError,
-     r"shape \(3,\)"),
-    (lambda: (torch.randn(3, 4), torch.tensor([0, 4, 1])), {}, IndexError,
-     "target 4 is out of range for 4 classes"),
-    (lambda: (torch.randn(3, 4), torch.tensor([0, -3, 1])), {}, IndexError, "target -3"),
-    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])), {"label_smoothing": 1.5}, ValueError,
-     "label_smoothing must be in"),
-    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
-     {"target_b": torch.tensor([1, 2, 3]), "lam": 1.2}, ValueError, "lam must be in"),
-    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
-     {"target_b": torch.tensor([1, 2, 3]), "lam": torch.tensor([0.5, -0.1, 0.2])}, ValueError,
-     "lam must be in"),
-    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])), {"target_b": torch.tensor([1, 2, 3])},
-     ValueError, "given together"),
-    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
-     {"target_b": torch.tensor([1, 9, 3]), "lam": 0.5}, IndexError, "target 9"),
-    (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])), {"reduction": "avg"}, ValueError,
-     "reduction"),
-]
+BAD = {
+    "3-D logits": (lambda: (torch.randn(3, 4, 5), torch.zeros(3, dtype=torch.long)), {},
+                   ValueError, "2-D"),
+    "int logits": (lambda: (torch.randn(3, 4).int(), torch.zeros(3, dtype=torch.long)), {},
+                   TypeError, "logits must be float32"),
+    "int32 target": (lambda: (torch.randn(3, 4), torch.zeros(3, dtype=torch.int32)), {},
+                     TypeError, "int64"),
+    "target shape": (lambda: (torch.randn(3, 4), torch.zeros(2, dtype=torch.long)), {},
+                     ValueError, r"shape \(3,\)"),
+    "target too large": (lambda: (torch.randn(3, 4), torch.tensor([0, 4, 1])), {}, IndexError,
+                         "target 4 is out of range for 4 classes"),
+    "target negative": (lambda: (torch.randn(3, 4), torch.tensor([0, -3, 1])), {}, IndexError,
+                        "target -3"),
+    "label_smoothing": (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
+                        {"label_smoothing": 1.5}, ValueError, "label_smoothing must be in"),
+    "lam float": (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
+                  {"target_b": torch.tensor([1, 2, 3]), "lam": 1.2}, ValueError,
+                  "lam must be in"),
+    "lam tensor": (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
+                   {"target_b": torch.tensor([1, 2, 3]), "lam": torch.tensor([0.5, -0.1, 0.2])},
+                   ValueError, "lam must be in"),
+    "target_b without lam": (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
+                             {"target_b": torch.tensor([1, 2, 3])}, ValueError,
+                             "given together"),
+    "target_b too large": (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])),
+                           {"target_b": torch.tensor([1, 9, 3]), "lam": 0.5}, IndexError,
+                           "target 9"),
+    "reduction": (lambda: (torch.randn(3, 4), torch.tensor([0, 1, 2])), {"reduction": "avg"},
+                  ValueError, "reduction"),
+}
+# the cases whose values only the device reads on CUDA
+DEVICE_SIDE = {"target too large", "target negative", "lam tensor", "target_b too large"}
 
 
-@pytest.mark.parametrize("make,kw,exc,msg", BAD)
-def test_bad_input(backend, make, kw, exc, msg):
-    x, y = make()
+def call_bad_case(name, device):
+    """Runs BAD[name] on ``device`` (also the code of the child processes on CUDA)."""
+    make, kw, _, _ = BAD[name]
+    ft.ops.cross_entropy(*to_device(make(), device), **to_device(kw, device))
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input(backend, device, device_asserts, name):
+    if device == "cuda" and backend == "extension" and name in DEVICE_SIDE:
+        device_asserts.expect(CUDA_ASSERTS, f"bad: {name}", prelude=CUDA_ASSERTS_PRELUDE)
+        return
+    _, _, exc, msg = BAD[name]
     with pytest.raises(exc, match=msg):
-        ft.ops.cross_entropy(x, y, **kw)
+        call_bad_case(name, device)
 
 
-def test_target_dtype_messages_match(extension):
+def test_target_dtype_messages_match(extension, device):
     """Probability targets get a hint, with the same text from the C++ check and Python."""
     msg = ("cross_entropy: target must be int64 (torch.long) class indices, got torch.float32 "
            "(probability targets are not supported; for mixup pass target_b and lam)")
-    x, y = torch.randn(2, 5), torch.rand(2)
+    x, y = torch.randn(2, 5, device=device), torch.rand(2, device=device)
     with pytest.raises(TypeError) as info:
         torch.ops.fastcore_train.cross_entropy(x, y, None, None, 1.0, 0.0, -100, 1)
     assert msg in str(info.value)
@@ -305,7 +341,7 @@ def test_target_dtype_messages_match(extension):
         ft.ops.cross_entropy(x, y)
     assert str(info.value) == msg
     with pytest.raises(TypeError, match="int64 \\(torch.long\\) class indices, got torch.int32$"):
-        ft.ops.cross_entropy(x, torch.zeros(2, dtype=torch.int32))
+        ft.ops.cross_entropy(x, torch.zeros(2, dtype=torch.int32, device=device))
     with pytest.raises(TypeError, match="ft.MixedTarget"):
         ft.nn.LabelSmoothingCrossEntropy()(x, (y, y, 0.5))
     with pytest.raises(TypeError, match="for mixup targets pass target_b and lam"):
@@ -329,12 +365,13 @@ def test_op_checks_direct_call(extension):
 # ---------------------------------------------------------------------------------------------
 # integration with torch.library and torch.compile
 
-def test_opcheck(extension):
-    x = _logits(6, 37, torch.float32).requires_grad_(True)
-    y = _targets(6, 37, ignore_every=5)
-    y_b = _targets(6, 37, seed=3)
-    lam = torch.rand(6)
-    lam_g = torch.rand(6, requires_grad=True)
+def test_opcheck(extension, device):
+    g = torch.Generator().manual_seed(0)
+    x = _logits(6, 37, torch.float32).to(device).requires_grad_(True)
+    y = _targets(6, 37, ignore_every=5).to(device)
+    y_b = _targets(6, 37, seed=3).to(device)
+    lam = torch.rand(6, generator=g).to(device)
+    lam_g = torch.rand(6, generator=g).to(device).requires_grad_(True)
     for reduction in (0, 1, 2):
         torch.library.opcheck(torch.ops.fastcore_train.cross_entropy.default,
                               (x, y, None, None, 1.0, 0.1, -100, reduction))
@@ -344,22 +381,24 @@ def test_opcheck(extension):
                               (x, y.to(torch.uint8).masked_fill(y < 0, 255), y_b, lam_g, 1.0,
                                0.1, 255, reduction))
     _, stats = torch.ops.fastcore_train.cross_entropy(x.detach(), y, y_b, None, 0.3, 0.1, -100, 0)
-    assert stats.shape == (6, 2)
+    assert stats.shape == (6, 2) and stats.device == x.device
     torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
-                          (torch.rand(6), x.detach(), y, y_b, None, 0.3, stats, 0.1, -100, 0))
+                          (torch.rand(6, generator=g).to(device), x.detach(), y, y_b, None, 0.3,
+                           stats, 0.1, -100, 0))
     torch.library.opcheck(torch.ops.fastcore_train.cross_entropy_backward.default,
-                          (torch.rand(()), x.detach(), y, y_b, None, 0.3, stats, 0.1, -100, 1))
+                          (torch.rand((), generator=g).to(device), x.detach(), y, y_b, None, 0.3,
+                           stats, 0.1, -100, 1))
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_eager_autograd_matches_registered_autograd(extension, reduction):
+def test_eager_autograd_matches_registered_autograd(extension, device, reduction):
     """ft.ops.cross_entropy uses a lean autograd.Function in eager mode; torch.ops calls (and
     torch.compile) use the torch.library registration. Same loss, same gradient,
     and the fast path is really taken."""
-    x = _logits(6, 37, torch.float32)
-    y = _targets(6, 37, ignore_every=5)
-    y_b = _targets(6, 37, seed=3)
-    lam = torch.rand(6)
+    x = _logits(6, 37, torch.float32).to(device)
+    y = _targets(6, 37, ignore_every=5).to(device)
+    y_b = _targets(6, 37, seed=3).to(device)
+    lam = torch.rand(6, generator=torch.Generator().manual_seed(0)).to(device)
     name = {0: "none", 1: "mean", 2: "sum"}[reduction]
     for extra in ({}, {"target_b": y_b, "lam": lam}, {"target_b": y_b, "lam": 0.3}):
         loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.1,
@@ -383,15 +422,16 @@ def test_eager_autograd_matches_registered_autograd(extension, reduction):
     assert lam_a.grad is not None and torch.equal(lam_a.grad, lam_b.grad)
 
 
-def test_torch_compile_fullgraph(extension):
-    model = torch.nn.Linear(16, 11)
+def test_torch_compile_fullgraph(extension, device):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 11).to(device)
 
     def step(inp, y, y_b, lam):
         return ft.ops.cross_entropy(model(inp), y, target_b=y_b, lam=lam, label_smoothing=0.1)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    inp = torch.randn(8, 16)
-    y, y_b, lam = _targets(8, 11), _targets(8, 11, seed=7), torch.rand(8)
+    inp = torch.randn(8, 16).to(device)
+    y, y_b, lam = to_device((_targets(8, 11), _targets(8, 11, seed=7), torch.rand(8)), device)
     got = compiled(inp, y, y_b, lam)
     got.backward()
     g_compiled = model.weight.grad.clone()
@@ -402,21 +442,24 @@ def test_torch_compile_fullgraph(extension):
     torch.testing.assert_close(g_compiled, model.weight.grad)
 
 
-def test_torch_compile_uint8_targets_and_lam_grad(extension):
+def test_torch_compile_uint8_targets_and_lam_grad(extension, device):
     """uint8 class indices and a lam that requires grad trace through torch.compile too, with
     the gradients of eager mode (the registered autograd computes lam's gradient)."""
-    model = torch.nn.Linear(16, 11)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 11).to(device)
 
     def step(inp, y, y_b, lam):
         return ft.ops.cross_entropy(model(inp), y, target_b=y_b, lam=lam, label_smoothing=0.1)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    inp = torch.randn(8, 16)
-    y, y_b = _targets(8, 11).to(torch.uint8), _targets(8, 11, seed=7).to(torch.uint8)
+    inp = torch.randn(8, 16).to(device)
+    y = _targets(8, 11).to(device, torch.uint8)
+    y_b = _targets(8, 11, seed=7).to(device, torch.uint8)
     results = []
     for fn in (compiled, step):
         model.zero_grad()
-        lam = torch.rand(8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        lam = torch.rand(8, generator=torch.Generator().manual_seed(0)).to(device)
+        lam.requires_grad_(True)
         loss = fn(inp, y, y_b, lam)
         loss.backward()
         results.append((loss.detach(), model.weight.grad.clone(), lam.grad))
@@ -498,51 +541,53 @@ def _max_errors(got, truth):
 @pytest.mark.parametrize("two", [False, True], ids=["one_target", "two_targets"])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("offset", OFFSETS)
-def test_precision_at_every_offset(offset, eps, two):
+def test_precision_at_every_offset(device, offset, eps, two):
     """8x1000 logits randn*3 + offset, float32: loss and gradient within twice torch's own fp32
-    error (both against a float64 computation) on every CPU build and on the reference. The
-    log-sum-exp stored as one float32 value lost everything from offset 1e4 on (loss off by
-    3.6 at 1e8, gradient rows summing to 0.6 at 1e7); a plain sum of logits for the smoothing
-    term lost it too (off by 1e22 at 1e30)."""
+    error on the CPU (both against a float64 computation) on every CPU build, on the CUDA
+    kernel and on the reference on each device. The log-sum-exp stored as one float32 value
+    lost everything from offset 1e4 on (loss off by 3.6 at 1e8, gradient rows summing to 0.6
+    at 1e7); a plain sum of logits for the smoothing term lost it too (off by 1e22 at 1e30)."""
     x, y_a, kw = _offset_case(offset, two)
     truth, fp32 = _float64_truth_and_torch_fp32(x, y_a, kw, eps)
     torch_loss_err, torch_grad_err = _max_errors(fp32, truth)
-    variants = [("reference", None)] + [("extension", isa) for isa in _cpu_builds()]
+    builds = _cpu_builds() if device == "cpu" else [None] if _backend.extension_loaded() else []
+    variants = [("reference", None)] + [("extension", isa) for isa in builds]
     for backend_name, isa in variants:
         try:
             if isa:
                 _backend._C._set_cpu_capability(isa)
             with _backend.use_backend(backend_name):
-                got = _loss_and_grad(ft.ops.cross_entropy, x, y_a, label_smoothing=eps,
-                                     reduction="none", **kw)
+                got = _on(device, ft.ops.cross_entropy, x, y_a, label_smoothing=eps,
+                          reduction="none", **kw)
         finally:
             if isa:
                 _backend._C._set_cpu_capability("")
         loss_err, grad_err = _max_errors(got, truth)
-        where = f"{backend_name} {isa or ''}: loss err {loss_err:.3g} grad err {grad_err:.3g}; " \
-                f"torch {torch_loss_err:.3g} {torch_grad_err:.3g}"
+        where = (f"{backend_name} {isa or device}: loss err {loss_err:.3g} grad err "
+                 f"{grad_err:.3g}; torch {torch_loss_err:.3g} {torch_grad_err:.3g}")
         assert loss_err <= 2 * torch_loss_err, where
         assert grad_err <= max(2 * torch_grad_err, GRAD_FLOOR), where
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_issue_examples_large_logits(backend, eps):
+def test_issue_examples_large_logits(backend, device, eps):
     """Issue 13's cases: logits of 1e8 (log-sum-exp lost in float32) and of 1e38 with smoothing
     (the logit sum overflowed to -inf where torch gives log 4)."""
     for x, y in ((torch.tensor([[1e8, 1e8, 0.0]]), torch.tensor([0])),
                  (torch.full((2, 4), 1e38), torch.tensor([0, 3])),
                  (torch.tensor([[3e38, -3e38, 3e38, 0.0]]), torch.tensor([2]))):
-        got = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps)
+        got = _on(device, ft.ops.cross_entropy, x, y, label_smoothing=eps)
         want = _loss_and_grad(F.cross_entropy, x, y, label_smoothing=eps)
         torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["masked_start", "low_start", "far_max", "top_of_range"])
-def test_one_pass_pivot_cases(backend, dtype, layout):
+def test_one_pass_pivot_cases(backend, device, dtype, layout):
     """The CPU forward's one pass works against a pivot (the max of the row's first vector
     step, 0 when that is -inf) when the row max is near it, and redoes the row with the shifted
-    form otherwise. Rows on both sides, on every CPU build."""
+    form otherwise. Rows on both sides, on every CPU build; on CUDA the same rows test the
+    online max (a masked start, the top of float32's range)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 1031, generator=g) * 3 + (0.0 if layout == "masked_start" else 1e4)
     if layout == "masked_start":
@@ -556,11 +601,11 @@ def test_one_pass_pivot_cases(backend, dtype, layout):
     x = x.to(dtype)
     y = _targets(6, 1031, seed=4)
     want = _loss_and_grad(_torch_ce, x, y, reduction="none")
-    for isa in _cpu_builds() if backend == "extension" else [None]:
+    for isa in _cpu_builds() if backend == "extension" and device == "cpu" else [None]:
         try:
             if isa:
                 _backend._C._set_cpu_capability(isa)
-            got = _loss_and_grad(ft.ops.cross_entropy, x, y, reduction="none")
+            got = _on(device, ft.ops.cross_entropy, x, y, reduction="none")
         finally:
             if isa:
                 _backend._C._set_cpu_capability("")
@@ -588,7 +633,7 @@ NONFINITE_ROWS = {
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("row", list(NONFINITE_ROWS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_nonfinite_rows_like_torch(backend, dtype, row, eps, two):
+def test_nonfinite_rows_like_torch(backend, device, dtype, row, eps, two):
     """A row with a NaN or +inf logit, or only -inf ones, has a NaN loss and a NaN gradient
     across the row, as F.cross_entropy gives (with probability targets for the two-target
     form); the other rows are untouched. The row goes through every kernel path: short rows
@@ -604,14 +649,13 @@ def test_nonfinite_rows_like_torch(backend, dtype, row, eps, two):
         y = torch.tensor([1, 0, 2])
         if two:
             y_b, lam = torch.tensor([3, 2, 2]), torch.tensor([0.3, 0.6, 0.5])
-            got = _loss_and_grad(ft.ops.cross_entropy, x, y, target_b=y_b, lam=lam,
-                                 label_smoothing=eps, reduction="none")
+            got = _on(device, ft.ops.cross_entropy, x, y, target_b=y_b, lam=lam,
+                      label_smoothing=eps, reduction="none")
             q = lam[:, None] * F.one_hot(y, C) + (1 - lam[:, None]) * F.one_hot(y_b, C)
             want = _loss_and_grad(F.cross_entropy, x.double(), q.double(),
                                   label_smoothing=eps, reduction="none")
         else:
-            got = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps,
-                                 reduction="none")
+            got = _on(device, ft.ops.cross_entropy, x, y, label_smoothing=eps, reduction="none")
             want = _loss_and_grad(_torch_ce, x, y, label_smoothing=eps, reduction="none")
         assert torch.isnan(got[0][1]) and torch.isnan(got[1][1]).all(), (C, got)
         _assert_close(got[0], want[0], dtype)
@@ -619,7 +663,7 @@ def test_nonfinite_rows_like_torch(backend, dtype, row, eps, two):
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_ignored_rows_count_for_nothing_whatever_their_logits(backend, eps):
+def test_ignored_rows_count_for_nothing_whatever_their_logits(backend, device, eps):
     """An ignored row gives 0 loss and 0 gradient even with NaN or infinite logits, on both
     backends (F.cross_entropy gives a NaN gradient there: its log_softmax backward multiplies
     the row's zero upstream gradient by NaN). A fully masked padding row does not poison the
@@ -629,7 +673,7 @@ def test_ignored_rows_count_for_nothing_whatever_their_logits(backend, eps):
     x[1, 3] = INF
     x[2] = -INF
     y = torch.tensor([-100, -100, -100, 4])
-    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=eps)
+    loss, grad = _on(device, ft.ops.cross_entropy, x, y, label_smoothing=eps)
     want_loss, want_grad = _loss_and_grad(_torch_ce, x[3:], y[3:], label_smoothing=eps)
     _assert_close(loss, want_loss, torch.float32)
     assert (grad[:3] == 0).all()
@@ -651,30 +695,38 @@ def _torch_accepts_index_dtype(dtype):
 
 
 @pytest.mark.parametrize("dtype", INDEX_DTYPES)
-def test_index_dtypes_exactly_where_torch_takes_them(backend, dtype):
+def test_index_dtypes_exactly_where_torch_takes_them(backend, device, dtype):
     """Targets of every integer dtype torch accepts (int64 and uint8 in torch 2.13) give the
-    int64 result; the others are refused with our message, from both backends."""
+    int64 result; the others are refused with our message, from both backends. On CUDA the
+    result is compared with the int64 result on CUDA (bit for bit: the same kernel) and with
+    torch's own op on the CPU."""
     x = _logits(6, 9, torch.float32)
     y = _targets(6, 9, seed=1)
     if not _torch_accepts_index_dtype(dtype):
+        x, y = to_device((x, y), device)
         with pytest.raises(TypeError, match=r"target must be int64 \(torch.long\) class indices"):
             ft.ops.cross_entropy(x, y.to(dtype))
         with pytest.raises(TypeError, match="target_b must be int64"):
             ft.ops.cross_entropy(x, y, target_b=y.to(dtype), lam=0.5)
         return
     y_b = _targets(6, 9, seed=2)
+    lam = torch.rand(6, generator=torch.Generator().manual_seed(0))
     for kw in ({"label_smoothing": 0.1, "reduction": "none"},
-               {"target_b": y_b, "lam": torch.rand(6), "reduction": "sum"}):
+               {"target_b": y_b, "lam": lam, "reduction": "sum"}):
         kw_t = dict(kw, target_b=kw["target_b"].to(dtype)) if "target_b" in kw else kw
-        got = _loss_and_grad(ft.ops.cross_entropy, x, y.to(dtype), **kw_t)
-        want = _loss_and_grad(ft.ops.cross_entropy, x, y, **kw)
+        got = _on(device, ft.ops.cross_entropy, x, y.to(dtype), **kw_t)
+        want = _on(device, ft.ops.cross_entropy, x, y, **kw)
         torch.testing.assert_close(got, want)
-    got = _loss_and_grad(ft.ops.cross_entropy, x, y.to(dtype), label_smoothing=0.1)
+    got = _on(device, ft.ops.cross_entropy, x, y.to(dtype), label_smoothing=0.1)
     want = _loss_and_grad(F.cross_entropy, x, y.to(dtype), label_smoothing=0.1)
-    torch.testing.assert_close(got, want)
+    if device == "cpu":
+        torch.testing.assert_close(got, want)
+    else:  # another device, another summation order: the dtype's tolerance
+        _assert_close(got[0], want[0], torch.float32)
+        _assert_close(got[1], want[1], torch.float32)
 
 
-def test_uint8_ignore_index_compares_values_like_torch(backend):
+def test_uint8_ignore_index_compares_values_like_torch(backend, device):
     """uint8 targets are compared with ignore_index by value, as torch's NLL does: 255 ignores
     the rows holding 255, and -100 ignores nothing (it is not 156 in disguise). Torch 2.13's
     smoothing term compares in uint8 and drops the smoothing of a 156 row for -100 -- half
@@ -684,7 +736,7 @@ def test_uint8_ignore_index_compares_values_like_torch(backend):
     for ignore_index in (255, -100, 156):
         for eps in (0.0, 0.1):
             kw = dict(ignore_index=ignore_index, label_smoothing=eps, reduction="none")
-            got = _loss_and_grad(ft.ops.cross_entropy, x, y, **kw)
+            got = _on(device, ft.ops.cross_entropy, x, y, **kw)
             want = _loss_and_grad(_torch_ce, x, y.long(), **kw)
             _assert_close(got[0], want[0], torch.float32)
             _assert_close(got[1], want[1].float(), torch.float32)
@@ -693,8 +745,8 @@ def test_uint8_ignore_index_compares_values_like_torch(backend):
                 _assert_close(got[0], want_u8[0], torch.float32)
                 _assert_close(got[1], want_u8[1].float(), torch.float32)
     crit = ft.nn.LabelSmoothingCrossEntropy(0.1, ignore_index=255)
-    _assert_close(crit(x, y), _torch_ce(x, y, label_smoothing=0.1, ignore_index=255),
-                  torch.float32)
+    _assert_close(crit(*to_device((x, y), device)),
+                  _torch_ce(x, y, label_smoothing=0.1, ignore_index=255), torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -715,16 +767,17 @@ def _torch_two_target(x, y_a, y_b, lam, reduction, **kw):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_lam_tensor_gets_its_gradient(backend, reduction):
+def test_lam_tensor_gets_its_gradient(backend, device, reduction):
     """dloss/dlam_i = CE_a,i - CE_b,i, reduced like the loss: against torch's
     lam*CE(a) + (1-lam)*CE(b) (rows 2 and 5 ignored in both targets, row 3 with a == b) and
-    gradcheck."""
+    gradcheck, in float64 on every device."""
     B, C = 7, 11
     x = _logits(B, C, torch.float64)
     y_a, y_b = _targets(B, C, seed=4), _targets(B, C, seed=5)
     y_b[3] = y_a[3]
     y_a[[2, 5]] = y_b[[2, 5]] = -100
     lam = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x, y_a, y_b, lam = to_device((x, y_a, y_b, lam), device)
     kw = dict(label_smoothing=0.2)
     grads = []
     for fn in (lambda t, l: ft.ops.cross_entropy(t, y_a, target_b=y_b, lam=l,
@@ -745,18 +798,20 @@ def test_lam_tensor_gets_its_gradient(backend, reduction):
         (x.clone().requires_grad_(True), lam.clone().requires_grad_(True)))
 
 
-def test_lam_gradient_shapes_and_dtypes(backend):
+def test_lam_gradient_shapes_and_dtypes(backend, device):
     """A 0-d lam tensor gets a 0-d gradient (through the broadcast), a float32 lam with float64
     logits a float32 one; lam alone requiring grad works; a float lam has nothing to get."""
     x = _logits(5, 6, torch.float64)
     y_a, y_b = _targets(5, 6, seed=1), _targets(5, 6, seed=2)
-    lam0 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    x, y_a, y_b = to_device((x, y_a, y_b), device)
+    lam0 = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
     ft.ops.cross_entropy(x, y_a, target_b=y_b, lam=lam0).backward()
-    lam_ref = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    lam_ref = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
     _torch_two_target(x, y_a, y_b, lam_ref, "mean").backward()
-    assert lam0.grad.shape == ()
+    assert lam0.grad.shape == () and lam0.grad.device == x.device
     torch.testing.assert_close(lam0.grad, lam_ref.grad)
-    lam32 = torch.rand(5, requires_grad=True)
+    lam32 = torch.rand(5, generator=torch.Generator().manual_seed(0)).to(device)
+    lam32.requires_grad_(True)
     xr = x.clone().requires_grad_(True)
     ft.ops.cross_entropy(xr, y_a, target_b=y_b, lam=lam32, reduction="sum").backward()
     assert lam32.grad.dtype == torch.float32 and xr.grad.dtype == torch.float64
@@ -779,15 +834,15 @@ def _second_order_cases():
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", list(_second_order_cases()))
-def test_gradgradcheck(backend, case, reduction):
+def test_gradgradcheck(backend, device, case, reduction):
     """Double backward is correct (gradgradcheck in float64, w.r.t. the logits, lam and the
     incoming gradient) for one and two targets, smoothing, ignore_index, every reduction."""
-    y, kw = _second_order_cases()[case]
-    x = _logits(6, 9, torch.float64).requires_grad_(True)
+    y, kw = to_device(_second_order_cases()[case], device)
+    x = _logits(6, 9, torch.float64).to(device).requires_grad_(True)
     inputs = [x]
     if case == "two_lam_tensor":
         lam = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-        inputs.append(lam.clamp(0.1, 0.9).requires_grad_(True))
+        inputs.append(lam.clamp(0.1, 0.9).to(device).requires_grad_(True))
 
     def fn(t, *lam):
         extra = {"lam": lam[0]} if lam else {}
@@ -805,14 +860,14 @@ def _torch_second_order_ref(x, y, kw):
 
 
 @pytest.mark.parametrize("case", ["one", "smooth", "ignore", "two_float_lam"])
-def test_second_order_matches_torch(backend, case):
+def test_second_order_matches_torch(backend, device, case):
     """Gradient penalty (loss + ||dloss/dlogits||^2, backpropagated into a weight), a
     Hessian-vector product and a pure second derivative give F.cross_entropy's values."""
-    y, kw = _second_order_cases()[case]
+    y, kw = to_device(_second_order_cases()[case], device)
     g = torch.Generator().manual_seed(5)
-    inp = torch.randn(6, 4, dtype=torch.float64, generator=g)
-    w0 = torch.randn(4, 9, dtype=torch.float64, generator=g)
-    v = torch.randn(6, 9, dtype=torch.float64, generator=g)
+    inp = torch.randn(6, 4, dtype=torch.float64, generator=g).to(device)
+    w0 = torch.randn(4, 9, dtype=torch.float64, generator=g).to(device)
+    v = torch.randn(6, 9, dtype=torch.float64, generator=g).to(device)
     results = []
     for fn in (lambda t: ft.ops.cross_entropy(t, y, **kw),
                lambda t: _torch_second_order_ref(t, y, kw)):
@@ -831,7 +886,7 @@ def test_second_order_matches_torch(backend, case):
     assert hvp.abs().max() > 1e-3  # the check is not vacuous
 
 
-def test_first_order_backward_stays_on_the_kernel(extension, monkeypatch):
+def test_first_order_backward_stays_on_the_kernel(extension, device, monkeypatch):
     """Only create_graph takes the differentiable (reference) backward; a plain backward of
     either autograd path, lam's gradient included, uses the kernel and the closed form."""
     ce_mod = importlib.import_module("fastcore_train.ops.cross_entropy")
@@ -840,8 +895,9 @@ def test_first_order_backward_stays_on_the_kernel(extension, monkeypatch):
         raise AssertionError("the differentiable backward ran without create_graph")
 
     monkeypatch.setattr(ce_mod, "_differentiable_backward", fail)
-    x = _logits(6, 37, torch.float32).requires_grad_(True)
-    y, y_b, lam = _targets(6, 37), _targets(6, 37, seed=3), torch.rand(6, requires_grad=True)
+    x = _logits(6, 37, torch.float32).to(device).requires_grad_(True)
+    y, y_b, lam = to_device((_targets(6, 37), _targets(6, 37, seed=3), torch.rand(6)), device)
+    lam.requires_grad_(True)
     ft.ops.cross_entropy(x, y, target_b=y_b, lam=lam, label_smoothing=0.1).backward()
     torch.ops.fastcore_train.cross_entropy(x, y, y_b, lam, 1.0, 0.1, -100, 1)[0].backward()
     with pytest.raises(AssertionError, match="differentiable backward"):
@@ -899,73 +955,87 @@ def test_bad_argument_types_like_torch(backend, name, value, msg):
 
 
 @pytest.mark.parametrize("name,value", ARG_ACCEPTED)
-def test_argument_types_torch_accepts(backend, name, value):
+def test_argument_types_torch_accepts(backend, device, name, value):
+    """(A tensor argument stays on the CPU, where the argument parser reads it.)"""
     assert _torch_exception(**{name: value}) is None
     x, y = _logits(3, 5, torch.float32), torch.tensor([0, 1, 2])
-    _assert_close(ft.ops.cross_entropy(x, y, **{name: value}), _torch_ce(x, y, **{name: value}),
-                  torch.float32)
+    xd, yd = to_device((x, y), device)
+    _assert_close(ft.ops.cross_entropy(xd, yd, **{name: value}),
+                  _torch_ce(x, y, **{name: value}), torch.float32)
     crit = ft.nn.LabelSmoothingCrossEntropy(**{{"label_smoothing": "smoothing"}.get(name, name):
                                                value})
     want = _torch_ce(x, y, label_smoothing=crit.smoothing, ignore_index=crit.ignore_index)
-    _assert_close(crit(x, y), want, torch.float32)
+    _assert_close(crit(xd, yd), want, torch.float32)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(0, 10), (1, 1), (7, 33), (64, 1000), (3, 40000), (2, 262144)])
-def test_cuda_matches_torch(extension, dtype, shape):
-    B, C = shape
-    x = _logits(B, C, dtype).cuda()
-    y = _targets(B, C, ignore_every=3).cuda()
-    y_b = _targets(B, C, seed=4).cuda()
-    lam = torch.rand(B, device="cuda")
-    loss, grad = _loss_and_grad(ft.ops.cross_entropy, x, y, label_smoothing=0.1)
-    ref_loss, ref_grad = _loss_and_grad(_torch_ce, x, y, label_smoothing=0.1)
-    if B:
-        _assert_close(loss, ref_loss, dtype)
-    _assert_close(grad, ref_grad.to(dtype), dtype)
-    loss2, grad2 = _loss_and_grad(ft.ops.cross_entropy, x, y, target_b=y_b, lam=lam,
-                                  label_smoothing=0.1, reduction="sum")
-    ref2, rgrad2 = _loss_and_grad(cross_entropy_reference, x.cpu(), y.cpu(), target_b=y_b.cpu(),
-                                  lam=lam.cpu(), label_smoothing=0.1, reduction="sum")
-    _assert_close(loss2.cpu(), ref2, dtype, scale=max(B, 1))
-    _assert_close(grad2.cpu(), rgrad2, dtype)
+# ---------------------------------------------------------------------------------------------
+# launch limits and alignment, on every device. The CUDA kernels run one block per row (the
+# grid's x dimension: more than 65535 rows must all be written), and read 16-byte vectors only
+# when every row starts 16-byte aligned: C = 50257 (GPT-2's vocabulary; rows of 201028 bytes in
+# float32, 100514 in bfloat16) and logits one element into their storage take the scalar loads,
+# C = 50256 the vectors. (C = 262144, one and eight such rows: test_long_rows_online_softmax.)
+
+LIMIT_CASES = {
+    "65543 rows": (65543, 4, "contiguous"),
+    "C=50257, unaligned rows": (2, 50257, "contiguous"),
+    "C=50256, aligned rows": (2, 50256, "contiguous"),
+    "C=50256, misaligned start": (2, 50256, "offset"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(LIMIT_CASES))
+def test_launch_limits_and_alignment(extension, device, case, dtype):
+    """Every row's loss and gradient (reduction="none", two targets and smoothing: every term
+    of the kernel) against torch's lam * CE(a) + (1 - lam) * CE(b) in float64."""
+    B, C, layout = LIMIT_CASES[case]
+    x = _logits(B, C, dtype, layout=layout)
+    assert (x.storage_offset() == 1) == (layout == "offset")
+    y = _targets(B, C, ignore_every=5)
+    y_b = _targets(B, C, seed=3).masked_fill(y == -100, -100)
+    lam = torch.rand(B, generator=torch.Generator().manual_seed(4))
+    loss, grad = _on(device, ft.ops.cross_entropy, x, y, target_b=y_b, lam=lam,
+                     label_smoothing=0.1, reduction="none")
+    want_loss, want_grad = _loss_and_grad(
+        lambda t: _torch_two_target(t.double(), y, y_b, lam.double(), "none",
+                                    label_smoothing=0.1), x)
+    _assert_close(loss, want_loss, dtype)
+    _assert_close(grad, want_grad.to(dtype), dtype)
 
 
 # ---- an ignored target does not excuse its partner (issue 15 review of the CUDA kernel) ---------
 
-@pytest.mark.parametrize("target,target_b,lam,exc,msg", [
+IGNORED_ROW_CASES = [
     ([7], [-100], [0.5], IndexError, "target 7 is out of range for 5 classes"),
     ([-100], [7], [0.5], IndexError, "target 7 is out of range for 5 classes"),
     ([-100], [0], [2.0], ValueError, r"lam must be in \[0, 1\], got 2"),
-])
-def test_ignored_rows_still_check_the_other_target_and_lam(backend, target, target_b, lam, exc,
-                                                           msg):
-    x = torch.randn(1, 5)
+]
+
+
+def call_ignored_row_case(target, target_b, lam, device):
+    ft.ops.cross_entropy(torch.randn(1, 5, device=device), torch.tensor(target, device=device),
+                         target_b=torch.tensor(target_b, device=device),
+                         lam=torch.tensor(lam, device=device))
+
+
+@pytest.mark.parametrize("target,target_b,lam,exc,msg", IGNORED_ROW_CASES)
+def test_ignored_rows_still_check_the_other_target_and_lam(backend, device, device_asserts,
+                                                           target, target_b, lam, exc, msg):
+    """On the CPU (and with the reference) the error names the value; on CUDA the kernel
+    asserts on the device (as it does for any bad target or lam), in a child process."""
+    if device == "cuda" and backend == "extension":
+        device_asserts.expect(CUDA_ASSERTS, f"ignored row: {target}, {target_b}, {lam}",
+                              prelude=CUDA_ASSERTS_PRELUDE)
+        return
     with pytest.raises(exc, match=msg):
-        ft.ops.cross_entropy(x, torch.tensor(target), target_b=torch.tensor(target_b),
-                             lam=torch.tensor(lam))
+        call_ignored_row_case(target, target_b, lam, device)
 
 
-_CUDA_BAD_ROW = """
-import sys, torch, fastcore_train as ft
-t, tb, lam = {args}
-loss = ft.ops.cross_entropy(torch.randn(1, 5, device="cuda"), torch.tensor(t, device="cuda"),
-                            target_b=torch.tensor(tb, device="cuda"),
-                            lam=torch.tensor(lam, device="cuda"))
-torch.cuda.synchronize()
-print("no assert", loss.item())
-"""
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("args", ["([7], [-100], [0.5])", "([-100], [0], [2.0])"])
-def test_cuda_ignored_rows_still_assert_on_bad_partners(extension, args):
-    """On CUDA a bad value is a device-side assert (no host sync), which poisons the context:
-    run in a child process."""
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, "-c", _CUDA_BAD_ROW.format(args=args)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "no assert" not in r.stdout
-    assert "device-side assert" in r.stderr or "Assertion" in r.stderr
+# Every case above that is a device-side assert on CUDA, as code for its child process (run
+# together, the first time one of them is asked for).
+CUDA_ASSERTS_PRELUDE = "import test_cross_entropy as T"
+CUDA_ASSERTS = {f"bad: {name}": f"T.call_bad_case({name!r}, 'cuda')"
+                for name in sorted(DEVICE_SIDE)}
+CUDA_ASSERTS.update({f"ignored row: {t}, {tb}, {lam}":
+                     f"T.call_ignored_row_case({t}, {tb}, {lam}, 'cuda')"
+                     for t, tb, lam, _, _ in IGNORED_ROW_CASES})

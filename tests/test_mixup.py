@@ -1,7 +1,8 @@
 """Fused mixup and cutmix: parity with the reference and with plain torch over dtypes, layouts
 and odd shapes; in-place involutions; gradients; bad input from both backends; torch.library
 and torch.compile integration; the Mixup module (reproducibility, equivalence with timm's
-soft-target recipe)."""
+soft-target recipe). Tests that take ``device`` run on the CPU and, with a GPU, on CUDA against
+the CPU reference."""
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,7 @@ from fastcore_train.nn import LabelSmoothingCrossEntropy, MixedTarget
 from fastcore_train.ops.cutmix import cutmix_reference
 from fastcore_train.ops.mixup import mixup_reference
 
-from conftest import BACKENDS, TOL
+from conftest import BACKENDS, DEVICES, TOL, device_context, on_device, to_device
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (B, ...) shapes: empty batch, one sample, odd sizes, 1-D/2-D features, 5-D volumes
@@ -24,18 +25,19 @@ CASES = [(shape, layout) for shape in SHAPES for layout in LAYOUTS
          if layout != "channels_last" or len(shape) == 4]
 
 
-def _make(shape, dtype, layout="contiguous", seed=0):
+def _make(shape, dtype, layout="contiguous", seed=0, device="cpu"):
+    """The same values on every device, in ``layout`` there too."""
     g = torch.Generator().manual_seed(seed)
     if layout == "batch_slice":  # every other sample of a bigger batch: samples stay dense
         big = torch.randn((2 * shape[0],) + tuple(shape[1:]), generator=g).to(dtype)
-        return big[::2]
+        return on_device(big[::2], device)
     if layout == "spatial_slice":  # a crop of the last dimension: samples are not dense
         big = torch.randn(tuple(shape[:-1]) + (shape[-1] + 3,), generator=g).to(dtype)
-        return big[..., 1:shape[-1] + 1]
+        return on_device(big[..., 1:shape[-1] + 1], device)
     x = torch.randn(shape, generator=g).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return on_device(x, device)
 
 
 def _random_perm(B, seed=1):
@@ -58,8 +60,22 @@ def _plain(x, perm, lam):
 
 def _assert_close(actual, expected, dtype):
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
-                               equal_nan=True)
+    torch.testing.assert_close(actual.cpu().double(), expected.cpu().double(), atol=atol,
+                               rtol=rtol, equal_nan=True)
+
+
+def _assert_blends_equal(actual, expected, device):
+    """Two blends of the same values by the same kernel (in place and out of place): equal on
+    the CPU. On CUDA nvcc contracts each a*u + b*w (computed in float32, float64 for float64)
+    into one FMA and may fuse either product in the two code paths: the two may differ by the
+    rounding of a product (a few float32 ulps of |x| <= 4, absolute) and then, rounded to the
+    dtype, by one ulp of the result."""
+    if device == "cpu":
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    else:
+        acc = torch.float64 if actual.dtype == torch.float64 else torch.float32
+        torch.testing.assert_close(actual, expected, atol=8 * torch.finfo(acc).eps,
+                                   rtol=torch.finfo(actual.dtype).eps)
 
 
 def _format(x):
@@ -74,93 +90,104 @@ def _format(x):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("lam_kind", ["float", "tensor"])
-def test_mixup_matches_formula(backend, dtype, shape, layout, lam_kind):
+def test_mixup_matches_formula(backend, device, dtype, shape, layout, lam_kind):
     x = _make(shape, dtype, layout)
     B = shape[0]
     perm, lam = _random_perm(B), _lam(lam_kind, B)
-    got = ft.ops.mixup(x, perm, lam)
-    assert got.dtype == dtype and got.shape == x.shape
+    got = ft.ops.mixup(_make(shape, dtype, layout, device=device), perm.to(device),
+                       to_device(lam, device))
+    assert got.dtype == dtype and got.shape == x.shape and got.device.type == device
     if layout == "channels_last" and x.numel():
         assert got.is_contiguous(memory_format=torch.channels_last)
     _assert_close(got, _plain(x, perm, lam), dtype)
-    # against the reference: one rounding of the same float32 math, so at most one ulp apart
+    # against the CPU reference: one rounding of the same float32 math, at most one ulp apart
     ref = mixup_reference(x, perm, lam)
-    torch.testing.assert_close(got, ref, atol=TOL[dtype][0], rtol=TOL[dtype][1])
     assert got.stride() == ref.stride()
+    torch.testing.assert_close(got.cpu(), ref, atol=TOL[dtype][0], rtol=TOL[dtype][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("perm_kind", ["flip", "pairs", "pairs_odd"])
 @pytest.mark.parametrize("lam_kind", ["float", "tensor"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "batch_slice", "spatial_slice"])
-def test_mixup_inplace_involution(backend, dtype, perm_kind, lam_kind, layout):
+def test_mixup_inplace_involution(backend, device, dtype, perm_kind, lam_kind, layout):
     B = 9 if perm_kind == "pairs_odd" else 8
-    x = _make((B, 3, 6, 7), dtype, layout)
+    x = _make((B, 3, 6, 7), dtype, layout, device=device)
     perm = flip_perm(B) if perm_kind == "flip" else pair_perm(B, torch.Generator().manual_seed(3))
     assert torch.equal(perm[perm], torch.arange(B))
-    lam = _lam(lam_kind, B)
+    perm, lam = perm.to(device), to_device(_lam(lam_kind, B), device)
     want = ft.ops.mixup(x, perm, lam)
     ptr, stride = x.data_ptr(), x.stride()
     got = ft.ops.mixup(x, perm, lam, out=x)
     assert got is x and x.data_ptr() == ptr and x.stride() == stride
-    torch.testing.assert_close(x, want, atol=0, rtol=0)
+    _assert_blends_equal(x, want, device)
 
 
-def test_mixup_inplace_touches_only_the_view(backend):
-    big = torch.randn(12, 3, 4, 4)
+def test_mixup_inplace_touches_only_the_view(backend, device):
+    big = torch.randn(12, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     before = big.clone()
+    big = big.to(device)  # (the same tensor on the CPU: before is the copy)
     view = big[2:10]
-    ft.ops.mixup(view, flip_perm(8), 0.25, out=view)
+    ft.ops.mixup(view, flip_perm(8).to(device), 0.25, out=view)
+    big = big.cpu()
     assert torch.equal(big[:2], before[:2]) and torch.equal(big[10:], before[10:])
-    _assert_close(view, _plain(before[2:10], flip_perm(8), 0.25), torch.float32)
+    _assert_close(big[2:10], _plain(before[2:10], flip_perm(8), 0.25), torch.float32)
 
 
 @pytest.mark.parametrize("out_layout", ["contiguous", "channels_last", "strided"])
-def test_mixup_out(backend, out_layout):
-    x = _make((5, 3, 6, 7), torch.float32)
+def test_mixup_out(backend, device, out_layout):
+    x = _make((5, 3, 6, 7), torch.float32, device=device)
     perm, lam = _random_perm(5), _lam("tensor", 5)
     if out_layout == "strided":  # out is not dense per sample: written through a temporary
-        out = torch.full((5, 3, 6, 9), 7.0)[..., 1:8]
+        out = torch.full((5, 3, 6, 9), 7.0, device=device)[..., 1:8]
     elif out_layout == "channels_last":  # x is not: x is read in out's layout
         out = torch.full_like(x, 7.0, memory_format=torch.channels_last)
     else:
         out = torch.full_like(x, 7.0)
-    got = ft.ops.mixup(x, perm, lam, out=out)
+    got = ft.ops.mixup(x, perm.to(device), lam.to(device), out=out)
     assert got is out
-    _assert_close(out, _plain(x, perm, lam), torch.float32)
+    _assert_close(out, _plain(x.cpu(), perm, lam), torch.float32)
 
 
-def test_mixup_expanded_input(backend):
+def test_mixup_expanded_input(backend, device):
     """A batch expanded from one sample (stride 0) is read fine; in place it is refused by torch."""
-    x = torch.randn(1, 3, 4, 5).expand(4, 3, 4, 5)
-    got = ft.ops.mixup(x, flip_perm(4), 0.6)
-    _assert_close(got, _plain(x, flip_perm(4), 0.6), torch.float32)
+    x = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    got = ft.ops.mixup(x.to(device).expand(4, 3, 4, 5), flip_perm(4).to(device), 0.6)
+    _assert_close(got, _plain(x.expand(4, 3, 4, 5), flip_perm(4), 0.6), torch.float32)
 
 
 @pytest.mark.parametrize("perm", [[1, 2, 0, 3], [3, 0, 1, 2]])
-def test_mixup_inplace_refuses_other_perms(backend, perm):
-    x = torch.randn(4, 2, 3)
+def test_mixup_inplace_refuses_other_perms(backend, device, device_asserts, perm):
+    """Refused before anything is written; on CUDA (where only the device reads perm) with a
+    device-side assert, in a child process."""
+    if device == "cuda" and backend == "extension":
+        device_asserts.expect(CUDA_ASSERTS, f"mixup in place: {perm}",
+                              prelude=CUDA_ASSERTS_PRELUDE)
+        return
+    x = torch.randn(4, 2, 3, device=device)
     before = x.clone()
     with pytest.raises(ValueError, match=r"in place \(out=x\) needs perm to be an involution"):
-        ft.ops.mixup(x, torch.tensor(perm), 0.5, out=x)
+        ft.ops.mixup(x, torch.tensor(perm, device=device), 0.5, out=x)
     assert torch.equal(x, before)
 
 
-def test_mixup_nan_inf_propagate_like_torch(backend):
+def test_mixup_nan_inf_propagate_like_torch(backend, device):
     x = torch.randn(4, 8)
     x[1, 2] = float("nan")
     x[2, 3] = float("inf")
     perm = torch.tensor([2, 3, 0, 1])
     for lam in (0.5, 1.0, 0.0):
-        got = ft.ops.mixup(x, perm, lam)
+        got = ft.ops.mixup(x.to(device), perm.to(device), lam).cpu()
         torch.testing.assert_close(got, lam * x + (1 - lam) * x[perm], equal_nan=True)
 
 
-def test_mixup_gradcheck_float64(backend):
+def test_mixup_gradcheck_float64(backend, device):
+    """float64 on every device (the CUDA kernels take float64 too)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 2, 3, 4, dtype=torch.float64, generator=g).requires_grad_(True)
-    lam = torch.rand(6, dtype=torch.float64, generator=g).requires_grad_(True)
-    perm = torch.tensor([2, 0, 1, 5, 3, 4])  # not an involution: backward needs the inverse
+    x = torch.randn(6, 2, 3, 4, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    lam = torch.rand(6, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    # not an involution: backward needs the inverse
+    perm = torch.tensor([2, 0, 1, 5, 3, 4], device=device)
     torch.autograd.gradcheck(lambda t: ft.ops.mixup(t, perm, 0.3), (x,))
     torch.autograd.gradcheck(lambda t, l: ft.ops.mixup(t, perm, l), (x, lam))
     xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
@@ -185,17 +212,20 @@ BOXES = [(2, 7, 3, 9), (0, 11, 0, 13), (0, 0, 0, 0), (3, 3, 1, 5), (10, 11, 12, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "batch_slice", "spatial_slice"])
 @pytest.mark.parametrize("box", BOXES)
-def test_cutmix_matches_slicing(backend, dtype, layout, box):
+def test_cutmix_matches_slicing(backend, device, dtype, layout, box):
     B, H, W = 5, 11, 13
     x = _make((B, 3, H, W), dtype, layout)
     perm = _random_perm(B)
-    got, lam = ft.ops.cutmix(x, perm, box)
+    got, lam = ft.ops.cutmix(_make((B, 3, H, W), dtype, layout, device=device), perm.to(device),
+                             box)
+    assert got.device.type == device
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    got = got.cpu()
     assert torch.equal(got, _cut_by_slicing(x, perm, [box] * B))
     y0, y1, x0, x1 = box
     assert lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (H * W))
     assert isinstance(lam, float)
-    if layout == "channels_last":
-        assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(cutmix_reference(x, perm, box)[0], got)
 
 
@@ -208,170 +238,208 @@ def _sample_boxes(B, H, W, seed=4):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cutmix_per_sample_boxes(backend, dtype, layout):
+def test_cutmix_per_sample_boxes(backend, device, dtype, layout):
     B, H, W = 7, 9, 10
     x = _make((B, 4, H, W), dtype, layout)
+    xd = _make((B, 4, H, W), dtype, layout, device=device)
     perm = _random_perm(B)
     boxes = _sample_boxes(B, H, W)
-    got, lam = ft.ops.cutmix(x, perm, boxes)
-    assert torch.equal(got, _cut_by_slicing(x, perm, boxes.tolist()))
+    got, lam = ft.ops.cutmix(xd, perm.to(device), boxes.to(device))
+    assert lam.device == xd.device and lam.dtype == torch.float32 and lam.shape == (B,)
+    assert torch.equal(got.cpu(), _cut_by_slicing(x, perm, boxes.tolist()))
     area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
-    torch.testing.assert_close(lam, 1 - area.float() / (H * W))
-    assert lam.dtype == torch.float32 and lam.shape == (B,)
-    got32, _ = ft.ops.cutmix(x, perm, boxes.int())
+    torch.testing.assert_close(lam.cpu(), 1 - area.float() / (H * W))
+    got32, _ = ft.ops.cutmix(xd, perm.to(device), boxes.int().to(device))
     assert torch.equal(got32, got)
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("perm_kind", ["flip", "pairs_odd"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "spatial_slice"])
-def test_cutmix_inplace_involution(backend, per_sample, perm_kind, layout):
+def test_cutmix_inplace_involution(backend, device, per_sample, perm_kind, layout):
     B, H, W = 9, 8, 10
-    x = _make((B, 3, H, W), torch.float32, layout)
+    x = _make((B, 3, H, W), torch.float32, layout, device=device)
     perm = flip_perm(B) if perm_kind == "flip" else pair_perm(B, torch.Generator().manual_seed(5))
     # per-sample boxes of a pair differ and overlap: the swap must use the original pixels
     box = _sample_boxes(B, H, W, seed=6) if per_sample else (1, 6, 2, 9)
     boxes = box.tolist() if per_sample else [box] * B
-    want = _cut_by_slicing(x, perm, boxes)
-    got, lam = ft.ops.cutmix(x, perm, box, out=x)
+    want = _cut_by_slicing(x.cpu(), perm, boxes)
+    got, lam = ft.ops.cutmix(x, perm.to(device), to_device(box, device), out=x)
     assert got is x
-    assert torch.equal(x, want)
+    assert torch.equal(x.cpu(), want)
 
 
 @pytest.mark.parametrize("out_layout", ["contiguous", "channels_last", "strided"])
-def test_cutmix_out_leaves_x_alone(backend, out_layout):
-    x = torch.randn(4, 2, 6, 6)
-    before = x.clone()
+def test_cutmix_out_leaves_x_alone(backend, device, out_layout):
+    before = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    x = before.to(device, copy=True)
     if out_layout == "strided":
-        out = torch.empty(4, 2, 6, 8)[..., 1:7]
+        out = torch.empty(4, 2, 6, 8, device=device)[..., 1:7]
     elif out_layout == "channels_last":
         out = torch.empty_like(x, memory_format=torch.channels_last)
     else:
         out = torch.empty_like(x)
-    got, _ = ft.ops.cutmix(x, flip_perm(4), (1, 4, 2, 5), out=out)
-    assert got is out and torch.equal(x, before)
-    assert torch.equal(out, _cut_by_slicing(before, flip_perm(4), [(1, 4, 2, 5)] * 4))
+    got, _ = ft.ops.cutmix(x, flip_perm(4).to(device), (1, 4, 2, 5), out=out)
+    assert got is out and torch.equal(x.cpu(), before)
+    assert torch.equal(out.cpu(), _cut_by_slicing(before, flip_perm(4), [(1, 4, 2, 5)] * 4))
 
 
-def test_cutmix_inplace_refuses_other_perms(backend):
-    x = torch.randn(3, 2, 4, 4)
+def test_cutmix_inplace_refuses_other_perms(backend, device, device_asserts):
+    if device == "cuda" and backend == "extension":
+        device_asserts.expect(CUDA_ASSERTS, "cutmix in place: [1, 2, 0]",
+                              prelude=CUDA_ASSERTS_PRELUDE)
+        return
+    x = torch.randn(3, 2, 4, 4, device=device)
     before = x.clone()
     with pytest.raises(ValueError, match="involution"):
-        ft.ops.cutmix(x, torch.tensor([1, 2, 0]), (0, 2, 0, 2), out=x)
+        ft.ops.cutmix(x, torch.tensor([1, 2, 0], device=device), (0, 2, 0, 2), out=x)
     assert torch.equal(x, before)
 
 
-def test_cutmix_empty_batch(backend):
-    x = torch.randn(0, 3, 4, 4)
-    got, lam = ft.ops.cutmix(x, torch.zeros(0, dtype=torch.long), (0, 2, 0, 2))
-    assert got.shape == x.shape and lam == pytest.approx(0.75)
+def test_cutmix_empty_batch(backend, device):
+    x = torch.randn(0, 3, 4, 4, device=device)
+    got, lam = ft.ops.cutmix(x, torch.zeros(0, dtype=torch.long, device=device), (0, 2, 0, 2))
+    assert got.shape == x.shape and got.device == x.device and lam == pytest.approx(0.75)
 
 
-def test_cutmix_gradcheck_float64(backend):
+def test_cutmix_gradcheck_float64(backend, device):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 2, 5, 4, dtype=torch.float64, generator=g).requires_grad_(True)
-    perm = torch.tensor([2, 0, 1, 5, 3, 4])
+    x = torch.randn(6, 2, 5, 4, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    perm = torch.tensor([2, 0, 1, 5, 3, 4], device=device)
     torch.autograd.gradcheck(lambda t: ft.ops.cutmix(t, perm, (1, 4, 0, 3))[0], (x,))
     boxes = torch.tensor([[0, 2, 0, 2], [1, 5, 1, 4], [0, 0, 0, 0], [0, 5, 0, 4], [2, 3, 1, 2],
-                          [1, 2, 2, 3]])
+                          [1, 2, 2, 3]], device=device)
     torch.autograd.gradcheck(lambda t: ft.ops.cutmix(t, perm, boxes)[0], (x,))
     xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     torch.autograd.gradcheck(lambda t: ft.ops.cutmix(t, perm, boxes)[0], (xc,))
 
 
 # ---------------------------------------------------------------------------------------------
-# bad input: the same exception type and message from both backends
+# bad input: the same exception type and message from both backends, on every device. The values
+# of a perm, a lam tensor or per-sample boxes on CUDA are checked on the device (a device-side
+# assert, as torch's own index kernels do: reading them on the host would sync every step), so
+# those cases assert there, in a child process. "{x_device}" in a message is x's device.
 
 def _x():
     return torch.randn(4, 3, 5, 6)
 
 
 P = torch.tensor([3, 2, 1, 0])
-BAD_MIXUP = [
-    (lambda: (_x().int(), P, 0.5), {}, TypeError,
-     "mixup: x must be float32, float16, bfloat16 or float64, got torch.int32"),
-    (lambda: (torch.tensor(1.0), torch.tensor([0]), 0.5), {}, ValueError,
-     "mixup: x must have a batch dimension (at least 1-D), got a 0-D tensor"),
-    (lambda: (_x(), P.int(), 0.5), {}, TypeError,
-     "mixup: perm must be int64 (torch.long), got torch.int32"),
-    (lambda: (_x(), torch.tensor([0, 1, 2]), 0.5), {}, ValueError,
-     "mixup: perm must have shape (4,) to match the batch of x, got [3]"),
-    (lambda: (_x(), torch.tensor([0, 1, 4, 2]), 0.5), {}, IndexError,
-     "mixup: perm[2] = 4 is out of range for a batch of 4"),
-    (lambda: (_x(), torch.tensor([0, -1, 2, 3]), 0.5), {}, IndexError,
-     "mixup: perm[1] = -1 is out of range for a batch of 4"),
-    (lambda: (_x(), torch.tensor([0, 2, 2, 1]), 0.5), {}, ValueError,
-     "mixup: perm is not a permutation: 2 appears twice (perm[1] and perm[2])"),
-    (lambda: (_x(), P.to("meta"), 0.5), {}, ValueError, "mixup: perm is on meta but x is on cpu"),
-    (lambda: (_x(), P, 1.5), {}, ValueError, "mixup: lam must be in [0, 1], got 1.5"),
-    (lambda: (_x(), P, float("nan")), {}, ValueError, "mixup: lam must be in [0, 1], got nan"),
-    (lambda: (_x(), P, None), {}, TypeError, "mixup: lam must be a float or a tensor, got NoneType"),
+BAD_MIXUP = {
+    "x int": (lambda: (_x().int(), P, 0.5), {}, TypeError,
+              "mixup: x must be float32, float16, bfloat16 or float64, got torch.int32"),
+    "x 0-D": (lambda: (torch.tensor(1.0), torch.tensor([0]), 0.5), {}, ValueError,
+              "mixup: x must have a batch dimension (at least 1-D), got a 0-D tensor"),
+    "perm int32": (lambda: (_x(), P.int(), 0.5), {}, TypeError,
+                   "mixup: perm must be int64 (torch.long), got torch.int32"),
+    "perm shape": (lambda: (_x(), torch.tensor([0, 1, 2]), 0.5), {}, ValueError,
+                   "mixup: perm must have shape (4,) to match the batch of x, got [3]"),
+    "perm too large": (lambda: (_x(), torch.tensor([0, 1, 4, 2]), 0.5), {}, IndexError,
+                       "mixup: perm[2] = 4 is out of range for a batch of 4"),
+    "perm negative": (lambda: (_x(), torch.tensor([0, -1, 2, 3]), 0.5), {}, IndexError,
+                      "mixup: perm[1] = -1 is out of range for a batch of 4"),
+    "perm repeats": (lambda: (_x(), torch.tensor([0, 2, 2, 1]), 0.5), {}, ValueError,
+                     "mixup: perm is not a permutation: 2 appears twice (perm[1] and perm[2])"),
+    "perm on meta": (lambda: (_x(), P.to("meta"), 0.5), {}, ValueError,
+                     "mixup: perm is on meta but x is on {x_device}"),
+    "lam 1.5": (lambda: (_x(), P, 1.5), {}, ValueError, "mixup: lam must be in [0, 1], got 1.5"),
+    "lam nan": (lambda: (_x(), P, float("nan")), {}, ValueError,
+                "mixup: lam must be in [0, 1], got nan"),
+    "lam None": (lambda: (_x(), P, None), {}, TypeError,
+                 "mixup: lam must be a float or a tensor, got NoneType"),
     # torch takes no string for a Scalar (torch.mul(x, "0.3") is a TypeError): not parsed
-    (lambda: (_x(), P, "0.3"), {}, TypeError, "mixup: lam must be a float or a tensor, got str"),
-    (lambda: (_x(), P, torch.tensor([1, 0, 1, 0])), {}, TypeError,
-     "mixup: lam must be a float tensor, got torch.int64"),
-    (lambda: (_x(), P, torch.rand(3)), {}, ValueError,
-     "mixup: lam must have shape (4,) to match the batch of x, got [3]"),
-    (lambda: (_x(), P, torch.tensor([0.5, 0.2, 2.0, 0.1])), {}, ValueError,
-     "mixup: lam must be in [0, 1], got 2 (row 2)"),
-    (lambda: (_x(), P, torch.tensor([0.5, float("nan"), 0.3, 0.1])), {}, ValueError,
-     "mixup: lam must be in [0, 1], got nan (row 1)"),
-    (lambda: (_x(), P, torch.tensor(-0.5)), {}, ValueError,
-     "mixup: lam must be in [0, 1], got -0.5 (row 0)"),
-    (lambda: (_x(), P, torch.tensor([0.5, 0.2, 2.0, 0.1])), {"out": "x"}, ValueError,
-     "mixup: lam must be in [0, 1], got 2 (row 2)"),
-    (lambda: (_x(), P, 0.5), {"out": torch.empty(4, 3, 5)}, ValueError,
-     "mixup: out must have the shape of x, [4, 3, 5, 6], got [4, 3, 5]"),
-    (lambda: (_x(), P, 0.5), {"out": torch.empty(4, 3, 5, 6, dtype=torch.float64)}, TypeError,
-     "mixup: out must have the dtype of x, torch.float32, got torch.float64"),
-]
+    "lam str": (lambda: (_x(), P, "0.3"), {}, TypeError,
+                "mixup: lam must be a float or a tensor, got str"),
+    "lam int tensor": (lambda: (_x(), P, torch.tensor([1, 0, 1, 0])), {}, TypeError,
+                       "mixup: lam must be a float tensor, got torch.int64"),
+    "lam shape": (lambda: (_x(), P, torch.rand(3)), {}, ValueError,
+                  "mixup: lam must have shape (4,) to match the batch of x, got [3]"),
+    "lam tensor 2": (lambda: (_x(), P, torch.tensor([0.5, 0.2, 2.0, 0.1])), {}, ValueError,
+                     "mixup: lam must be in [0, 1], got 2 (row 2)"),
+    "lam tensor nan": (lambda: (_x(), P, torch.tensor([0.5, float("nan"), 0.3, 0.1])), {},
+                       ValueError, "mixup: lam must be in [0, 1], got nan (row 1)"),
+    "lam 0-d tensor": (lambda: (_x(), P, torch.tensor(-0.5)), {}, ValueError,
+                       "mixup: lam must be in [0, 1], got -0.5 (row 0)"),
+    "lam tensor 2, in place": (lambda: (_x(), P, torch.tensor([0.5, 0.2, 2.0, 0.1])),
+                               {"out": "x"}, ValueError,
+                               "mixup: lam must be in [0, 1], got 2 (row 2)"),
+    "out shape": (lambda: (_x(), P, 0.5), {"out": torch.empty(4, 3, 5)}, ValueError,
+                  "mixup: out must have the shape of x, [4, 3, 5, 6], got [4, 3, 5]"),
+    "out dtype": (lambda: (_x(), P, 0.5), {"out": torch.empty(4, 3, 5, 6, dtype=torch.float64)},
+                  TypeError,
+                  "mixup: out must have the dtype of x, torch.float32, got torch.float64"),
+}
+MIXUP_DEVICE_SIDE = {"perm too large", "perm negative", "perm repeats", "lam tensor 2",
+                     "lam tensor nan", "lam 0-d tensor", "lam tensor 2, in place"}
 
 
-@pytest.mark.parametrize("make,kw,exc,msg", BAD_MIXUP)
-def test_mixup_bad_input(backend, make, kw, exc, msg):
-    x, perm, lam = make()
-    if isinstance(kw.get("out"), str):  # "x": in place
-        kw = {"out": x}
+def call_bad_mixup(name, device):
+    """Runs BAD_MIXUP[name] on ``device`` (also the code of the child processes on CUDA);
+    returns x."""
+    make, kw, _, _ = BAD_MIXUP[name]
+    x, perm, lam = to_device(make(), device)
+    kw = {"out": x} if isinstance(kw.get("out"), str) else to_device(kw, device)  # "x": in place
+    ft.ops.mixup(x, perm, lam, **kw)
+
+
+@pytest.mark.parametrize("name", list(BAD_MIXUP))
+def test_mixup_bad_input(backend, device, device_asserts, name):
+    if device == "cuda" and backend == "extension" and name in MIXUP_DEVICE_SIDE:
+        device_asserts.expect(CUDA_ASSERTS, f"mixup: {name}", prelude=CUDA_ASSERTS_PRELUDE)
+        return
+    _, _, exc, msg = BAD_MIXUP[name]
     with pytest.raises(exc) as info:
-        ft.ops.mixup(x, perm, lam, **kw)
-    assert str(info.value) == msg
+        call_bad_mixup(name, device)
+    x_device = str(torch.empty(0, device=device).device)  # "cuda:0", not "cuda"
+    assert str(info.value) == msg.replace("{x_device}", x_device)
 
 
-def test_mixup_out_partially_overlapping(backend):
-    buf = torch.randn(5, 3, 4)
+def test_mixup_out_partially_overlapping(backend, device):
+    buf = torch.randn(5, 3, 4, device=device)
     with pytest.raises(ValueError, match="out overlaps x but is not x"):
-        ft.ops.mixup(buf[:4], P, 0.5, out=buf[1:])
+        ft.ops.mixup(buf[:4], P.to(device), 0.5, out=buf[1:])
 
 
-BAD_CUTMIX = [
-    (lambda: (torch.randn(4, 3, 5), P, (0, 1, 0, 1)), ValueError,
-     "cutmix: x must be 4-D (B, C, H, W), got 3-D"),
-    (lambda: (_x(), P, (0, 1, 0)), ValueError, "cutmix: box must be 4 ints (y0, y1, x0, x1), got 3"),
-    (lambda: (_x(), P, (0, 6, 0, 2)), ValueError,
-     "cutmix: box (y0, y1, x0, x1) = (0, 6, 0, 2) is outside the 5x6 image "
-     "(need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
-    (lambda: (_x(), P, (3, 2, 0, 2)), ValueError,
-     "cutmix: box (y0, y1, x0, x1) = (3, 2, 0, 2) is outside the 5x6 image "
-     "(need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
-    (lambda: (_x(), P, torch.zeros(4, 4)), TypeError,
-     "cutmix: boxes must be an integer tensor, got torch.float32"),
-    (lambda: (_x(), P, torch.zeros(4, 3, dtype=torch.long)), ValueError,
-     "cutmix: boxes must have shape (4, 4), got [4, 3]"),
-    (lambda: (_x(), P, torch.tensor([[0, 1, 0, 1], [0, 1, 0, 1], [-1, 1, 0, 1], [0, 1, 0, 1]])),
-     ValueError, "cutmix: box of sample 2 (y0, y1, x0, x1) = (-1, 1, 0, 1) is outside the 5x6 "
-     "image (need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
-    (lambda: (_x(), torch.tensor([0, 0, 1, 2]), (0, 1, 0, 1)), ValueError,
-     "cutmix: perm is not a permutation: 0 appears twice (perm[0] and perm[1])"),
-    (lambda: (_x().half().int(), P, (0, 1, 0, 1)), TypeError,
-     "cutmix: x must be float32, float16, bfloat16 or float64, got torch.int32"),
-]
+BAD_CUTMIX = {
+    "x 3-D": (lambda: (torch.randn(4, 3, 5), P, (0, 1, 0, 1)), ValueError,
+              "cutmix: x must be 4-D (B, C, H, W), got 3-D"),
+    "box of 3": (lambda: (_x(), P, (0, 1, 0)), ValueError,
+                 "cutmix: box must be 4 ints (y0, y1, x0, x1), got 3"),
+    "box too tall": (lambda: (_x(), P, (0, 6, 0, 2)), ValueError,
+                     "cutmix: box (y0, y1, x0, x1) = (0, 6, 0, 2) is outside the 5x6 image "
+                     "(need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
+    "box upside down": (lambda: (_x(), P, (3, 2, 0, 2)), ValueError,
+                        "cutmix: box (y0, y1, x0, x1) = (3, 2, 0, 2) is outside the 5x6 image "
+                        "(need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
+    "boxes float": (lambda: (_x(), P, torch.zeros(4, 4)), TypeError,
+                    "cutmix: boxes must be an integer tensor, got torch.float32"),
+    "boxes shape": (lambda: (_x(), P, torch.zeros(4, 3, dtype=torch.long)), ValueError,
+                    "cutmix: boxes must have shape (4, 4), got [4, 3]"),
+    "box of a sample outside": (
+        lambda: (_x(), P, torch.tensor([[0, 1, 0, 1], [0, 1, 0, 1], [-1, 1, 0, 1], [0, 1, 0, 1]])),
+        ValueError, "cutmix: box of sample 2 (y0, y1, x0, x1) = (-1, 1, 0, 1) is outside the 5x6 "
+        "image (need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
+    "perm repeats": (lambda: (_x(), torch.tensor([0, 0, 1, 2]), (0, 1, 0, 1)), ValueError,
+                     "cutmix: perm is not a permutation: 0 appears twice (perm[0] and perm[1])"),
+    "x int": (lambda: (_x().half().int(), P, (0, 1, 0, 1)), TypeError,
+              "cutmix: x must be float32, float16, bfloat16 or float64, got torch.int32"),
+}
+CUTMIX_DEVICE_SIDE = {"box of a sample outside", "perm repeats"}
 
 
-@pytest.mark.parametrize("make,exc,msg", BAD_CUTMIX)
-def test_cutmix_bad_input(backend, make, exc, msg):
-    x, perm, box = make()
+def call_bad_cutmix(name, device):
+    make, _, _ = BAD_CUTMIX[name]
+    ft.ops.cutmix(*to_device(make(), device))
+
+
+@pytest.mark.parametrize("name", list(BAD_CUTMIX))
+def test_cutmix_bad_input(backend, device, device_asserts, name):
+    if device == "cuda" and backend == "extension" and name in CUTMIX_DEVICE_SIDE:
+        device_asserts.expect(CUDA_ASSERTS, f"cutmix: {name}", prelude=CUDA_ASSERTS_PRELUDE)
+        return
+    _, exc, msg = BAD_CUTMIX[name]
     with pytest.raises(exc) as info:
-        ft.ops.cutmix(x, perm, box)
+        call_bad_cutmix(name, device)
     assert str(info.value) == msg
 
 
@@ -661,14 +729,14 @@ def test_out_with_grad_refused_by_the_cpp_ops(extension):
 # ---------------------------------------------------------------------------------------------
 # torch.library and torch.compile
 
-def test_opcheck(extension):
+def test_opcheck(extension, device):
     ops = torch.ops.fastcore_train
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 3, 5, 4, generator=g)
-    perm = torch.tensor([2, 0, 1, 5, 3, 4])
-    inv = flip_perm(6)
-    lam = torch.rand(6, generator=g)
-    boxes = _sample_boxes(6, 5, 4)
+    x = torch.randn(6, 3, 5, 4, generator=g).to(device)
+    perm = torch.tensor([2, 0, 1, 5, 3, 4], device=device)
+    inv = flip_perm(6).to(device)
+    lam = torch.rand(6, generator=g).to(device)
+    boxes = _sample_boxes(6, 5, 4).to(device)
     xg = x.clone().requires_grad_(True)
     torch.library.opcheck(ops.mixup.default, (xg, perm, None, 0.3))
     torch.library.opcheck(ops.mixup.default, (xg, perm, lam.clone().requires_grad_(True), 0.0))
@@ -685,9 +753,10 @@ def test_opcheck(extension):
     torch.library.opcheck(ops.cutmix_backward.default, (x, perm, boxes, []))
 
 
-def test_torch_compile_fullgraph(extension):
+def test_torch_compile_fullgraph(extension, device):
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
-                                torch.nn.Linear(4 * 4 * 5, 7))
+                                torch.nn.Linear(4 * 4 * 5, 7)).to(device)
     loss_fn = LabelSmoothingCrossEntropy(0.1)
 
     def step(x, y, perm, lam, boxes):
@@ -700,6 +769,7 @@ def test_torch_compile_fullgraph(extension):
     x = torch.randn(8, 3, 6, 7, generator=g)
     y = torch.randint(0, 7, (8,), generator=g)
     perm, lam, boxes = _random_perm(8), torch.rand(8, generator=g), _sample_boxes(8, 6, 7)
+    x, y, perm, lam, boxes = to_device((x, y, perm, lam, boxes), device)
     xa = x.clone().requires_grad_(True)
     got = compiled(xa, y, perm, lam, boxes)
     got.backward()
@@ -710,16 +780,16 @@ def test_torch_compile_fullgraph(extension):
     torch.testing.assert_close(xa.grad, xb.grad)
 
 
-def test_torch_compile_inplace(extension):
+def test_torch_compile_inplace(extension, device):
     def blend(x, perm):
         ft.ops.mixup(x, perm, 0.7, out=x)
         return x * 2
 
     compiled = torch.compile(blend, fullgraph=True, backend="aot_eager")
-    x = torch.randn(6, 3, 4, 4)
+    x = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0)).to(device)
     want = (0.7 * x + 0.3 * x.flip(0)) * 2
     xc = x.clone()
-    got = compiled(xc, flip_perm(6))
+    got = compiled(xc, flip_perm(6).to(device))
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(xc, want / 2)
 
@@ -790,7 +860,9 @@ def _timm_soft_ce(logits, y_a, y_b, lam, classes, eps):
 
 @pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
 @pytest.mark.parametrize("alphas", [(0.4, 0.0), (0.0, 1.0), (0.8, 1.0)])
-def test_mixup_module_equals_timm_recipe(backend, mode, alphas):
+def test_mixup_module_equals_timm_recipe(backend, device, mode, alphas):
+    """(On CUDA the module's CPU draws reach the device through pinned memory, asynchronously:
+    three calls in a row must each get their own.)"""
     B, classes, eps = 8, 10, 0.1
     mix = Mixup(alpha=alphas[0], cutmix_alpha=alphas[1], mode=mode,
                 generator=torch.Generator().manual_seed(11))
@@ -799,16 +871,18 @@ def test_mixup_module_equals_timm_recipe(backend, mode, alphas):
     for _ in range(3):
         x = torch.randn(B, 3, 6, 6, generator=g)
         y = torch.randperm(classes, generator=g)[:B]  # distinct, so the pairing shows in y_b
-        xm, t = mix(x, y)
+        xm, t_dev = mix(x.to(device), y.to(device))
+        assert xm.device.type == device and t_dev.y_b.device.type == device
+        t = to_device(t_dev, "cpu")
         perm = flip_perm(B) if mode != "pair" else None
         if perm is not None:  # timm pairs by flip: y_b is y.flip(0)
             assert torch.equal(t.y_b, y.flip(0))
         else:
             assert torch.equal(t.y_b, y[_perm_of(t, y)])
         logits = torch.randn(B, classes, generator=g, dtype=torch.float64).float()
-        ours = loss_fn(logits, t)
+        ours = loss_fn(logits.to(device), t_dev)
         theirs = _timm_soft_ce(logits, t.y_a, t.y_b, t.lam, classes, eps)
-        torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.cpu().double(), theirs, atol=1e-5, rtol=1e-5)
         if alphas[1] == 0.0:  # mixup only: the batch is lam * x + (1 - lam) * x[perm]
             p = flip_perm(B) if mode != "pair" else _perm_of(t, y)
             _assert_close(xm, _plain(x, p, t.lam), torch.float32)
@@ -957,29 +1031,32 @@ def _recipe_draws(kw, seed, B, H, W, calls):
     dict(alpha=0.8, cutmix_alpha=1.0, prob=0.6, mode="pair"),
     dict(alpha=0.3, cutmix_alpha=0.7, prob=0.6, mode="elem"),
 ], ids=str)
-def test_mixup_module_draws_follow_the_recipe(backend, kw):
+def test_mixup_module_draws_follow_the_recipe(backend, device, kw):
     """Eager mode draws exactly what the recipe draws from the generator, call after call, so a
-    seed keeps giving the batches it always gave."""
+    seed keeps giving the batches it always gave. (On CUDA: the draws, copied to the device
+    asynchronously from pinned memory, arrive intact call after call; the batches are compared
+    with the ops' results on the same device.)"""
     B, H, W = 7, 9, 11
-    x = torch.randn(B, 3, H, W)
+    x = torch.randn(B, 3, H, W, generator=torch.Generator().manual_seed(0)).to(device)
     y = torch.arange(B)
+    yd = y.to(device)
     mix = Mixup(generator=torch.Generator().manual_seed(21), **kw)
     for cut, lam, perm, box in _recipe_draws(kw, 21, B, H, W, calls=12):
-        xm, t = mix(x, y)
+        xm, t = mix(x, yd)
         if lam is None:  # left alone
-            assert xm is x and t.lam == 1.0 and torch.equal(t.y_b, y)
+            assert xm is x and t.lam == 1.0 and torch.equal(t.y_b.cpu(), y)
             continue
-        assert torch.equal(t.y_b, y[perm])
+        assert torch.equal(t.y_b.cpu(), y[perm])
         if cut:
-            want, want_lam = ft.ops.cutmix(x, perm, box)
+            want, want_lam = ft.ops.cutmix(x, perm.to(device), to_device(box, device))
         else:
-            want_lam = lam if isinstance(lam, float) else lam.float()
-            want = ft.ops.mixup(x, perm, want_lam)
+            want_lam = lam if isinstance(lam, float) else lam.float().to(device)
+            want = ft.ops.mixup(x, perm.to(device), want_lam)
         assert torch.equal(xm, want)
         if isinstance(want_lam, float):
             assert type(t.lam) is float and t.lam == want_lam
         else:
-            assert torch.equal(t.lam, want_lam)
+            assert t.lam.device == x.device and torch.equal(t.lam, want_lam)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -989,7 +1066,7 @@ MIX_KINDS = {"mixup": dict(alpha=0.4), "cutmix": dict(alpha=0.0, cutmix_alpha=1.
              "both": dict(alpha=0.8, cutmix_alpha=1.0)}
 
 
-def _step_parts(classes=10):
+def _step_parts(classes=10, device="cpu"):
     g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 4 * 5, classes))
@@ -998,7 +1075,7 @@ def _step_parts(classes=10):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     x = torch.randn(8, 3, 6, 7, generator=g)
     y = torch.randperm(classes, generator=g)[:8]  # distinct, so y_b shows the pairing
-    return model, LabelSmoothingCrossEntropy(0.1), x, y
+    return model.to(device), LabelSmoothingCrossEntropy(0.1), x.to(device), y.to(device)
 
 
 def _own_share(xm, x):
@@ -1008,8 +1085,8 @@ def _own_share(xm, x):
 
 @pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
 @pytest.mark.parametrize("kind", list(MIX_KINDS))
-def test_mixup_module_no_graph_breaks(extension, mode, kind, fresh_dynamo):
-    model, loss_fn, x, y = _step_parts()
+def test_mixup_module_no_graph_breaks(extension, device, mode, kind, fresh_dynamo):
+    model, loss_fn, x, y = _step_parts(device=device)
     for prob, inplace in ((1.0, False), (0.5, True)):
         mix = Mixup(prob=prob, mode=mode, inplace=inplace,
                     generator=torch.Generator().manual_seed(0), **MIX_KINDS[kind])
@@ -1024,24 +1101,31 @@ def test_mixup_module_no_graph_breaks(extension, mode, kind, fresh_dynamo):
 
 
 def _compile_cases(cases, reference_subset):
-    """Every case on the extension, a few on the reference (compiling is slow; the traced
-    Python is the same and the ops' parity is tested above)."""
-    out = [("extension",) + c for c in cases] if "extension" in BACKENDS else []
-    return out + [("reference",) + c for c in reference_subset]
+    """(backend, device, *case): every case on the extension on each device, a few on the
+    reference on the CPU (compiling is slow; the traced Python is the same and the ops' parity
+    is tested above)."""
+    out = []
+    for device in DEVICES:
+        name = device.values[0]
+        if "extension" in BACKENDS:
+            out += [pytest.param("extension", name, *c, marks=device.marks) for c in cases]
+        if name == "cpu":
+            out += [pytest.param("reference", name, *c) for c in reference_subset]
+    return out
 
 
-@pytest.mark.parametrize("backend_name,mode,kind", _compile_cases(
+@pytest.mark.parametrize("backend_name,device,mode,kind", _compile_cases(
     [(m, k) for m in ("batch", "pair", "elem") for k in MIX_KINDS],
     [("batch", "mixup"), ("pair", "cutmix"), ("elem", "both")]))
-def test_mixup_module_compiled_step(backend_name, mode, kind, fresh_dynamo):
+def test_mixup_module_compiled_step(backend_name, device, mode, kind, fresh_dynamo):
     """A compiled fullgraph training step (Mixup, model, loss) runs forward and backward, and
     its batch is the mix its MixedTarget describes."""
-    with _backend.use_backend(backend_name):
-        _check_compiled_step(mode, kind)
+    with device_context(device), _backend.use_backend(backend_name):
+        _check_compiled_step(mode, kind, device)
 
 
-def _check_compiled_step(mode, kind):
-    model, loss_fn, x, y = _step_parts()
+def _check_compiled_step(mode, kind, device):
+    model, loss_fn, x, y = _step_parts(device=device)
     inplace = mode == "pair"
     mix = Mixup(prob=0.75, mode=mode, inplace=inplace, **MIX_KINDS[kind])
 
@@ -1064,26 +1148,27 @@ def _check_compiled_step(mode, kind):
         if inplace:
             assert torch.equal(xin, xm)
         lam = t.lam.expand(8)
+        assert lam.device == x.device
         cut_ok = torch.allclose(_own_share(xm, x), lam.double(), atol=1e-6, rtol=0)
-        mix_ok = torch.allclose(xm, ft.ops.mixup(x, perm, lam), atol=1e-6, rtol=0)
+        mix_ok = torch.allclose(xm, ft.ops.mixup(x, perm.to(device), lam), atol=1e-6, rtol=0)
         assert {"mixup": mix_ok, "cutmix": cut_ok, "both": cut_ok or mix_ok}[kind]
         # the loss is the one of the eager model and loss on that batch and target
         torch.testing.assert_close(loss, loss_fn(model(xm), t))
 
 
-@pytest.mark.parametrize("backend_name,case", _compile_cases(
+@pytest.mark.parametrize("backend_name,device,case", _compile_cases(
     [(c,) for c in ("mixup", "cutmix", "both: cutmix drawn", "both: mixup drawn", "pair mixup",
                     "elem mixup", "elem cutmix", "elem both")],
     [("both: mixup drawn",), ("elem both",)]))
-def test_mixup_module_compiled_matches_eager(backend_name, case, fresh_dynamo):
+def test_mixup_module_compiled_matches_eager(backend_name, device, case, fresh_dynamo):
     """Given the same lam, pairing and boxes, the compiled step's loss and gradients (model and
     input) equal eager mode's fused ops + model + loss."""
-    with _backend.use_backend(backend_name):
-        _check_compiled_matches_eager(case)
+    with device_context(device), _backend.use_backend(backend_name):
+        _check_compiled_matches_eager(case, device)
 
 
-def _check_compiled_matches_eager(case):
-    model, loss_fn, x, y = _step_parts()
+def _check_compiled_matches_eager(case, device):
+    model, loss_fn, x, y = _step_parts(device=device)
     B, H, W = x.shape[0], x.shape[2], x.shape[3]
     kind = case.split()[-1] if case.startswith("elem") else case.split(":")[0].split()[-1]
     mode = "elem" if case.startswith("elem") else "pair" if case.startswith("pair") else "batch"
@@ -1110,13 +1195,14 @@ def _check_compiled_matches_eager(case):
 
     xb = x.clone().requires_grad_(True)
     cut = kind == "cutmix" or case == "both: cutmix drawn" or case == "elem both"
+    perm_d = perm.to(device)
     if cut:
-        box = boxes if mode == "elem" else boxes.tolist()
-        xm, lam = ft.ops.cutmix(xb, perm, box)
+        box = boxes.to(device) if mode == "elem" else boxes.tolist()
+        xm, lam = ft.ops.cutmix(xb, perm_d, box)
     else:
-        lam = lam_m.float() if mode == "elem" else float(lam_m)
-        xm = ft.ops.mixup(xb, perm, lam)
-    want = loss_fn(model(xm), MixedTarget(y, y[perm], lam))
+        lam = lam_m.float().to(device) if mode == "elem" else float(lam_m)
+        xm = ft.ops.mixup(xb, perm_d, lam)
+    want = loss_fn(model(xm), MixedTarget(y, y[perm_d], lam))
     want.backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(xa.grad, xb.grad)
@@ -1161,49 +1247,85 @@ def test_mixup_module_compiled_step_inductor(extension, fresh_dynamo):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA
+# launch limits, on every device (values, gradients and the in-place form against the CPU
+# reference). The CUDA blend walks the samples with the grid's y dimension (at most 65535
+# blocks, then each block loops) and the 16-byte vectors of a sample with x (at most 1024
+# blocks of 256 threads, then a grid-stride loop); samples that are not 16-byte multiples take
+# scalar accesses. Cutmix walks every row of every plane of every sample with y (65535, then a
+# loop; NCHW has B * C * H rows, NHWC B * H rows of W * C elements) and the elements of a row
+# with x (1024 blocks of 256 threads, then a loop).
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "batch_slice", "spatial_slice"])
-def test_cuda_matches_cpu(extension, dtype, layout):
-    x = _make((9, 3, 17, 19), dtype, layout)
-    perm, lam = _random_perm(9), _lam("tensor", 9)
-    xc, pc, lc = x.cuda(), perm.cuda(), lam.cuda()
-    torch.testing.assert_close(ft.ops.mixup(xc, pc, lc).cpu(), mixup_reference(x, perm, lam),
-                               atol=TOL[dtype][0], rtol=TOL[dtype][1])
-    torch.testing.assert_close(ft.ops.mixup(xc, pc, 0.3).cpu(), mixup_reference(x, perm, 0.3),
-                               atol=TOL[dtype][0], rtol=TOL[dtype][1])
-    fp = flip_perm(9)
-    xi = xc.clone()
-    ft.ops.mixup(xi, fp.cuda(), lc, out=xi)
-    torch.testing.assert_close(xi.cpu(), mixup_reference(x, fp, lam), atol=TOL[dtype][0],
-                               rtol=TOL[dtype][1])
-    boxes = _sample_boxes(9, 17, 19)
-    assert torch.equal(ft.ops.cutmix(xc, pc, boxes.cuda())[0].cpu(),
-                       _cut_by_slicing(x, perm, boxes.tolist()))
-    assert torch.equal(ft.ops.cutmix(xc, pc, (2, 9, 3, 15))[0].cpu(),
-                       _cut_by_slicing(x, perm, [(2, 9, 3, 15)] * 9))
-    xi = xc.clone()
-    ft.ops.cutmix(xi, fp.cuda(), boxes.cuda(), out=xi)
-    assert torch.equal(xi.cpu(), _cut_by_slicing(x, fp, boxes.tolist()))
+MIXUP_LIMITS = {
+    "70000 samples of 3": (70000, 3),          # y loops; 12-byte samples: scalar accesses
+    "65540 samples of 4": (65540, 4),          # y loops; 16-byte samples: vectors
+    "2 samples of 3x600x600": (2, 3, 600, 600),  # x loops: 270000 vectors > 1024 * 256
+}
 
 
-@pytest.mark.cuda
-def test_cuda_gradients_and_errors(extension):
+@pytest.mark.parametrize("case", list(MIXUP_LIMITS))
+def test_mixup_launch_limits(extension, device, case):
+    shape = MIXUP_LIMITS[case]
+    B = shape[0]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 2, 5, 4, dtype=torch.float64, generator=g)
-    perm = torch.tensor([2, 0, 1, 5, 3, 4])
-    lam = torch.rand(6, dtype=torch.float64, generator=g)
-    boxes = _sample_boxes(6, 5, 4)
-    xc = x.cuda().requires_grad_(True)
-    torch.autograd.gradcheck(lambda t: ft.ops.mixup(t, perm.cuda(), lam.cuda()), (xc,))
-    torch.autograd.gradcheck(lambda t: ft.ops.cutmix(t, perm.cuda(), boxes.cuda())[0], (xc,))
-    with pytest.raises(ValueError, match="appears twice"):
-        ft.ops.mixup(x.cuda(), torch.tensor([0, 0, 1, 2, 3, 4], device="cuda"), 0.5)
-    with pytest.raises(ValueError, match="involution"):
-        xi = x.cuda()
-        ft.ops.mixup(xi, perm.cuda(), 0.5, out=xi)
+    x, grad = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    perm, lam = _random_perm(B), _lam("tensor", B)
+    xd = x.to(device, copy=True).requires_grad_(True)
+    out = ft.ops.mixup(xd, perm.to(device), lam.to(device))
+    out.backward(grad.to(device))  # the backward kernel: the inverse permutation, on the device
+    xr = x.clone().requires_grad_(True)
+    want = mixup_reference(xr, perm, lam)
+    want.backward(grad)
+    _assert_close(out.detach(), want.detach(), torch.float32)
+    _assert_close(xd.grad, xr.grad, torch.float32)
+    xi = x.to(device, copy=True)  # in place: the pairs of a flip, each pair by one thread
+    ft.ops.mixup(xi, flip_perm(B).to(device), 0.3, out=xi)
+    _assert_close(xi, mixup_reference(x, flip_perm(B), 0.3), torch.float32)
+
+
+CUTMIX_LIMITS = {
+    "66000 rows, NCHW": ((2, 3, 11000, 4), "contiguous"),
+    "66000 rows, NHWC": ((2, 2, 33000, 2), "channels_last"),
+    "rows of 300000": ((2, 1, 2, 300000), "contiguous"),  # x loops: > 1024 blocks of 256
+}
+
+
+@pytest.mark.parametrize("case", list(CUTMIX_LIMITS))
+def test_cutmix_launch_limits(extension, device, case):
+    shape, layout = CUTMIX_LIMITS[case]
+    B, _, H, W = shape
+    x = _make(shape, torch.float32, layout)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    perm = torch.tensor([1, 0])
+    boxes = torch.tensor([[H // 10, H - H // 10, 1, W], [H // 2, H, 0, W - 1]])  # overlapping
+    xd = _make(shape, torch.float32, layout, device=device).requires_grad_(True)
+    out, lam = ft.ops.cutmix(xd, perm.to(device), boxes.to(device))
+    out.backward(grad.to(device))
+    xr = x.clone().requires_grad_(True)
+    want, want_lam = cutmix_reference(xr, perm, boxes)
+    want.backward(grad)
+    assert torch.equal(out.detach().cpu(), want.detach())
+    torch.testing.assert_close(lam.cpu(), want_lam)
+    _assert_close(xd.grad, xr.grad, torch.float32)
+    box = (H // 4, H - H // 4, 1, W - 1)  # in place: the swap kernel, only the boxes
+    xi = _make(shape, torch.float32, layout, device=device)
+    ft.ops.cutmix(xi, perm.to(device), box, out=xi)
+    assert torch.equal(xi.cpu(), _cut_by_slicing(x, perm, [box] * B))
+
+
+# Every case above that is a device-side assert on CUDA, as code for its child process (run
+# together, the first time one of them is asked for).
+CUDA_ASSERTS_PRELUDE = "import test_mixup as T"
+CUDA_ASSERTS = {f"mixup: {name}": f"T.call_bad_mixup({name!r}, 'cuda')"
+                for name in sorted(MIXUP_DEVICE_SIDE)}
+CUDA_ASSERTS.update({f"cutmix: {name}": f"T.call_bad_cutmix({name!r}, 'cuda')"
+                     for name in sorted(CUTMIX_DEVICE_SIDE)})
+CUDA_ASSERTS.update({
+    f"mixup in place: {perm}": f"x = torch.randn(4, 2, 3, device='cuda')\n"
+                               f"ft.ops.mixup(x, torch.tensor({perm}, device='cuda'), 0.5, out=x)"
+    for perm in ([1, 2, 0, 3], [3, 0, 1, 2])})
+CUDA_ASSERTS["cutmix in place: [1, 2, 0]"] = (
+    "x = torch.randn(3, 2, 4, 4, device='cuda')\n"
+    "ft.ops.cutmix(x, torch.tensor([1, 2, 0], device='cuda'), (0, 2, 0, 2), out=x)")
 
 
 # ---- a whole CUDA training step never waits for the device (issue 15.2) ------------------------

@@ -1,5 +1,7 @@
 """FusedAdamW / FusedSGD: parity with torch.optim, master weights, overflow skipping, clipping,
-checkpoints, bad input, and the three ops under torch.library.opcheck."""
+checkpoints, bad input, the launch limits of the multi-tensor kernels, and the three ops under
+torch.library.opcheck. Tests that take ``device`` run on the CPU and, with a GPU, on CUDA: the
+fused optimizer against torch's on the same device, the kernels against the CPU reference."""
 import contextlib
 import copy
 
@@ -12,19 +14,36 @@ from fastcore_train.amp import LossScaler
 from fastcore_train.ops import optim_step as ops
 from fastcore_train.optim import FusedAdamW, FusedSGD
 
+from conftest import on_device
+
 STEPS = 50
 
 
-def _model(seed=0, dtype=torch.float32):
+def _model(seed=0, dtype=torch.float32, device="cpu"):
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 33), nn.GELU(), nn.Linear(33, 4))
-    return m.to(dtype)
+    return m.to(device=device, dtype=dtype)
 
 
-def _batches(n, seed=1, dtype=torch.float32):
+def _batches(n, seed=1, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(32, 16, generator=g).to(dtype), torch.randn(32, 4, generator=g).to(dtype))
-            for _ in range(n)]
+    return [(torch.randn(32, 16, generator=g).to(device, dtype),
+             torch.randn(32, 4, generator=g).to(device, dtype)) for _ in range(n)]
+
+
+def _tol(device, atol):
+    """The tolerance of a trajectory against torch's on ``device``. On CUDA the model's
+    gradients come from cuBLAS (another summation order than the CPU's) and torch's
+    elementwise kernels are built with FMA contraction, so the two runs differ by an ulp here
+    and there that later steps carry on, where on the CPU they round alike; ten times the CPU
+    tolerance is still far below what a wrong formula gives (lr * 1e-2 and more)."""
+    return atol if device == "cpu" else 10 * atol
+
+
+def _torch_kw(device):
+    """torch.optim's single-tensor implementation on every device (CUDA defaults to foreach,
+    another association of the same maths)."""
+    return {} if device == "cpu" else {"foreach": False}
 
 
 def _groups(model, lrs=(1e-2, 3e-3), wds=(1e-2, 0.0)):
@@ -77,26 +96,29 @@ def _steplr(opt):
 # parity with torch.optim on float32 parameters
 
 
-def test_adamw_matches_torch(backend):
-    ours, ref = _model(), _model()
+def test_adamw_matches_torch(backend, device):
+    ours, ref = _model(device=device), _model(device=device)
     opt = FusedAdamW(_groups(ours), betas=(0.8, 0.99))
-    topt = torch.optim.AdamW(_groups(ref), betas=(0.8, 0.99))
-    batches = _batches(STEPS)
+    topt = torch.optim.AdamW(_groups(ref), betas=(0.8, 0.99), **_torch_kw(device))
+    batches = _batches(STEPS, device=device)
     _train(ours, opt, batches, _steplr(opt))
     _train(ref, topt, batches, _steplr(topt))
-    _assert_params(ours, ref, atol=1e-6)
+    _assert_params(ours, ref, atol=_tol(device, 1e-6))
     for p, q in zip(ours.parameters(), ref.parameters()):
         assert "master" not in opt.state[p]  # fp32 params need none
+        assert opt.state[p]["exp_avg"].device == p.device
         torch.testing.assert_close(opt.state[p]["exp_avg"], topt.state[q]["exp_avg"],
-                                   atol=1e-7, rtol=0)
-        assert torch.equal(opt.state[p]["step"], topt.state[q]["step"])
+                                   atol=_tol(device, 1e-7), rtol=0)
+        # (torch keeps a CPU step for CUDA params unless capturable or fused)
+        assert torch.equal(opt.state[p]["step"].cpu(), topt.state[q]["step"].cpu())
 
 
 def test_adamw_bitwise_torch_fused(backend):
     """Same maths, same rounding as torch's fused CPU AdamW (both round sqrt correctly). Every
     tensor here splits into whole 16-float vectors per thread: torch's kernel computes the
     remainder of each thread's chunk in double precision (an ulp apart at times), which
-    test_adamw_matches_torch covers with a tolerance."""
+    test_adamw_matches_torch covers with a tolerance. (CPU only: it pins the rounding of
+    torch's CPU kernel and its split across threads.)"""
     def model():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
@@ -119,32 +141,34 @@ def test_adamw_bitwise_torch_fused(backend):
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_sgd_matches_torch(backend, nesterov):
-    ours, ref = _model(), _model()
+def test_sgd_matches_torch(backend, device, nesterov):
+    ours, ref = _model(device=device), _model(device=device)
     opt = FusedSGD(_groups(ours), lr=1e-2, momentum=0.9, nesterov=nesterov)
-    topt = torch.optim.SGD(_groups(ref), lr=1e-2, momentum=0.9, nesterov=nesterov)
-    batches = _batches(STEPS)
+    topt = torch.optim.SGD(_groups(ref), lr=1e-2, momentum=0.9, nesterov=nesterov,
+                           **_torch_kw(device))
+    batches = _batches(STEPS, device=device)
     _train(ours, opt, batches, _steplr(opt))
     _train(ref, topt, batches, _steplr(topt))
-    _assert_params(ours, ref, atol=1e-6)
+    _assert_params(ours, ref, atol=_tol(device, 1e-6))
 
 
-def test_sgd_without_momentum(backend):
-    ours, ref = _model(), _model()
+def test_sgd_without_momentum(backend, device):
+    ours, ref = _model(device=device), _model(device=device)
     opt = FusedSGD(ours.parameters(), lr=0.05, momentum=0.0, weight_decay=1e-3)
-    topt = torch.optim.SGD(ref.parameters(), lr=0.05, weight_decay=1e-3)
-    batches = _batches(10)
+    topt = torch.optim.SGD(ref.parameters(), lr=0.05, weight_decay=1e-3, **_torch_kw(device))
+    batches = _batches(10, device=device)
     _train(ours, opt, batches)
     _train(ref, topt, batches)
-    _assert_params(ours, ref, atol=1e-7)
+    _assert_params(ours, ref, atol=_tol(device, 1e-7))
     assert all("momentum_buffer" not in s for s in opt.state.values())
 
 
-def test_tensor_lr(backend):
-    ours, ref = _model(), _model()
+def test_tensor_lr(backend, device):
+    """A tensor lr (read on the device by the kernels) steps as the same float does."""
+    ours, ref = _model(device=device), _model(device=device)
     opt = FusedAdamW(ours.parameters(), lr=torch.tensor(3e-3))
     topt = FusedAdamW(ref.parameters(), lr=3e-3)
-    batches = _batches(5)
+    batches = _batches(5, device=device)
     _train(ours, opt, batches)
     _train(ref, topt, batches)
     _assert_params(ours, ref, atol=1e-7)
@@ -159,32 +183,48 @@ EXT_REF_CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("check_finite", [False, True], ids=["no-check", "check-finite"])
 @pytest.mark.parametrize("cls, kw", EXT_REF_CONFIGS,
                          ids=[f"{c.__name__}-{'-'.join(k)}" for c, k in EXT_REF_CONFIGS])
-def test_extension_matches_reference(cls, kw):
-    """The kernels and the pure-torch reference compute the same thing (mixed dtypes in one
-    group, masters, scale, clipping, amsgrad, maximize and dampening included; a parameter that
-    gets its first gradient late starts its momentum buffer then)."""
-    if not _backend.extension_loaded():
-        pytest.skip("fastcore_train._C is not built")
+def test_extension_matches_reference(extension, device, cls, kw, check_finite):
+    """The kernels on ``device`` and the pure-torch reference on the CPU compute the same thing
+    (mixed dtypes in one group, masters, scale, clipping, amsgrad, maximize and dampening
+    included, the found-inf flag set by the kernels' own check pass or absent; a parameter
+    that gets its first gradient late starts its momentum buffer then: on CUDA decided on the
+    device)."""
     results = []
-    for name in ("extension", "reference"):
+    for name, dev in (("extension", device), ("reference", "cpu")):
         with _backend.use_backend(name):
             torch.manual_seed(0)
             ps = [torch.randn(n, dtype=dt) for n, dt in
                   [(70000, torch.float32), (33, torch.bfloat16), (1, torch.float16),
                    (0, torch.float32), (4097, torch.float16), (40, torch.float32)]]
-            ps = [nn.Parameter(p) for p in ps]
+            ps = [nn.Parameter(p.to(dev)) for p in ps]
             opt = cls(ps, **kw)
+            flags = []
             for it in range(4):
                 for p in ps[:5] if it < 2 else ps:
-                    p.grad = (torch.randn(p.shape) * 128).to(p.dtype)
-                opt._fused_step(grad_scale=torch.tensor(128.0), check_finite=False)
-            results.append([p.detach().clone() for p in ps] +
-                           [opt.state[p][k].clone() for p in ps for k in opt.state[p]])
+                    p.grad = (torch.randn(p.shape) * 128).to(dev, p.dtype)
+                found = torch.zeros((), device=dev) if check_finite else None
+                opt._fused_step(grad_scale=torch.tensor(128.0, device=dev), found_inf=found,
+                                check_finite=check_finite)
+                flags.append(None if found is None else found.item())
+            assert flags == ([0.0] * 4 if check_finite else [None] * 4)
+            results.append([p.detach().cpu() for p in ps] +
+                           [opt.state[p][k].cpu() for p in ps for k in opt.state[p]])
     assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
-        torch.testing.assert_close(a.float(), b.float(), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(a.float(), b.float(), **_kernel_tol(device, a.dtype))
+
+
+def _kernel_tol(device, dtype):
+    """Kernels on ``device`` against the CPU reference. On the CPU they agree to an ulp. The
+    CUDA kernels sum the squared norm (the clip coefficient) in another order than the CPU,
+    so float32 values may differ by a few ulps, and a float16/bfloat16 parameter -- its float32
+    master rounded once -- may then round to the neighbouring value: one ulp of its dtype."""
+    if device == "cpu":
+        return dict(atol=1e-7, rtol=1e-6)
+    return dict(atol=1e-6, rtol=max(1e-5, torch.finfo(dtype).eps))
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
@@ -223,10 +263,10 @@ def test_every_cpu_build(extension, isa):
 # master weights
 
 
-def test_master_weights_default_and_forced(backend):
-    fp32 = nn.Parameter(torch.randn(5))
-    bf16 = nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
-    fp16 = nn.Parameter(torch.randn(5, dtype=torch.float16))
+def test_master_weights_default_and_forced(backend, device):
+    fp32 = nn.Parameter(torch.randn(5, device=device))
+    bf16 = nn.Parameter(torch.randn(5, dtype=torch.bfloat16, device=device))
+    fp16 = nn.Parameter(torch.randn(5, dtype=torch.float16, device=device))
     for mw, expect in [(None, [False, True, True]), (True, [True, True, True]),
                        (False, [False, False, False])]:
         opt = FusedAdamW([fp32, bf16, fp16], lr=1e-3, master_weights=mw)
@@ -237,13 +277,14 @@ def test_master_weights_default_and_forced(backend):
         for p in (bf16, fp16):
             s = opt.state[p]
             assert s["exp_avg"].dtype == torch.float32 and s["step"].dtype == torch.float32
+            assert all(v.device == p.device for v in s.values())
             if "master" in s:
                 assert s["master"].dtype == torch.float32
                 assert torch.equal(p.detach(), s["master"].to(p.dtype))
 
 
 @pytest.mark.parametrize("opt_cls", [FusedAdamW, FusedSGD])
-def test_bf16_master_weights_track_fp32(backend, opt_cls):
+def test_bf16_master_weights_track_fp32(backend, device, opt_cls):
     """Why master weights exist: with lr = 1e-3 the updates of weights of magnitude ~1 are below
     half a bfloat16 ulp (2^-8), so plain bfloat16 training rounds every one of them away."""
     torch.manual_seed(0)
@@ -252,12 +293,12 @@ def test_bf16_master_weights_track_fp32(backend, opt_cls):
     kw = dict(lr=1e-3) if opt_cls is FusedAdamW else dict(lr=1e-4, momentum=0.9)
 
     def run(dtype, master_weights):
-        p = nn.Parameter(w0.clone().to(dtype))
+        p = nn.Parameter(w0.clone().to(device, dtype))
         opt = opt_cls([p], master_weights=master_weights, **kw)
         for _ in range(100):
-            p.grad = grad.to(dtype)
+            p.grad = grad.to(device, dtype)
             opt.step()
-        return p.detach().float()
+        return p.detach().float().cpu()
 
     fp32 = run(torch.float32, None)
     master = run(torch.bfloat16, None)
@@ -272,37 +313,40 @@ def test_bf16_master_weights_track_fp32(backend, opt_cls):
     assert err_master < err_plain / 10
 
 
-def test_params_without_grad_are_skipped(backend):
-    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+def test_params_without_grad_are_skipped(backend, device):
+    a, b = nn.Parameter(torch.randn(3, device=device)), nn.Parameter(torch.randn(3, device=device))
     b0 = b.detach().clone()
     opt = FusedAdamW([a, b], lr=0.1)
-    a.grad = torch.ones(3)
+    a.grad = torch.ones(3, device=device)
     opt.step()
     assert torch.equal(b.detach(), b0) and b not in opt.state
     assert opt.state[a]["step"].item() == 1
 
 
-def test_non_contiguous_and_odd_sizes(backend):
+def test_non_contiguous_and_odd_sizes(backend, device):
     """Params whose layout the kernels cannot take flat (transposed, sliced) and sizes around
-    the vector width and the chunk size."""
+    the vector width and the chunk size (16384 elements a CUDA block); the gradients are
+    contiguous, so the transposed one is laid out unlike its param."""
     torch.manual_seed(0)
     base = torch.randn(40, 30)
-    shapes = [(1,), (31,), (33,), (65537,), (0,)]
-    ps = [nn.Parameter(torch.randn(s)) for s in shapes]
-    ps.append(nn.Parameter(base.t()))                       # transposed: dense, not contiguous
-    ps.append(nn.Parameter(torch.randn(40, 61)[:, ::2]))     # gaps: not dense
+    shapes = [(1,), (31,), (33,), (16385,), (65537,), (0,)]
+    ps = [torch.randn(s) for s in shapes]
+    ps.append(base.t())                                      # transposed: dense, not contiguous
+    ps.append(torch.randn(40, 61)[:, ::2])                   # gaps: not dense
+    ps = [nn.Parameter(on_device(p, device)) for p in ps]
+    assert not ps[-2].is_contiguous() and ps[-1].stride() == (61, 2)
     refs = [nn.Parameter(p.detach().clone()) for p in ps]
     opt = FusedAdamW(ps, lr=1e-2, weight_decay=0.1)
     # not fused=True: torch 2.13's fused CPU AdamW gets a grad laid out unlike its param wrong
-    topt = torch.optim.AdamW(refs, lr=1e-2, weight_decay=0.1)
+    topt = torch.optim.AdamW(refs, lr=1e-2, weight_decay=0.1, **_torch_kw(device))
     for _ in range(3):
         for p, r in zip(ps, refs):
-            g = torch.randn(p.shape)
+            g = torch.randn(p.shape).to(device)
             p.grad, r.grad = g.clone(), g.clone()
         opt.step()
         topt.step()
     for p, r in zip(ps, refs):
-        torch.testing.assert_close(p.detach(), r.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(p.detach(), r.detach(), atol=_tol(device, 1e-6), rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,11 +360,11 @@ def _snapshot(model, opt):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("opt_cls", [FusedAdamW, FusedSGD])
-def test_overflow_skips_whole_step(backend, dtype, opt_cls):
-    model = _model(dtype=dtype)
+def test_overflow_skips_whole_step(backend, device, dtype, opt_cls):
+    model = _model(dtype=dtype, device=device)
     opt = opt_cls(model.parameters(), lr=1e-3, max_grad_norm=1.0)
     scaler = LossScaler(init_scale=2.0 ** 10, growth_interval=3)
-    batches = _batches(2, dtype=dtype)
+    batches = _batches(2, dtype=dtype, device=device)
     _train(model, opt, batches, scaler=scaler)
     assert all("master" in s for s in opt.state.values())
     before = _snapshot(model, opt)
@@ -336,22 +380,23 @@ def test_overflow_skips_whole_step(backend, dtype, opt_cls):
         assert all(torch.equal(a, b) for a, b in zip(before, after))
         scale /= 2
         assert scaler.get_scale() == scale
-    _train(model, opt, _batches(3, seed=5, dtype=dtype), scaler=scaler)  # growth_interval clean
+    # growth_interval clean steps
+    _train(model, opt, _batches(3, seed=5, dtype=dtype, device=device), scaler=scaler)
     assert scaler.get_scale() == 2 * scale
     assert not all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
 
 
-def test_scale_sequence_equals_gradscaler(backend):
+def test_scale_sequence_equals_gradscaler(backend, device):
     """LossScaler + FusedAdamW and torch.amp.GradScaler + torch AdamW skip the same steps,
     produce the same scales and the same weights."""
-    ours, ref = _model(), _model()
+    ours, ref = _model(device=device), _model(device=device)
     opt = FusedAdamW(ours.parameters(), lr=1e-3)
-    topt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    topt = torch.optim.AdamW(ref.parameters(), lr=1e-3, **_torch_kw(device))
     scaler = LossScaler(init_scale=2.0 ** 8, growth_interval=2)
-    tscaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
+    tscaler = torch.amp.GradScaler(device, init_scale=2.0 ** 8, growth_interval=2)
     poison = {1, 2, 6}
     scales, tscales = [], []
-    for i, (x, y) in enumerate(_batches(9)):
+    for i, (x, y) in enumerate(_batches(9, device=device)):
         for model, o, s, out in ((ours, opt, scaler, scales), (ref, topt, tscaler, tscales)):
             o.zero_grad()
             s.scale(((model(x) - y) ** 2).mean()).backward()
@@ -362,18 +407,18 @@ def test_scale_sequence_equals_gradscaler(backend):
             out.append(s.get_scale())
     assert scales == tscales
     assert scales[:3] == [256.0, 128.0, 64.0]
-    _assert_params(ours, ref, atol=1e-6)
+    _assert_params(ours, ref, atol=_tol(device, 1e-6))
 
 
-def test_under_torch_gradscaler(backend):
+def test_under_torch_gradscaler(backend, device):
     """FusedAdamW declares _step_supports_amp_scaling: GradScaler hands it the scale and the
     found-inf flag and it unscales and skips inside the step."""
-    ours, ref = _model(), _model()
+    ours, ref = _model(device=device), _model(device=device)
     opt = FusedAdamW(ours.parameters(), lr=1e-3)
-    topt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
-    s1 = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
-    s2 = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
-    for i, (x, y) in enumerate(_batches(6)):
+    topt = torch.optim.AdamW(ref.parameters(), lr=1e-3, **_torch_kw(device))
+    s1 = torch.amp.GradScaler(device, init_scale=2.0 ** 8, growth_interval=2)
+    s2 = torch.amp.GradScaler(device, init_scale=2.0 ** 8, growth_interval=2)
+    for i, (x, y) in enumerate(_batches(6, device=device)):
         for model, o, s in ((ours, opt, s1), (ref, topt, s2)):
             o.zero_grad()
             s.scale(((model(x) - y) ** 2).mean()).backward()
@@ -385,7 +430,7 @@ def test_under_torch_gradscaler(backend):
             s.update()
         assert s1.get_scale() == s2.get_scale()
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
-    _assert_params(ours, ref, atol=1e-6)
+    _assert_params(ours, ref, atol=_tol(device, 1e-6))
     assert opt.state[list(ours.parameters())[0]]["step"].item() == 5  # one skipped
 
 
@@ -394,39 +439,42 @@ def test_under_torch_gradscaler(backend):
 
 
 @pytest.mark.parametrize("opt_cls", [FusedAdamW, FusedSGD])
-def test_clipping_equals_clip_grad_norm(backend, opt_cls):
+def test_clipping_equals_clip_grad_norm(backend, device, opt_cls):
     kw = dict(lr=1e-2) if opt_cls is FusedAdamW else dict(lr=1e-2, momentum=0.9)
     torch_cls = torch.optim.AdamW if opt_cls is FusedAdamW else torch.optim.SGD
-    ours, ref = _model(), _model()
+    ours, ref = _model(device=device), _model(device=device)
     opt = opt_cls(ours.parameters(), max_grad_norm=0.05, **kw)
-    topt = torch_cls(ref.parameters(), **kw)
-    batches = _batches(20)
+    topt = torch_cls(ref.parameters(), **kw, **_torch_kw(device))
+    batches = _batches(20, device=device)
     _train(ours, opt, batches)
     _train(ref, topt, batches, clip=0.05)
-    _assert_params(ours, ref, atol=1e-6)
+    _assert_params(ours, ref, atol=_tol(device, 1e-6))
 
 
-def test_clipping_with_loss_scaling(backend):
+def test_clipping_with_loss_scaling(backend, device):
     """Norm of the scaled gradients, unscaled inside: equals unscale_ + clip_grad_norm_ + step."""
-    ours, ref = _model(), _model()
+    ours, ref = _model(device=device), _model(device=device)
     opt = FusedAdamW(ours.parameters(), lr=1e-2, max_grad_norm=0.05)
-    topt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    batches = _batches(12)
+    topt = torch.optim.AdamW(ref.parameters(), lr=1e-2, **_torch_kw(device))
+    batches = _batches(12, device=device)
     _train(ours, opt, batches, scaler=LossScaler(init_scale=2.0 ** 12, growth_interval=4))
     _train(ref, topt, batches, clip=0.05,
-           scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=4))
-    _assert_params(ours, ref, atol=1e-6)
+           scaler=torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=4))
+    _assert_params(ours, ref, atol=_tol(device, 1e-6))
 
 
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
 
-def test_state_dict_round_trip_and_bitwise_resume(backend):
-    model = _model(dtype=torch.bfloat16)
+def test_state_dict_round_trip_and_bitwise_resume(backend, device):
+    """(Bit for bit on CUDA too: the same kernels on the same inputs in the same order.)"""
+    bf16 = torch.bfloat16
+    model = _model(dtype=bf16, device=device)
     opt = FusedAdamW(_groups(model), max_grad_norm=1.0)
     scaler = LossScaler(init_scale=2.0 ** 8, growth_interval=3)
-    first, second = _batches(6, dtype=torch.bfloat16), _batches(6, seed=9, dtype=torch.bfloat16)
+    first = _batches(6, dtype=bf16, device=device)
+    second = _batches(6, seed=9, dtype=bf16, device=device)
     _train(model, opt, first, scaler=scaler)
     ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
                           "scaler": scaler.state_dict()})
@@ -434,7 +482,7 @@ def test_state_dict_round_trip_and_bitwise_resume(backend):
     assert all(s["master"].dtype == torch.float32 for s in ckpt["opt"]["state"].values())
     _train(model, opt, second, scaler=scaler)
 
-    resumed = _model(seed=123, dtype=torch.bfloat16)
+    resumed = _model(seed=123, dtype=bf16, device=device)
     resumed.load_state_dict(ckpt["model"])
     ropt = FusedAdamW(_groups(resumed), max_grad_norm=1.0)
     ropt.load_state_dict(ckpt["opt"])
@@ -445,6 +493,7 @@ def test_state_dict_round_trip_and_bitwise_resume(backend):
     for k, s in ckpt["opt"]["state"].items():
         for name, v in s.items():
             assert sd["state"][k][name].dtype == v.dtype and torch.equal(sd["state"][k][name], v)
+            assert v.device.type == device
     assert sd["param_groups"] == ckpt["opt"]["param_groups"]
     _train(resumed, ropt, second, scaler=rscaler)
     for p, q in zip(model.parameters(), resumed.parameters()):
@@ -473,19 +522,20 @@ CHECKPOINT_KINDS = {
 
 
 @pytest.mark.parametrize("kind", sorted(CHECKPOINT_KINDS))
-def test_torch_checkpoint_interchange(backend, kind):
+def test_torch_checkpoint_interchange(backend, device, kind):
     """torch.optim checkpoint -> fused optimizer -> torch.optim, training continued at each
-    stage, against an uninterrupted torch run."""
+    stage, against an uninterrupted torch run. (On CUDA torch keeps AdamW's step counts on the
+    CPU and ours on the device: each side takes the other's.)"""
     torch_cls, fused_cls, kw = CHECKPOINT_KINDS[kind]
-    make_t = lambda m: torch_cls(_groups(m), **kw)  # noqa: E731
+    make_t = lambda m: torch_cls(_groups(m), **kw, **_torch_kw(device))  # noqa: E731
     make_f = lambda m: fused_cls(_groups(m), lr=0.0, **kw)  # noqa: E731
-    b1, b2, b3 = _batches(5), _batches(5, seed=2), _batches(5, seed=3)
-    ref = _model()
+    b1, b2, b3 = (_batches(5, seed=seed, device=device) for seed in (1, 2, 3))
+    ref = _model(device=device)
     ropt = make_t(ref)
     for b in (b1, b2, b3):
         _train(ref, ropt, b)
 
-    model = _model()
+    model = _model(device=device)
     topt = make_t(model)
     _train(model, topt, b1)
     fopt = make_f(model)
@@ -495,7 +545,7 @@ def test_torch_checkpoint_interchange(backend, kind):
     topt2 = make_t(model)
     topt2.load_state_dict(fopt.state_dict())
     _train(model, topt2, b3)
-    _assert_params(model, ref, atol=1e-6)
+    _assert_params(model, ref, atol=_tol(device, 1e-6))
 
 
 def test_checks_hyperparameters_at_construction():
@@ -517,25 +567,25 @@ def test_checks_hyperparameters_at_construction():
 # bad input: the same errors from both backends
 
 
-def test_bad_inputs(backend):
-    p = nn.Parameter(torch.randn(4, 3))
+def test_bad_inputs(backend, device):
+    p = nn.Parameter(torch.randn(4, 3, device=device))
     opt = FusedAdamW([p])
-    p.grad = torch.randn(4, 3).to_sparse()
+    p.grad = torch.randn(4, 3, device=device).to_sparse()
     with pytest.raises(TypeError, match=r"FusedAdamW: parameter 0 of param group 0 has a sparse "
                                         r"gradient; fused optimizers need dense gradients"):
         opt.step()
     assert p not in opt.state
 
     # at construction, not at the first step
-    d = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    d = nn.Parameter(torch.randn(3, dtype=torch.float64, device=device))
     with pytest.raises(TypeError, match=r"^FusedSGD: parameter 0 of param group 0 is "
                                         r"torch.float64; fused optimizers support float32, float16 "
                                         r"and bfloat16 parameters \(use torch.optim.SGD for "
                                         r"torch.float64\)$"):
         FusedSGD([d], lr=0.1)
-    a, m = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3, device="meta"))
+    a, m = nn.Parameter(torch.randn(3, device=device)), nn.Parameter(torch.randn(3, device="meta"))
     with pytest.raises(ValueError, match=r"^FusedAdamW: parameter 1 of param group 0 is on meta "
-                                         r"but other parameters are on cpu"):
+                                         rf"but other parameters are on {a.device}"):
         FusedAdamW([a, m])
     with pytest.raises(ValueError, match=r"parameter 0 of param group 1 is on meta"):
         FusedAdamW([{"params": [a]}, {"params": [m]}])
@@ -543,7 +593,7 @@ def test_bad_inputs(backend):
     # a dtype changed after construction is still caught at the step
     opt = FusedAdamW([a])
     a.data = a.data.double()
-    a.grad = torch.randn(3, dtype=torch.float64)
+    a.grad = torch.randn(3, dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match=r"parameter 0 of param group 0 is torch.float64"):
         opt.step()
 
@@ -591,11 +641,15 @@ def _adamw_args():
 
 
 @pytest.mark.parametrize("case", OP_ERRORS, ids=[c[0] for c in OP_ERRORS])
-def test_op_errors_match_reference(case):
-    """The C++ checks (csrc/common/optim_checks.h) and the reference raise the same thing."""
+def test_op_errors_match_reference(device, case):
+    """The C++ checks (csrc/common/optim_checks.h, on the host on every device) and the
+    reference raise the same thing. (Every tensor of a case is made on ``device``.)"""
     _, changes, exc, msg = case
-    args = _adamw_args()
-    args.update({k: f(args) for k, f in changes.items()})
+    with torch.device(device):
+        args = _adamw_args()
+        args.update({k: f(args) for k, f in changes.items()})
+    assert all(t.device.type == device for v in args.values()
+               for t in (v if isinstance(v, list) else [v]) if isinstance(t, torch.Tensor))
     with pytest.raises(exc) as ref_err:
         ops.fused_adamw_reference_(*args.values())
     assert str(ref_err.value) == msg
@@ -610,7 +664,12 @@ def _sgd_call(params, buffers, steps=(), momentum=0.9, dampening=0.0, nesterov=F
                        0.1, None, momentum, dampening, nesterov, False, 0.0, None, None, None, 0.0)
 
 
-def test_sgd_and_stats_op_errors_match_reference():
+def test_sgd_and_stats_op_errors_match_reference(device):
+    with torch.device(device):  # every tensor of the cases is made there
+        _check_sgd_and_stats_op_errors()
+
+
+def _check_sgd_and_stats_op_errors():
     g = [torch.randn(3), torch.randn(3, dtype=torch.float64)]
     p3 = [torch.randn(3)]
     stats = (ops.grad_stats_reference_, "grad_stats_")
@@ -646,10 +705,11 @@ def test_sgd_and_stats_op_errors_match_reference():
 # the ops as torch.library custom ops
 
 
-def test_grad_stats_values(backend):
-    g = [torch.randn(100000), torch.randn(33, dtype=torch.bfloat16),
-         torch.randn(5, dtype=torch.float16), torch.empty(0)]
-    found, sq = torch.zeros(()), torch.zeros(())
+def test_grad_stats_values(backend, device):
+    with torch.device(device):
+        g = [torch.randn(100000), torch.randn(33, dtype=torch.bfloat16),
+             torch.randn(5, dtype=torch.float16), torch.empty(0)]
+        found, sq = torch.zeros(()), torch.zeros(())
     ops.grad_stats_(g, found, sq)
     expect = sum(x.double().pow(2).sum() for x in g)
     assert found.item() == 0.0
@@ -715,14 +775,15 @@ def _opcheck_samples():
 
 
 @pytest.mark.parametrize("idx", range(7))
-def test_opcheck(extension, idx):
-    op, args = _opcheck_samples()[idx]
+def test_opcheck(extension, device, idx):
+    with torch.device(device):
+        op, args = _opcheck_samples()[idx]
     torch.library.opcheck(getattr(torch.ops.fastcore_train, op).default, args)
 
 
-def test_compile_fullgraph(extension):
+def test_compile_fullgraph(extension, device):
     """Both passes trace into one graph (fake kernels, functionalised mutation) and compute
-    what eager computes."""
+    what eager computes, with the default compiler on every device."""
     def step(ps, gs, ms, vs, masters, steps, found, sq, scale):
         ops.grad_stats_(gs, found, sq)
         ops.fused_adamw_(ps, gs, ms, vs, masters, steps, lr=1e-3, beta1=0.9, beta2=0.999,
@@ -737,7 +798,8 @@ def test_compile_fullgraph(extension):
                 [p.float() for p in ps], [torch.zeros(()) for _ in ps], torch.zeros(()),
                 torch.zeros(()), torch.tensor(4.0))
 
-    eager, compiled = inputs(), inputs()
+    with torch.device(device):
+        eager, compiled = inputs(), inputs()
     step(*eager)
     torch.compile(step, fullgraph=True)(*compiled)
     for a, b in zip(eager, compiled):
@@ -747,56 +809,68 @@ def test_compile_fullgraph(extension):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA
+# launch limits, on every device. The CUDA kernels are multi-tensor applies: up to 48 tensors of
+# one dtype per launch (kMaxTensors), a block per chunk of 16384 elements, the squared norm
+# summed from one partial per chunk across launches, and the step counters of up to 256 tensors
+# per increment launch (kMaxSteps). Each case runs three steps of the kernels on ``device`` and
+# of the reference on the CPU: two clean ones and one with an inf in the last element of the
+# last tensor (the last pack, the last chunk), which every tensor must skip.
+
+def _limit_shapes(case):
+    f32, bf16 = torch.float32, torch.bfloat16
+    return {
+        "48 tensors": [(n % 37 + 1, f32) for n in range(48)],
+        "49 tensors": [(n % 37 + 1, f32) for n in range(49)],
+        "97 tensors of two dtypes": [(n % 37 + 1, (f32, bf16)[n % 2]) for n in range(97)],
+        "257 tensors": [(n % 7, f32) for n in range(257)],  # empty ones too: never packed
+        "a tensor of 257 chunks": [(5, f32), (70000, bf16), (256 * 16384 + 1, f32)],
+    }[case]
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_matches_cpu(dtype):
-    results = []
-    for device in ("cpu", "cuda"):
-        model = _model(dtype=dtype).to(device)
-        opt = FusedAdamW(_groups(model), max_grad_norm=1.0)
-        scaler = LossScaler(init_scale=2.0 ** 10, growth_interval=3)
-        batches = [(x.to(device), y.to(device)) for x, y in _batches(8, dtype=dtype)]
-        for i, (x, y) in enumerate(batches):
-            opt.zero_grad()
-            scaler.scale(((model(x).float() - y.float()) ** 2).mean()).backward()
-            if i == 3:
-                next(model.parameters()).grad[0, 0] = float("inf")
-            scaler.step(opt)
-            scaler.update()
-        results.append(([p.detach().float().cpu() for p in model.parameters()],
-                        scaler.get_scale()))
-    (cpu_p, cpu_s), (gpu_p, gpu_s) = results
-    assert cpu_s == gpu_s
-    for a, b in zip(cpu_p, gpu_p):
-        torch.testing.assert_close(a, b, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)
+LIMIT_CASES = ["48 tensors", "49 tensors", "97 tensors of two dtypes", "257 tensors",
+               "a tensor of 257 chunks"]
+LIMIT_OPTIMIZERS = {
+    "AdamW": (FusedAdamW, dict(lr=1e-2, amsgrad=True, max_grad_norm=1.0)),
+    "SGD": (FusedSGD, dict(lr=1e-2, momentum=0.9, dampening=0.3, max_grad_norm=1.0)),
+}
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("cls, kw", EXT_REF_CONFIGS,
-                         ids=[f"{c.__name__}-{'-'.join(k)}" for c, k in EXT_REF_CONFIGS])
-def test_cuda_options_match_cpu(cls, kw):
-    """amsgrad, maximize, dampening (first step decided on the device), masters, scaling and
-    clipping: the CUDA kernels compute what the CPU ones do."""
-    results = []
-    for device in ("cpu", "cuda"):
-        torch.manual_seed(0)
-        ps = [nn.Parameter(torch.randn(n).to(device, dt)) for n, dt in
-              [(70000, torch.float32), (33, torch.bfloat16), (1, torch.float16),
-               (0, torch.float32), (4097, torch.float16), (40, torch.float32)]]
-        opt = cls(ps, **kw)
-        for it in range(4):
-            for p in ps[:5] if it < 2 else ps:
-                p.grad = (torch.randn(p.shape) * 128).to(device, p.dtype)
-            found = torch.zeros((), device=device)
-            opt._fused_step(grad_scale=torch.tensor(128.0, device=device), found_inf=found,
-                            check_finite=True)
-        results.append([p.detach().float().cpu() for p in ps] +
-                       [opt.state[p][k].float().cpu() for p in ps for k in opt.state[p]])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+def _limit_run(case, cls, kw, device):
+    g = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(n, generator=g).to(device, dt)) for n, dt in
+          _limit_shapes(case)]
+    opt = cls(ps, **kw)
+    flags, before_skip = [], None
+    for it in range(3):
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=g) * 64).to(device, p.dtype)
+        if it == 2:
+            before_skip = [p.detach().clone() for p in ps]
+            ps[-1].grad.view(-1)[-1] = float("inf")
+        found = torch.zeros((), device=device)
+        opt._fused_step(grad_scale=torch.tensor(64.0, device=device), found_inf=found,
+                        check_finite=True)
+        flags.append(found.item())
+    assert flags == [0.0, 0.0, 1.0]
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before_skip))
+    steps = [s["step"].item() for s in opt.state.values() if "step" in s]
+    assert len(steps) == len(ps) and set(steps) == {2.0}  # every counter, the 257th included
+    return [p.detach().cpu() for p in ps] + [v.cpu() for s in opt.state.values()
+                                             for v in s.values()]
+
+
+@pytest.mark.parametrize("case, opt_name", [(c, o) for c in LIMIT_CASES for o in LIMIT_OPTIMIZERS
+                                            if o == "AdamW" or "chunks" not in c])
+def test_launch_limits(extension, device, case, opt_name):
+    """(The 4M-element tensor with AdamW alone: the chunking is the same for both kernels.)"""
+    cls, kw = LIMIT_OPTIMIZERS[opt_name]
+    with _backend.use_backend("extension"):
+        got = _limit_run(case, cls, kw, device)
+    with _backend.use_backend("reference"):
+        want = _limit_run(case, cls, kw, "cpu")
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), **_kernel_tol(device, a.dtype))
 
 
 @pytest.mark.cuda
@@ -841,12 +915,14 @@ def test_a_parameter_listed_twice_is_refused_at_construction():
 
 
 @pytest.mark.parametrize("what", ["steps", "exp_avgs", "params"])
-def test_ops_refuse_tensors_written_twice(backend, what):
-    ps = [torch.zeros(4), torch.zeros(4)]
-    gs = [torch.ones(4), torch.ones(4)]
-    m = [torch.zeros(4), torch.zeros(4)]
-    v = [torch.zeros(4), torch.zeros(4)]
-    steps = [torch.zeros(()), torch.zeros(())]
+def test_ops_refuse_tensors_written_twice(backend, device, what):
+    """(On CUDA two blocks would race on the shared tensor: refused on the host first.)"""
+    with torch.device(device):
+        ps = [torch.zeros(4), torch.zeros(4)]
+        gs = [torch.ones(4), torch.ones(4)]
+        m = [torch.zeros(4), torch.zeros(4)]
+        v = [torch.zeros(4), torch.zeros(4)]
+        steps = [torch.zeros(()), torch.zeros(())]
     if what == "steps":
         steps[1] = steps[0]
     elif what == "exp_avgs":
@@ -865,10 +941,11 @@ def test_ops_refuse_tensors_written_twice(backend, what):
         assert torch.equal(a, b)  # refused before writing anything
 
 
-def test_sgd_refuses_a_shared_buffer(backend):
-    ps = [torch.zeros(4), torch.zeros(4)]
-    gs = [torch.ones(4), torch.ones(4)]
-    buf = torch.zeros(4)
+def test_sgd_refuses_a_shared_buffer(backend, device):
+    with torch.device(device):
+        ps = [torch.zeros(4), torch.zeros(4)]
+        gs = [torch.ones(4), torch.ones(4)]
+        buf = torch.zeros(4)
     with pytest.raises(ValueError, match=r"momentum_buffers\[0\] and momentum_buffers\[1\] are "
                                          "the same memory"):
         ops.fused_sgd_(ps, gs, [buf, buf], [], lr=0.1, momentum=0.9, nesterov=False,

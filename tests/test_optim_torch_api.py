@@ -1,7 +1,9 @@
 """FusedAdamW / FusedSGD as drop-in replacements of torch.optim.AdamW / SGD: the same signature
 and defaults, torch's own argument combinations giving torch's trajectories, refusals at
 construction, version counters, torch.compile of the step, and configuration changes
-(add_param_group, load_state_dict) that are validated before anything changes."""
+(add_param_group, load_state_dict) that are validated before anything changes. Tests that take
+``device`` run on the CPU and, with a GPU, on CUDA against torch's optimizer on the same device
+(its single-tensor implementation, as on the CPU)."""
 import copy
 import inspect
 import sys
@@ -12,8 +14,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from fastcore_train import _backend
 from fastcore_train.amp import LossScaler
 from fastcore_train.optim import FusedAdamW, FusedSGD
+
+from conftest import BACKENDS, DEVICES, device_context
 
 PAIRS = [(FusedAdamW, torch.optim.AdamW), (FusedSGD, torch.optim.SGD)]
 EXTRAS = ("master_weights", "max_grad_norm")
@@ -37,18 +42,23 @@ def test_signature_and_defaults_are_torchs(ours, theirs):
         [(n, inspect.Parameter.KEYWORD_ONLY, None) for n in EXTRAS]
 
 
-def test_sgd_defaults_follow_torch(backend):
-    """FusedSGD(params, lr=0.1) is plain SGD, as torch.optim.SGD(params, lr=0.1) is."""
+def test_sgd_defaults_follow_torch(backend, device):
+    """FusedSGD(params, lr=0.1) is plain SGD, as torch.optim.SGD(params, lr=0.1) is: bit for bit
+    on the CPU; on CUDA within an ulp (w + (-lr) * g is one FMA in ours, and nvcc decides how
+    torch's kernel rounds it)."""
     torch.manual_seed(0)
-    w = torch.randn(33)
+    w = torch.randn(33, device=device)
     a, b = nn.Parameter(w.clone()), nn.Parameter(w.clone())
-    opt, topt = FusedSGD([a], lr=0.1), torch.optim.SGD([b], lr=0.1)
+    opt, topt = FusedSGD([a], lr=0.1), torch.optim.SGD([b], lr=0.1, foreach=False)
     for _ in range(3):
-        g = torch.randn(33)
+        g = torch.randn(33).to(device)
         a.grad, b.grad = g.clone(), g.clone()
         opt.step()
         topt.step()
-    assert torch.equal(a, b)
+    if device == "cpu":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=2.4e-7)
     assert opt.param_groups[0]["momentum"] == 0 and "momentum_buffer" not in opt.state[a]
 
 
@@ -81,39 +91,42 @@ def _combination_params():
     return out
 
 
-def _run(make, steps=12, seed=0):
+def _run(make, steps=12, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    params = [nn.Parameter(torch.randn(s)) for s in [(7, 5), (5,), (33,), (1,)]]
+    params = [nn.Parameter(torch.randn(s).to(device)) for s in [(7, 5), (5,), (33,), (1,)]]
     opt = make(params)
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(device)
         opt.step()
     return params, opt
 
 
 @pytest.mark.parametrize("ours, theirs, kwargs", _combination_params())
-def test_torch_argument_combinations(backend, ours, theirs, kwargs):
+def test_torch_argument_combinations(backend, device, ours, theirs, kwargs):
     """Every combination torch tests its optimizer with: ours refuses the ones it does not
     support at construction with a sentence naming torch's alternative, and otherwise follows
     torch's trajectory (the maths arguments decide it; foreach / fused only pick torch's
-    implementation)."""
+    implementation, its single-tensor one here). A tensor lr or betas stays where torch's
+    combination puts it (on the CPU), as a user's would."""
     kwargs = dict(kwargs)
     for flag in ("capturable", "differentiable"):
         if kwargs.get(flag):
             alternative = rf"use torch.optim.{theirs.__name__}\({flag}=True\)"
             with pytest.raises(ValueError, match=alternative):
-                ours([nn.Parameter(torch.randn(3))], **copy.deepcopy(kwargs))
+                ours([nn.Parameter(torch.randn(3, device=device))], **copy.deepcopy(kwargs))
             kwargs.pop(flag)
     maths = {k: v for k, v in kwargs.items() if k in MATHS}
-    p_ours, o_ours = _run(lambda ps: ours(ps, **copy.deepcopy(kwargs)))
-    p_torch, o_torch = _run(lambda ps: theirs(ps, **copy.deepcopy(maths)))
+    p_ours, o_ours = _run(lambda ps: ours(ps, **copy.deepcopy(kwargs)), device=device)
+    p_torch, o_torch = _run(lambda ps: theirs(ps, **copy.deepcopy(maths), foreach=False),
+                            device=device)
     for p, q in zip(p_ours, p_torch):
         torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-5)
         for key, value in o_torch.state[q].items():
-            torch.testing.assert_close(o_ours.state[p][key].float(), value.float(), atol=1e-6,
-                                       rtol=1e-5, msg=lambda m: f"state {key!r}: {m}")
+            torch.testing.assert_close(o_ours.state[p][key].float().cpu(), value.float().cpu(),
+                                       atol=1e-6, rtol=1e-5,
+                                       msg=lambda m: f"state {key!r}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,22 +320,41 @@ CONFIGS = [
 ]
 
 
+def _backends_and_devices():
+    """(backend, device): both backends on the CPU, the extension on CUDA (compiling is slow;
+    what the reference traces is device-independent Python)."""
+    out = [pytest.param(b, "cpu") for b in BACKENDS]
+    if "extension" in BACKENDS:
+        out.append(pytest.param("extension", "cuda", marks=DEVICES[1].marks))
+    return out
+
+
+@pytest.mark.parametrize("backend, device", _backends_and_devices())
 @pytest.mark.parametrize("cls, dtype, kw", CONFIGS,
                          ids=[f"{c.__name__}-{str(d)[6:]}-{'-'.join(k)}" for c, d, k in CONFIGS])
-def test_compile_step_fullgraph_parity(backend, cls, dtype, kw):
+def test_compile_step_fullgraph_parity(backend, device, cls, dtype, kw):
     """``torch.compile(opt.step, fullgraph=True)`` traces (no graph break, as torch's AdamW) and
-    computes what eager computes, state creation at the first step included."""
+    computes what eager computes, state creation at the first step included. On CUDA with the
+    aot_eager backend: the same graph (fake kernels, functionalised state writes) without
+    inductor's Triton compilation of torch's own ops, seconds per kernel on a GPU run that is
+    timed in minutes."""
+    with device_context(device), _backend.use_backend(backend):
+        _check_compile_step_parity(backend, device, cls, dtype, kw)
+
+
+def _check_compile_step_parity(backend, device, cls, dtype, kw):
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).to(dtype)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).to(device, dtype)
         opt = cls(model.parameters(), **copy.deepcopy(kw))
-        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        compiler = "inductor" if device == "cpu" else "aot_eager"
+        step = torch.compile(opt.step, fullgraph=True, backend=compiler) if compiled else opt.step
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             model.zero_grad()
-            x = torch.randn(4, 6, generator=g).to(dtype)
+            x = torch.randn(4, 6, generator=g).to(device, dtype)
             model(x).float().square().mean().backward()
             step()
         results.append(([p.detach().clone() for p in model.parameters()],
@@ -337,15 +369,24 @@ def test_compile_step_fullgraph_parity(backend, cls, dtype, kw):
             torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(0.01)),
-                                  lambda ps: FusedAdamW(ps, lr=torch.tensor(0.01)),
-                                  lambda ps: FusedSGD(ps, lr=torch.tensor(0.01), momentum=0.9)],
-                         ids=["torch-adamw", "fused-adamw", "fused-sgd"])
-def test_compile_step_has_no_graph_break(backend, make):
+NO_BREAK = {"torch-adamw": lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(0.01)),
+            "fused-adamw": lambda ps: FusedAdamW(ps, lr=torch.tensor(0.01)),
+            "fused-sgd": lambda ps: FusedSGD(ps, lr=torch.tensor(0.01), momentum=0.9)}
+
+
+@pytest.mark.parametrize("name, device", [
+    pytest.param(name, d.values[0], marks=d.marks) for name in NO_BREAK for d in DEVICES
+    if name != "torch-adamw" or d.values[0] == "cpu"])  # torch's: the reference point, on the CPU
+def test_compile_step_has_no_graph_break(backend, name, device):
+    with device_context(device):
+        _check_no_graph_break(NO_BREAK[name], device)
+
+
+def _check_no_graph_break(make, device):
     torch._dynamo.reset()
-    model = nn.Linear(4, 3)
+    model = nn.Linear(4, 3).to(device)
     opt = make(model.parameters())
-    model(torch.randn(2, 4)).sum().backward()
+    model(torch.randn(2, 4, device=device)).sum().backward()
     explained = torch._dynamo.explain(opt.step)()
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     if not isinstance(opt, torch.optim.AdamW):  # the step itself is in the graph

@@ -21,6 +21,8 @@ HEADLINE = {
                       "fwd+bwd 1024x32000 fp32", "fwd+bwd 256x1000 fp32", "fwd 8192x32000 fp32"],
     "mixup": ["256x3x224x224 fp32", "256x3x224x224 bf16", "Mixup module 256x3x224x224 fp32",
               "Mixup module 32x3x32x32 fp32"],
+    "binary_cross_entropy": ["fwd+bwd 1024x11821 fp32", "fwd+bwd 1024x11821 bf16",
+                             "fwd+bwd 256x1000 fp32"],
     "optim": None,  # every case
     "step": None,
 }

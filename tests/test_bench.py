@@ -153,3 +153,27 @@ def test_gpu_report_names_existing_cases():
     assert optim.name == mod.TARGET["optim"]
     for op in ("cross_entropy", "mixup"):
         assert mod.TARGET[op] in mod.HEADLINE[op]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_bce_baselines_compute_the_same_loss(mode):
+    """The BCE case compares one loss computed four ways: timm's recipe (targets built per step),
+    torch's loss on prebuilt targets, its compiled form and ours must agree, gradients too."""
+    import fastcore_train as ft
+    torch.manual_seed(0)
+    x = torch.randn(6, 11)
+    y = torch.randint(0, 11, (6,))
+    q = bench.timm_mixup_targets(y, 11, bench.BCE_LAM, bench.BCE_SMOOTHING, x.device)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(x, q)
+    # timm's mixup_target, written out: lam * smooth(y) + (1 - lam) * smooth(y.flip(0))
+    off = bench.BCE_SMOOTHING / 11
+    one = torch.nn.functional.one_hot
+    q_direct = (bench.BCE_LAM * (one(y, 11) * (1 - bench.BCE_SMOOTHING) + off)
+                + (1 - bench.BCE_LAM) * (one(y.flip(0), 11) * (1 - bench.BCE_SMOOTHING) + off))
+    torch.testing.assert_close(q, q_direct)
+    torch.testing.assert_close(bench._bce_timm(x, y), want)
+    ours = ft.ops.binary_cross_entropy(x, y, target_b=y.flip(0), lam=bench.BCE_LAM,
+                                       label_smoothing=bench.BCE_SMOOTHING)
+    torch.testing.assert_close(ours, want)
+    steps = bench._bce_case((6, 11), torch.float32, mode, torch.device("cpu")).make()
+    assert set(steps) == set(bench.BCE_IMPLS)

@@ -46,6 +46,42 @@ struct AdamWConsts {
   F neg_step_size;  // -lr / (1 - beta1^step)
 };
 
+// 1 - beta1 < 0.5: ATen's lerp steps from the start (else from the end, see adamw_update).
+C10_HOST_DEVICE inline bool adamw_lerp_small(double beta1) {
+  const float w1 = static_cast<float>(1.0 - beta1);
+  return (w1 < 0.f ? -w1 : w1) < 0.5f;
+}
+
+// The constants of one tensor's AdamW step, computed once for both devices: in double from the
+// incremented step, as torch.optim.AdamW computes them in Python, each rounded once to float.
+// `step` is the tensor's count before this step.
+C10_HOST_DEVICE inline AdamWConsts<float> adamw_consts(double lr, double beta1, double beta2,
+                                                      double eps, double weight_decay,
+                                                      float step) {
+  const double t = static_cast<double>(step + 1.f);
+#ifdef __CUDA_ARCH__
+  // The GPU's double pow is not correctly rounded (2 ulp) and its sqrt is, so sqrt is the
+  // closer match to torch's `bias_correction2 ** 0.5` (glibc's pow, within 0.52 ulp).
+  const double bc1 = 1.0 - ::pow(beta1, t);
+  const double bc2 = 1.0 - ::pow(beta2, t);
+  const double bc2_sqrt = ::sqrt(bc2);
+#else
+  const double bc1 = 1.0 - std::pow(beta1, t);
+  const double bc2 = 1.0 - std::pow(beta2, t);
+  const double bc2_sqrt = std::pow(bc2, 0.5);  // exactly torch's `bias_correction2 ** 0.5`
+#endif
+  const float w1 = static_cast<float>(1.0 - beta1);
+  AdamWConsts<float> c;
+  c.decay = static_cast<float>(1.0 - lr * weight_decay);
+  c.lerp_weight = adamw_lerp_small(beta1) ? w1 : w1 - 1.f;
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.bc2_sqrt = static_cast<float>(bc2_sqrt);
+  c.eps = static_cast<float>(eps);
+  c.neg_step_size = static_cast<float>(-(lr / bc1));
+  return c;
+}
+
 struct AdamWFlags {
   bool decay;       // weight_decay != 0
   bool lerp_small;  // 1 - beta1 < 0.5

@@ -108,14 +108,15 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   k.grad_mul = grad_mul(grad_scale, sq_norm, max_grad_norm);
   if (maximize) k.grad_mul = -k.grad_mul;
   k.has_decay = weight_decay != 0.0;
-  k.decay = static_cast<float>(1.0 - lr_v * weight_decay);
-  // ATen's lerp with weight w >= 0.5 computes end - (end - start)*(1 - w) as fma(w - 1, ...).
-  const float w1 = static_cast<float>(1.0 - beta1);
-  k.lerp_small = std::abs(w1) < 0.5f;
-  k.lerp_weight = k.lerp_small ? w1 : w1 - 1.f;
-  k.beta2 = static_cast<float>(beta2);
-  k.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  k.eps = static_cast<float>(eps);
+  // the constants every tensor shares (the step-dependent ones are per slot, below)
+  const optim_math::AdamWConsts<float> c0 =
+      optim_math::adamw_consts(lr_v, beta1, beta2, eps, weight_decay, 0.f);
+  k.decay = c0.decay;
+  k.lerp_small = optim_math::adamw_lerp_small(beta1);
+  k.lerp_weight = c0.lerp_weight;
+  k.beta2 = c0.beta2;
+  k.one_minus_beta2 = c0.one_minus_beta2;
+  k.eps = c0.eps;
   k.amsgrad = amsgrad;
 
   Slots slots;
@@ -124,15 +125,13 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     float* step = steps[i].data_ptr<float>();
     step_ptrs.push_back(step);
     if (params[i].numel() == 0) continue;
-    // Bias corrections in double from the incremented step, as torch.optim.AdamW does.
-    const double t = static_cast<double>(*step + 1.f);
-    const double bc1 = 1.0 - std::pow(beta1, t);
-    const double bc2 = 1.0 - std::pow(beta2, t);
+    const optim_math::AdamWConsts<float> c =
+        optim_math::adamw_consts(lr_v, beta1, beta2, eps, weight_decay, *step);
     cpu::ParamSlot& s = slots.add(params[i], grads[i], masters.empty() ? nullptr : &masters[i],
                                   &exp_avgs[i], &exp_avg_sqs[i],
                                   amsgrad ? &max_exp_avg_sqs[i] : nullptr);
-    s.neg_step_size = static_cast<float>(-(lr_v / bc1));
-    s.bc2_sqrt = static_cast<float>(std::pow(bc2, 0.5));
+    s.neg_step_size = c.neg_step_size;
+    s.bc2_sqrt = c.bc2_sqrt;
   }
   k.slots = slots.slots.data();
   k.count = static_cast<int64_t>(slots.slots.size());

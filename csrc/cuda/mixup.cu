@@ -55,6 +55,13 @@ __device__ __forceinline__ void weights(const BlendArgs& a, int64_t i, A& wa, A&
   }
 }
 
+// a*x + b*y rounded as the CPU kernels round it, fma(a, x, b*y): written out, because nvcc may
+// contract `a*x + b*y` either way round and the two backends would differ in the last bit.
+template <typename A>
+__device__ __forceinline__ A blend(A a, A x, A b, A y) {
+  return fma(a, x, b * y);
+}
+
 template <typename T, int VEC>
 __global__ void blend_kernel(const BlendArgs a) {
   using A = acc_t<T>;
@@ -77,7 +84,7 @@ __global__ void blend_kernel(const BlendArgs a) {
         P r;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          r.v[e] = static_cast<T>(ai * static_cast<A>(p.v[e]) + bi * static_cast<A>(q.v[e]));
+          r.v[e] = static_cast<T>(blend(ai, static_cast<A>(p.v[e]), bi, static_cast<A>(q.v[e])));
         }
         oi[k] = r;
       }
@@ -94,8 +101,8 @@ __global__ void blend_kernel(const BlendArgs a) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const A u = static_cast<A>(p.v[e]), w = static_cast<A>(q.v[e]);
-        r.v[e] = static_cast<T>(ai * u + bi * w);
-        t.v[e] = static_cast<T>(as_ * w + bs * u);
+        r.v[e] = static_cast<T>(blend(ai, u, bi, w));
+        t.v[e] = static_cast<T>(blend(as_, w, bs, u));
       }
       oi[k] = r;
       if (s != i) os[k] = t;

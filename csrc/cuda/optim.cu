@@ -104,8 +104,7 @@ struct UpdateScalars {
   double max_grad_norm;
   bool maximize;
   // AdamW
-  double beta1, beta2, weight_decay;
-  float eps;
+  double beta1, beta2, weight_decay, eps;
   bool lerp_small;
   // SGD
   float momentum;
@@ -222,22 +221,13 @@ template <typename T, bool kMaster, bool kAmsgrad>
 __global__ void adamw_kernel(const ParamPack pack, const UpdateScalars s) {
   if (skip_step(s.found_inf)) return;
   const BlockRange r = block_range(pack);
-  // Per-tensor constants, in double from the incremented step as torch.optim.AdamW does.
+  // Per-tensor constants (optim_math::adamw_consts, shared with the CPU), once per block.
   __shared__ optim_math::AdamWConsts<float> c;
   __shared__ float mul;
   if (threadIdx.x == 0) {
     const double lr = s.lr_tensor != nullptr ? static_cast<double>(*s.lr_tensor) : s.lr;
-    const double step = static_cast<double>(*pack.step[r.t] + 1.f);
-    const double bc1 = 1.0 - pow(s.beta1, step);
-    const double bc2 = 1.0 - pow(s.beta2, step);
-    const float w1 = static_cast<float>(1.0 - s.beta1);
-    c.decay = static_cast<float>(1.0 - lr * s.weight_decay);
-    c.lerp_weight = s.lerp_small ? w1 : w1 - 1.f;
-    c.beta2 = static_cast<float>(s.beta2);
-    c.one_minus_beta2 = static_cast<float>(1.0 - s.beta2);
-    c.bc2_sqrt = static_cast<float>(sqrt(bc2));
-    c.eps = s.eps;
-    c.neg_step_size = static_cast<float>(-(lr / bc1));
+    c = optim_math::adamw_consts(lr, s.beta1, s.beta2, s.eps, s.weight_decay,
+                                 *pack.step[r.t]);
     const float gm = optim_math::grad_multiplier<DeviceOps>(s.grad_scale, s.sq_norm,
                                                             s.max_grad_norm);
     mul = s.maximize ? -gm : gm;  // exact: g * -gm == (-g) * gm
@@ -500,8 +490,8 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   s.beta1 = beta1;
   s.beta2 = beta2;
   s.weight_decay = weight_decay;
-  s.eps = static_cast<float>(eps);
-  s.lerp_small = std::abs(static_cast<float>(1.0 - beta1)) < 0.5f;
+  s.eps = eps;
+  s.lerp_small = optim_math::adamw_lerp_small(beta1);
 
   LayoutStager stager;
   std::vector<at::Tensor> keep;

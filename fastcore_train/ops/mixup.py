@@ -38,8 +38,8 @@ def mixup(x: torch.Tensor, perm: torch.Tensor, lam: Lam, *,
     Args:
         x: (B, ...) float32, float16, bfloat16 or float64, any layout (NCHW, channels_last,
             a slice...). The result has x's memory format.
-        perm: (B,) int64 permutation of ``range(B)`` on x's device (checked; on CUDA the check
-            copies B ints to the host).
+        perm: (B,) int64 permutation of ``range(B)`` on x's device (checked: on the CPU an
+            error names the bad entry; on CUDA a device-side assert, with no host sync).
         lam: a float in [0, 1], or a (B,) float tensor of per-sample weights.
         out: where to write the result. ``out=x`` blends in place and needs ``perm`` to be an
             involution (``perm[perm[i]] == i``). Like torch's ``out=`` arguments, it does not

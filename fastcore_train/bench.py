@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import fastcore_train as ft
 
 __all__ = ["Case", "cases", "copy_bandwidth", "rmw_bandwidth", "time_fn", "run", "format_table",
+           "roofline", "format_roofline",
            "ALLOC_CONFIGS", "alloc_config", "run_in_child", "format_multi"]
 
 
@@ -646,6 +647,69 @@ def run(case_list: List[Case], *, bandwidth: Optional[float] = None, progress=No
         if progress is not None:
             progress(rows[-1])
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# roofline: our kernels' GB/s against the copy bandwidth at 1 thread and at all threads
+
+# Fractions of the copy bandwidth each case should reach (issue 14): fp32 moves 4 bytes per
+# element of work, bf16 and fp16 2, so the fixed per-element arithmetic weighs more in them.
+ROOFLINE_GOAL = {"fp32": 0.8, "bf16": 0.6, "fp16": 0.6}
+# Cases small enough to run from the caches (their GB/s can exceed DRAM's) are left out.
+ROOFLINE_MIN_BYTES = 64 << 20
+
+
+def roofline(case_list: List[Case], *, device="cpu", progress=None) -> List[dict]:
+    """Our op alone (no baselines), at 1 thread and at all threads, against a 256 MB copy timed
+    at the same thread count just before: one row per case with GB/s and % of each copy."""
+    device = torch.device(device)
+    threads = torch.get_num_threads()
+    counts = [1, threads] if device.type == "cpu" and threads > 1 else [threads]
+    rows = {c.name + c.op: dict(op=c.op, case=c.name, nbytes=c.nbytes, gbps={}, pct={})
+            for c in case_list if c.nbytes >= ROOFLINE_MIN_BYTES and not c.op == "step"}
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            bw = copy_bandwidth(device)
+            for case in case_list:
+                row = rows.get(case.name + case.op)
+                if row is None:
+                    continue
+                step = case.make()["fastcore_train"]  # baselines are built, never called
+                t = time_fn(step, repeats=max(3, min(case.rounds, 11)), warmup=2)
+                row["gbps"][n] = case.nbytes / t / 1e9
+                row["pct"][n] = 100 * row["gbps"][n] / bw
+                row.setdefault("copy_gbps", {})[n] = bw
+                if progress is not None:
+                    progress(row, n)
+    finally:
+        torch.set_num_threads(threads)
+    out = list(rows.values())
+    for row in out:
+        dtype = next((d for d in ROOFLINE_GOAL if d in row["case"]), "fp32")
+        row["goal_pct"] = 100 * ROOFLINE_GOAL[dtype]
+        row["met"] = all(v >= row["goal_pct"] for v in row["pct"].values())
+    return out
+
+
+def format_roofline(rows: List[dict]) -> str:
+    counts = sorted({n for r in rows for n in r["gbps"]})
+    head = (["op", "case"] + [f"GB/s, {n} thr" for n in counts]
+            + [f"% copy, {n} thr" for n in counts] + ["goal", "met"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["op"], r["case"]]
+        cells += [f"{r['gbps'][n]:.1f}" if n in r["gbps"] else "-" for n in counts]
+        cells += [f"{r['pct'][n]:.0f}%" if n in r["pct"] else "-" for n in counts]
+        cells += [f"≥{r['goal_pct']:.0f}%", "yes" if r["met"] else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    bws = {n: r["copy_gbps"][n] for r in rows for n in r.get("copy_gbps", {})}
+    lines.append("\nGB/s: the bytes the op must move (each input read once per pass it "
+                 "needs, each output written once) over its time. % copy: of a 256 MB "
+                 "copy timed at the same thread count in the same run ("
+                 + ", ".join(f"{bws[n]:.1f} GB/s at {n} thread{'s' if n > 1 else ''}"
+                             for n in sorted(bws)) + ").")
+    return "\n".join(lines)
 
 
 def format_table(rows: List[dict], bandwidth: Optional[float] = None) -> str:

@@ -186,6 +186,15 @@ def _bench(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     case_list = bench.cases(args.op, device=device, size="quick" if args.quick else "full")
+    if args.roofline:
+        def show(row, n):
+            if not args.json:
+                print(f"  {row['op']} {row['case']} at {n} thread(s): {row['gbps'][n]:.1f} GB/s "
+                      f"= {row['pct'][n]:.0f}% of the copy", flush=True)
+        rows = bench.roofline(case_list, device=device, progress=show)
+        print(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2)
+              if args.json else "\n" + bench.format_roofline(rows))
+        return 0
     here = bench.alloc_config()
     # CPU: the other allocator settings run in child processes (torch reads its switch once)
     others = []
@@ -240,6 +249,9 @@ def _add_bench(sub) -> None:
                    help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--roofline", action="store_true",
+                   help="our ops alone, at 1 thread and at all threads, as a share of the copy "
+                        "bandwidth measured at the same thread count (cases >= 64 MB)")
     p.add_argument("--alloc", choices=["both", "current", "all"], default="both",
                    help="CPU allocator settings to time under: both = torch with "
                         "THP_MEM_ALLOC_ENABLE=1 (fair) and torch's default (as shipped), each "

@@ -177,3 +177,28 @@ def test_bce_baselines_compute_the_same_loss(mode):
     torch.testing.assert_close(ours, want)
     steps = bench._bce_case((6, 11), torch.float32, mode, torch.device("cpu")).make()
     assert set(steps) == set(bench.BCE_IMPLS)
+
+
+def test_roofline_rows_and_table(monkeypatch):
+    """The roofline times only our op (a baseline that would fail is never called), at 1 and
+    at all threads, against the copy at the same count; goals by dtype."""
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 10.0)
+    calls = []
+
+    def make():
+        def boom():
+            raise AssertionError("a baseline was timed")
+        return {"fastcore_train": lambda: calls.append(torch.get_num_threads()), "eager": boom}
+
+    big = bench.ROOFLINE_MIN_BYTES
+    cases = [bench.Case("cross_entropy", "fwd 8x8 bf16", big, make, rounds=3),
+             bench.Case("mixup", "tiny fp32", 1, make)]
+    threads = torch.get_num_threads()
+    rows = bench.roofline(cases)
+    assert torch.get_num_threads() == threads
+    assert [r["case"] for r in rows] == ["fwd 8x8 bf16"]  # the cache-sized case is left out
+    assert rows[0]["goal_pct"] == 60
+    assert set(rows[0]["pct"]) == ({1, threads} if threads > 1 else {threads})
+    assert set(calls) == set(rows[0]["pct"])
+    table = bench.format_roofline(rows)
+    assert "| cross_entropy | fwd 8x8 bf16 |" in table and "10.0 GB/s at 1 thread" in table

@@ -37,33 +37,38 @@ struct Inputs {
   int64_t box[4] = {0, 0, 0, 0};
 };
 
-inline void check_stats(const char* op, const at::Tensor& x, Inputs& in, const at::Tensor& mean,
-                        const at::Tensor& std) {
+// Checks in three phases, the order of the Python checks: metadata (and the Python values: a
+// scalar lam, a batch box), then out=, then the tensors' values.
+
+inline void check_stats_meta(const char* op, const at::Tensor& x, Inputs& in,
+                             const at::Tensor& mean, const at::Tensor& std) {
   check_normmix_stats(op, x, mean, "mean");
   check_normmix_stats(op, x, std, "std");
   in.mean = mean.contiguous();
   in.std = std.contiguous();
+}
+
+inline void check_stats_values(const char* op, const Inputs& in) {
   if (in.mean.numel() == 0) return;
   if (in.mean.is_cpu()) {
     check_normmix_stat_values(op, in.mean.const_data_ptr<float>(), in.std.const_data_ptr<float>(),
                               in.mean.numel());
-  } else {
+  } else {  // on the device: no host read
     at::_assert_async((at::isfinite(in.mean).all() & at::isfinite(in.std).all() &
                        in.std.ne(0).all()),
                       std::string(op) + ": mean and std must be finite and std non-zero");
   }
 }
 
-inline void check_lam(const char* op, const at::Tensor& x, Inputs& in, const OptT& lam,
-                      double lam_scalar) {
+inline void check_lam_meta(const char* op, const at::Tensor& x, Inputs& in, const OptT& lam,
+                           double lam_scalar) {
   check_normmix_lam(op, x, lam, lam_scalar);
-  mixup_impl::check_lam_tensor(op, lam);
   if (lam.has_value()) in.lam = lam->to(at::kFloat).contiguous();
   in.lam_scalar = lam_scalar;
 }
 
-inline void check_boxes(const char* op, const at::Tensor& x, Inputs& in, const OptT& boxes,
-                        at::IntArrayRef box) {
+inline void check_boxes_meta(const char* op, const at::Tensor& x, Inputs& in, const OptT& boxes,
+                             at::IntArrayRef box) {
   const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
   if (boxes.has_value()) {
     TORCH_CHECK_TYPE(is_integral_dtype(boxes->scalar_type()), op,
@@ -73,21 +78,26 @@ inline void check_boxes(const char* op, const at::Tensor& x, Inputs& in, const O
     TORCH_CHECK_VALUE(boxes->device() == x.device(), op, ": boxes is on ", boxes->device(),
                       " but x is on ", x.device());
     in.boxes = boxes->to(at::kLong).contiguous();
-    if (in.boxes.is_cpu()) {
-      const int64_t* p = in.boxes.const_data_ptr<int64_t>();
-      for (int64_t i = 0; i < B; ++i) check_normmix_box_value(op, p + 4 * i, H, W, i);
-    } else if (B > 0) {  // on the device: no host read
-      const at::Tensor y0 = in.boxes.select(1, 0), y1 = in.boxes.select(1, 1);
-      const at::Tensor x0 = in.boxes.select(1, 2), x1 = in.boxes.select(1, 3);
-      at::_assert_async(((y0 >= 0) & (y0 <= y1) & (y1 <= H) & (x0 >= 0) & (x0 <= x1) & (x1 <= W))
-                            .all(),
-                        std::string(op) + ": a box (y0, y1, x0, x1) is outside the image");
-    }
   } else {
     TORCH_CHECK_VALUE(box.size() == 4, op, ": box must be 4 ints (y0, y1, x0, x1), got ",
                       box.size());
     std::copy(box.begin(), box.end(), in.box);
     check_normmix_box_value(op, in.box, H, W, -1);
+  }
+}
+
+inline void check_boxes_values(const char* op, const at::Tensor& x, const Inputs& in) {
+  if (!in.boxes.defined() || in.boxes.numel() == 0) return;
+  const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
+  if (in.boxes.is_cpu()) {
+    const int64_t* p = in.boxes.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i) check_normmix_box_value(op, p + 4 * i, H, W, i);
+  } else {  // on the device: no host read
+    const at::Tensor y0 = in.boxes.select(1, 0), y1 = in.boxes.select(1, 1);
+    const at::Tensor x0 = in.boxes.select(1, 2), x1 = in.boxes.select(1, 3);
+    at::_assert_async(((y0 >= 0) & (y0 <= y1) & (y1 <= H) & (x0 >= 0) & (x0 <= x1) & (x1 <= W))
+                          .all(),
+                      std::string(op) + ": a box (y0, y1, x0, x1) is outside the image");
   }
 }
 
@@ -164,14 +174,17 @@ at::Tensor run_new(const at::Tensor& x, const OptT& perm, const Inputs& in, Norm
 
 inline Inputs check_mixup(const at::Tensor& x, const OptT& perm, const OptT& lam,
                           double lam_scalar, const at::Tensor& mean, const at::Tensor& std,
-                          at::ScalarType out_dtype) {
+                          at::ScalarType out_dtype, const at::Tensor* out) {
   constexpr const char* op = "normalize_mixup";
   check_normmix_x(op, x);
   check_normmix_out_dtype(op, out_dtype);
   if (perm.has_value()) check_normmix_perm(op, x, *perm);
   Inputs in;
-  check_lam(op, x, in, lam, lam_scalar);
-  check_stats(op, x, in, mean, std);
+  check_lam_meta(op, x, in, lam, lam_scalar);
+  check_stats_meta(op, x, in, mean, std);
+  if (out != nullptr) check_out(op, x, *out, out_dtype);
+  mixup_impl::check_lam_tensor(op, lam);
+  check_stats_values(op, in);
   if (perm.has_value()) mixup_impl::check_perm(op, *perm, false);
   return in;
 }
@@ -184,7 +197,7 @@ template <class D>
 at::Tensor normalize_mixup(const at::Tensor& x, const OptT& perm, const OptT& lam,
                            double lam_scalar, const at::Tensor& mean, const at::Tensor& std,
                            at::ScalarType out_dtype) {
-  const Inputs in = check_mixup(x, perm, lam, lam_scalar, mean, std, out_dtype);
+  const Inputs in = check_mixup(x, perm, lam, lam_scalar, mean, std, out_dtype, nullptr);
   return run_new<D>(x, perm, in, mixup_mode(perm), out_dtype);
 }
 
@@ -192,8 +205,7 @@ template <class D>
 void normalize_mixup_out(const at::Tensor& x, const OptT& perm, const OptT& lam, double lam_scalar,
                          const at::Tensor& mean, const at::Tensor& std, at::ScalarType out_dtype,
                          at::Tensor& out) {
-  const Inputs in = check_mixup(x, perm, lam, lam_scalar, mean, std, out_dtype);
-  check_out("normalize_mixup", x, out, out_dtype);
+  const Inputs in = check_mixup(x, perm, lam, lam_scalar, mean, std, out_dtype, &out);
   run_out<D>(x, perm, in, mixup_mode(perm), out);
 }
 
@@ -201,14 +213,17 @@ void normalize_mixup_out(const at::Tensor& x, const OptT& perm, const OptT& lam,
 
 inline Inputs check_cutmix(const at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                            at::IntArrayRef box, const at::Tensor& mean, const at::Tensor& std,
-                           at::ScalarType out_dtype) {
+                           at::ScalarType out_dtype, const at::Tensor* out) {
   constexpr const char* op = "normalize_cutmix";
   check_normmix_x(op, x);
   check_normmix_out_dtype(op, out_dtype);
   check_normmix_perm(op, x, perm);
   Inputs in;
-  check_boxes(op, x, in, boxes, box);
-  check_stats(op, x, in, mean, std);
+  check_boxes_meta(op, x, in, boxes, box);
+  check_stats_meta(op, x, in, mean, std);
+  if (out != nullptr) check_out(op, x, *out, out_dtype);
+  check_boxes_values(op, x, in);
+  check_stats_values(op, in);
   mixup_impl::check_perm(op, perm, false);
   return in;
 }
@@ -217,7 +232,7 @@ template <class D>
 at::Tensor normalize_cutmix(const at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                             at::IntArrayRef box, const at::Tensor& mean, const at::Tensor& std,
                             at::ScalarType out_dtype) {
-  const Inputs in = check_cutmix(x, perm, boxes, box, mean, std, out_dtype);
+  const Inputs in = check_cutmix(x, perm, boxes, box, mean, std, out_dtype, nullptr);
   return run_new<D>(x, perm, in, NormMixMode::kCutmix, out_dtype);
 }
 
@@ -225,8 +240,7 @@ template <class D>
 void normalize_cutmix_out(const at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                           at::IntArrayRef box, const at::Tensor& mean, const at::Tensor& std,
                           at::ScalarType out_dtype, at::Tensor& out) {
-  const Inputs in = check_cutmix(x, perm, boxes, box, mean, std, out_dtype);
-  check_out("normalize_cutmix", x, out, out_dtype);
+  const Inputs in = check_cutmix(x, perm, boxes, box, mean, std, out_dtype, &out);
   run_out<D>(x, perm, in, NormMixMode::kCutmix, out);
 }
 

@@ -67,8 +67,7 @@ def normalize_mixup(x: torch.Tensor, perm: Optional[torch.Tensor], lam: Lam, mea
     op = "normalize_mixup"
     lam_t, lam_s, mean_t, std_t = _check_mixup(x, perm, lam, mean, std, out_dtype, values=False)
     if out is not None:
-        _check_out_type(op, out)
-        _check_no_grad_out(op, x, lam_t, out)
+        _check_out(op, x, out, out_dtype, lam_t)
     if _backend.use_extension(op, x):
         ops = torch.ops.fastcore_train
         if out is None:
@@ -104,8 +103,7 @@ def normalize_cutmix(x: torch.Tensor, perm: Optional[torch.Tensor], box: Box, me
     boxes, box_list, mean_t, std_t = _check_cutmix(x, perm, box, mean, std, out_dtype,
                                                    values=False)
     if out is not None:
-        _check_out_type(op, out)
-        _check_no_grad_out(op, x, None, out)
+        _check_out(op, x, out, out_dtype)
     lam = _cut_lam(x, boxes, box_list, perm is None)
     if perm is None:
         return normalize_mixup(x, None, 1.0, mean_t, std_t, out_dtype=out_dtype, out=out), lam
@@ -124,10 +122,12 @@ def normalize_mixup_reference(x: torch.Tensor, perm: Optional[torch.Tensor], lam
                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The pure-torch definition of :func:`normalize_mixup`, written as a user writes it: test
     oracle, fallback, baseline."""
-    op = "normalize_mixup"
-    lam_t, lam_s, mean_t, std_t = _check_mixup(x, perm, lam, mean, std, out_dtype, values=True)
+    # the metadata and out= first, then the values (which may sync on CUDA), as the wrapper
+    # and the compiled op check them
+    _check_mixup(x, perm, lam, mean, std, out_dtype, values=False)
     if out is not None:
-        _check_out(op, x, out, out_dtype)
+        _check_out("normalize_mixup", x, out, out_dtype)
+    lam_t, lam_s, mean_t, std_t = _check_mixup(x, perm, lam, mean, std, out_dtype, values=True)
     a = _norm(x, mean_t, std_t)
     if perm is None:
         y = a
@@ -143,11 +143,11 @@ def normalize_cutmix_reference(x: torch.Tensor, perm: Optional[torch.Tensor], bo
                                mean: Stats, std: Stats, *, out_dtype: torch.dtype = torch.float32,
                                out: Optional[torch.Tensor] = None):
     """The pure-torch definition of :func:`normalize_cutmix`: test oracle, fallback, baseline."""
-    op = "normalize_cutmix"
+    _check_cutmix(x, perm, box, mean, std, out_dtype, values=False)
+    if out is not None:
+        _check_out("normalize_cutmix", x, out, out_dtype)
     boxes, box_list, mean_t, std_t = _check_cutmix(x, perm, box, mean, std, out_dtype,
                                                    values=True)
-    if out is not None:
-        _check_out(op, x, out, out_dtype)
     lam = _cut_lam(x, boxes, box_list, perm is None)
     a = _norm(x, mean_t, std_t)
     if perm is None:
@@ -335,14 +335,10 @@ def _check_cutmix(x, perm, box, mean, std, out_dtype, values: bool):
     return boxes, box_list, mean_t, std_t
 
 
-def _check_out_type(op: str, out) -> None:
+def _check_out(op: str, x, out, out_dtype, lam_t=None) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{op}: out must be a tensor, got {type(out).__name__}")
-
-
-def _check_out(op: str, x, out, out_dtype) -> None:
-    _check_out_type(op, out)
-    _check_no_grad_out(op, x, None, out)
+    _check_no_grad_out(op, x, lam_t, out)
     if out.shape != x.shape:
         raise ValueError(f"{op}: out must have the shape of x, {list(x.shape)}, "
                          f"got {list(out.shape)}")

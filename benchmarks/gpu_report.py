@@ -23,6 +23,7 @@ HEADLINE = {
               "Mixup module 32x3x32x32 fp32"],
     "binary_cross_entropy": ["fwd+bwd 1024x11821 fp32", "fwd+bwd 1024x11821 bf16",
                              "fwd+bwd 256x1000 fp32"],
+    "normalize_mixup": ["uint8 256x3x224x224 -> fp32", "uint8 256x3x224x224 -> bf16"],
     "optim": None,  # every case
     "step": None,
 }

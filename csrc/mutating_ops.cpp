@@ -1,5 +1,6 @@
 // The autograd contract of every mutating operator -- the blends' out= and in-place forms
-// (mixup_out, mixup_inplace, cutmix_out, cutmix_inplace) and the optimizer passes (grad_stats_,
+// (mixup_out, mixup_inplace, cutmix_out, cutmix_inplace,
+// normalize_mixup_out, normalize_cutmix_out) and the optimizer passes (grad_stats_,
 // fused_adamw_, fused_sgd_) -- kept as torch keeps it for its own out= and in-place ops. The
 // kernels are device independent and read the written arguments from the schema (Tensor(a!),
 // Tensor(a!)? or Tensor(a!)[]), so a new mutating op only adds its name below.
@@ -118,7 +119,9 @@ void run_then_bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   }
 }
 
-constexpr const char* kOutOps[] = {"mixup_out", "mixup_inplace", "cutmix_out", "cutmix_inplace"};
+constexpr const char* kOutOps[] = {"mixup_out",          "mixup_inplace",
+                                   "cutmix_out",         "cutmix_inplace",
+                                   "normalize_mixup_out", "normalize_cutmix_out"};
 constexpr const char* kOptimizerOps[] = {"grad_stats_", "fused_adamw_", "fused_sgd_"};
 
 }  // namespace

@@ -88,6 +88,25 @@ TORCH_LIBRARY(fastcore_train, m) {
   m.def("cutmix_out(Tensor x, Tensor perm, Tensor? boxes, int[] box, Tensor(a!) out) -> ()");
   m.def("cutmix_inplace(Tensor(a!) x, Tensor perm, Tensor? boxes, int[] box) -> ()");
   m.def("cutmix_backward(Tensor grad, Tensor perm, Tensor? boxes, int[] box) -> Tensor");
+
+  // Fused uint8 normalize + mixup of a (B, C, H, W) uint8 batch x (NCHW or channels_last), in
+  // out_dtype (float32, bfloat16 or float16), with norm(v) = (float(v) - mean[c]) / std[c]
+  // (mean, std: (C,) float32, 0-255 scale): lam * norm(x) + (1 - lam) * norm(x[perm]), lam per
+  // sample (shape (B,)) or lam_scalar; with perm absent, norm(x) alone. Not differentiable.
+  m.def(
+      "normalize_mixup(Tensor x, Tensor? perm, Tensor? lam, float lam_scalar, Tensor mean, "
+      "Tensor std, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "normalize_mixup_out(Tensor x, Tensor? perm, Tensor? lam, float lam_scalar, Tensor mean, "
+      "Tensor std, ScalarType out_dtype, Tensor(a!) out) -> ()");
+  // Fused uint8 normalize + cutmix: norm(x[perm[i]]) inside box_i, norm(x[i]) outside; boxes
+  // and box as for cutmix.
+  m.def(
+      "normalize_cutmix(Tensor x, Tensor perm, Tensor? boxes, int[] box, Tensor mean, "
+      "Tensor std, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "normalize_cutmix_out(Tensor x, Tensor perm, Tensor? boxes, int[] box, Tensor mean, "
+      "Tensor std, ScalarType out_dtype, Tensor(a!) out) -> ()");
 }
 
 namespace {

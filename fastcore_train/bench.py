@@ -499,6 +499,78 @@ def mixup_cases(device, size="full") -> List[Case]:
 
 
 # ---------------------------------------------------------------------------------------------
+# normalize + mixup of a uint8 batch (the loader's output) in one pass
+
+NORMMIX_SHAPES = {"full": [(256, 3, 224, 224)], "quick": [(256, 3, 64, 64)]}
+NORMMIX_IMPLS = ("fastcore_train", "fastcore_train fresh", "fastcore_train normalize only",
+                 "eager", "compile", "timm", "copy")
+# timm's IMAGENET_DEFAULT_MEAN / STD on the 0-255 scale of a uint8 batch
+IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def _normmix_eager(x, perm, lam, mean, std, dtype):
+    """As a user writes it: normalize, blend, cast."""
+    C = x.shape[1]
+    a = (x.float() - mean.view(1, C, 1, 1)) / std.view(1, C, 1, 1)
+    return (lam * a + (1 - lam) * a[perm]).to(dtype)
+
+
+def _normmix_timm(x, lam, mean, std, dtype):
+    """timm's path: the loader's x.float().sub_(mean).div_(std), then its in-place flip blend."""
+    C = x.shape[1]
+    a = x.float().sub_(mean.view(1, C, 1, 1)).div_(std.view(1, C, 1, 1))
+    return timm_flip_(a, lam).to(dtype)
+
+
+def _normmix_case(shape, dtype, device) -> Case:
+    numel = 1
+    for s_ in shape:
+        numel *= s_
+    es = torch.finfo(dtype).bits // 8
+
+    def make():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device)
+        perm = torch.arange(shape[0] - 1, -1, -1, device=device)  # timm's flip pairing
+        mean = torch.tensor(IMAGENET_MEAN_255, device=device)
+        std = torch.tensor(IMAGENET_STD_255, device=device)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        lam = MIXUP_LAM
+        key = ("normalize_mixup", shape, dtype, device.type)
+        if key not in _compiled:
+            _allow_recompiles()
+            _compiled[key] = torch.compile(_normmix_eager, dynamic=False)
+        compiled = _compiled[key]
+        impls = {
+            "fastcore_train": lambda: ft.ops.normalize_mixup(x, perm, lam, mean, std,
+                                                             out_dtype=dtype, out=out),
+            "fastcore_train fresh": lambda: ft.ops.normalize_mixup(x, perm, lam, mean, std,
+                                                                   out_dtype=dtype),
+            "fastcore_train normalize only": lambda: ft.ops.normalize_mixup(
+                x, None, 1.0, mean, std, out_dtype=dtype, out=out),
+            "eager": lambda: _normmix_eager(x, perm, lam, mean, std, dtype),
+            "compile": lambda: compiled(x, perm, lam, mean, std, dtype),
+            "timm": lambda: _normmix_timm(x, lam, mean, std, dtype),
+            "copy": lambda: out.copy_(x),  # uint8 -> dtype: one read, one write
+        }
+        return {name: _synced(fn, device) for name, fn in impls.items()}
+
+    dname = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    big = numel >= 256 * 3 * 224 * 224
+    # both source rows of each output read (2 x the uint8 batch), the result written once
+    return Case("normalize_mixup", f"uint8 {'x'.join(map(str, shape))} -> {dname}",
+                numel * (2 + es), make, rounds=7 if big and device.type == "cpu" else 15,
+                impls=NORMMIX_IMPLS)
+
+
+def normalize_mixup_cases(device, size="full") -> List[Case]:
+    device = torch.device(device)
+    return [_normmix_case(shape, dtype, device) for shape in NORMMIX_SHAPES[size]
+            for dtype in (torch.float32, torch.bfloat16)]
+
+
+# ---------------------------------------------------------------------------------------------
 
 def step_cases(device, size="full") -> List[Case]:
     from fastcore_train.bench_step import step_cases as cases_
@@ -507,7 +579,8 @@ def step_cases(device, size="full") -> List[Case]:
 
 _REGISTRY = {"cross_entropy": cross_entropy_cases,
              "binary_cross_entropy": binary_cross_entropy_cases,
-             "optim": optim_cases, "mixup": mixup_cases, "step": step_cases}
+             "optim": optim_cases, "mixup": mixup_cases,
+             "normalize_mixup": normalize_mixup_cases, "step": step_cases}
 OPS = tuple(_REGISTRY)
 
 

@@ -90,6 +90,14 @@ class Mixup(torch.nn.Module):
             in-place ops, so a backward that saved it raises instead of using mixed values.
         generator: the ``torch.Generator`` (CPU) every random choice is drawn from; ``None``
             uses torch's default generator (so ``torch.manual_seed`` makes runs repeatable).
+        mean, std: per-channel statistics on the 0-255 scale (C numbers each, e.g. timm's
+            ``IMAGENET_DEFAULT_MEAN`` times 255): the batch is then a uint8 (B, C, H, W) image
+            batch as loaded (NCHW or channels_last), normalized ``(x - mean) / std`` and mixed
+            in one pass (:func:`ft.ops.normalize_mixup`, :func:`ft.ops.normalize_cutmix`); an
+            unmixed batch (``prob``, ``eval()``) is normalized alone. Without them (the default)
+            the batch is a float batch, mixed as it is.
+        out_dtype: the dtype of the normalized batch with mean/std: torch.float32 (default),
+            torch.bfloat16 or torch.float16.
 
     Cutmix boxes have the area ``(1 - lam) * H * W`` around a uniform centre, clipped to the
     image; lam is then recomputed from the clipped area so the loss weights match the pixels.
@@ -107,12 +115,14 @@ class Mixup(torch.nn.Module):
       keeps ``y_b = y[perm]``: the same values and loss as eager mode's untouched batch, except
       that a sample's value is NaN where its partner has an inf or NaN (0 * inf).
     - With both alphas > 0 the batch goes through both fused ops, one of them as the identity
-      (an empty box, or lam = 1): one extra pass over the batch.
+      (an empty box, or lam = 1): one extra pass over the batch (with mean/std, the first op
+      normalizes the uint8 batch and the second is the float blend).
     """
 
     def __init__(self, alpha: float = 0.4, cutmix_alpha: float = 0.0, prob: float = 1.0,
                  switch_prob: float = 0.5, mode: str = "batch", inplace: bool = False,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, mean=None, std=None,
+                 out_dtype: torch.dtype = torch.float32):
         super().__init__()
         for name, v in (("alpha", alpha), ("cutmix_alpha", cutmix_alpha)):
             if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
@@ -134,6 +144,27 @@ class Mixup(torch.nn.Module):
             if generator.device.type != "cpu":
                 raise ValueError(f"Mixup: generator must be a CPU generator (the parameters are "
                                  f"sampled on the CPU), got one on {generator.device}")
+        if (mean is None) != (std is None):
+            raise ValueError("Mixup: mean and std go together; give both (to normalize a uint8 "
+                             "batch) or neither")
+        if mean is not None:
+            mean, std = _stats("mean", mean), _stats("std", std)
+            if mean.shape != std.shape:
+                raise ValueError(f"Mixup: mean and std must have the same length, got "
+                                 f"{mean.numel()} and {std.numel()}")
+            if not bool((std != 0).all()) or not bool(torch.isfinite(std).all()) \
+                    or not bool(torch.isfinite(mean).all()):
+                raise ValueError("Mixup: mean and std must be finite and std non-zero")
+            if inplace:
+                raise ValueError("Mixup: inplace=True cannot be combined with mean/std: the "
+                                 "normalized batch is a new float tensor, not the uint8 input")
+        if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"Mixup: out_dtype must be torch.float32, torch.bfloat16 or "
+                             f"torch.float16, got {out_dtype!r}")
+        self.mean = mean
+        self.std = std
+        self.out_dtype = out_dtype
+        self._stats_on: dict = {}  # mean/std per device
         self.alpha = float(alpha)
         self.cutmix_alpha = float(cutmix_alpha)
         self.prob = float(prob)
@@ -216,8 +247,11 @@ class Mixup(torch.nn.Module):
             raise ValueError(f"Mixup: target must have x's batch size {x.shape[0]} as its first "
                              f"dimension, got shape {list(target.shape)}")
         B = x.shape[0]
+        if self.mean is not None and x.dtype != torch.uint8:
+            raise TypeError(f"Mixup: with mean/std the batch must be uint8 images as loaded, "
+                            f"got {x.dtype}; for a float batch leave mean and std unset")
         if not self.training or B == 0:
-            return x, MixedTarget(target, target, 1.0)
+            return self._normalize(x), MixedTarget(target, target, 1.0)
         if self.cutmix_alpha > 0 and x.dim() != 4:
             # refused whatever the draw, so that a wrong input fails on its first batch
             raise ValueError(f"Mixup: cutmix needs a (B, C, H, W) batch, got a {x.dim()}-D one")
@@ -235,20 +269,20 @@ class Mixup(torch.nn.Module):
             if cut:
                 boxes = self._boxes(lam, x.shape[2], x.shape[3], self.generator)
                 # an unmixed sample (lam == 1) gets an empty box, hence lam 1 again below
-                x_mixed, lam_t = ops.cutmix(x, perm, _to_device(boxes, x.device), out=out)
+                x_mixed, lam_t = self._cutmix(x, perm, _to_device(boxes, x.device), out)
             else:
                 lam_t = _to_device(lam.to(torch.float32), x.device)
-                x_mixed = ops.mixup(x, perm, lam_t, out=out)
+                x_mixed = self._mixup(x, perm, lam_t, out)
             return x_mixed, MixedTarget(target, _take(target, perm), lam_t)
 
         if self.prob < 1.0 and not self._coin(self.prob):
-            return x, MixedTarget(target, target, 1.0)
+            return self._normalize(x), MixedTarget(target, target, 1.0)
         lam = self._beta(alpha)
         perm = self._perm(B, x.device)
         if cut:
-            x_mixed, lam = ops.cutmix(x, perm, self._box(lam, x.shape[2], x.shape[3]), out=out)
+            x_mixed, lam = self._cutmix(x, perm, self._box(lam, x.shape[2], x.shape[3]), out)
         else:
-            x_mixed = ops.mixup(x, perm, lam, out=out)
+            x_mixed = self._mixup(x, perm, lam, out)
         return x_mixed, MixedTarget(target, _take(target, perm), lam)
 
     def _forward_traced(self, x: torch.Tensor, target: torch.Tensor
@@ -264,7 +298,7 @@ class Mixup(torch.nn.Module):
         if boxes is not None:
             if use_cut is not None:
                 boxes = torch.where(use_cut, boxes, 0)  # mixup's turn: an empty box
-            x_mixed, lam = ops.cutmix(x, perm, boxes.expand(B, 4).to(device), out=out)
+            x_mixed, lam = self._cutmix(x, perm, boxes.expand(B, 4).to(device), out)
             if self.mode != "elem":
                 lam = lam[0]
         if lam_m is not None:
@@ -275,7 +309,7 @@ class Mixup(torch.nn.Module):
                 x_mixed = ops.mixup(x_mixed, perm, lam_b.expand(B), out=out)
                 lam = torch.where(use_cut, lam, lam_m)
             else:
-                x_mixed = ops.mixup(x, perm, lam_m.expand(B), out=out)
+                x_mixed = self._mixup(x, perm, lam_m.expand(B), out)
                 lam = lam_m
         return x_mixed, MixedTarget(target, _take(target, perm), lam)
 
@@ -300,9 +334,51 @@ class Mixup(torch.nn.Module):
         boxes = self._boxes(lam_of(self.cutmix_alpha), H, W) if cut_on else None
         return perm, use_cut, lam_m, boxes
 
+    # -- the blends: plain, or normalizing a uint8 batch (mean/std) ----------------------------
+
+    def _stats_for(self, device: torch.device):
+        stats = self._stats_on.get(device)
+        if stats is None:
+            stats = self._stats_on[device] = (self.mean.to(device), self.std.to(device))
+        return stats
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return x
+        mean, std = self._stats_for(x.device)
+        return ops.normalize_mixup(x, None, 1.0, mean, std, out_dtype=self.out_dtype)
+
+    def _mixup(self, x, perm, lam, out):
+        if self.mean is None:
+            return ops.mixup(x, perm, lam, out=out)
+        mean, std = self._stats_for(x.device)
+        return ops.normalize_mixup(x, perm, lam, mean, std, out_dtype=self.out_dtype)
+
+    def _cutmix(self, x, perm, box, out):
+        if self.mean is None:
+            return ops.cutmix(x, perm, box, out=out)
+        mean, std = self._stats_for(x.device)
+        return ops.normalize_cutmix(x, perm, box, mean, std, out_dtype=self.out_dtype)
+
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, cutmix_alpha={self.cutmix_alpha}, prob={self.prob}, "
-                f"switch_prob={self.switch_prob}, mode={self.mode!r}, inplace={self.inplace}")
+                f"switch_prob={self.switch_prob}, mode={self.mode!r}, inplace={self.inplace}"
+                + ("" if self.mean is None else
+                   f", mean={self.mean.tolist()}, std={self.std.tolist()}, "
+                   f"out_dtype={self.out_dtype}"))
+
+
+def _stats(name: str, v) -> torch.Tensor:
+    """mean or std as a (C,) float32 CPU tensor."""
+    try:
+        t = torch.as_tensor(v, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"Mixup: {name} must be a sequence of numbers (one per channel) or a "
+                        f"1-D tensor, got {type(v).__name__}") from None
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"Mixup: {name} must hold one number per channel (1-D), got shape "
+                         f"{list(t.shape)}")
+    return t
 
 
 def _take(target: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,8 @@ def cpu_and_cuda():
 
 CUDA_OPS = ("cross_entropy", "cross_entropy_backward", "mixup", "mixup_out", "mixup_inplace",
             "mixup_backward", "cutmix", "cutmix_out", "cutmix_inplace", "cutmix_backward",
-            "grad_stats_", "fused_adamw_", "fused_sgd_")
+            "grad_stats_", "fused_adamw_", "fused_sgd_", "normalize_mixup", "normalize_mixup_out",
+            "normalize_cutmix", "normalize_cutmix_out")
 
 
 def cuda_kernels_missing():

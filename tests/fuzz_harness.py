@@ -56,6 +56,16 @@ KNOWN = {
     "bce.smoothing_above_one": "ValueError",   # the dense targets would go negative
     "bce.lam_outside": "ValueError",           # the blend would extrapolate
     "bce.pos_weight_per_element": "ValueError",  # torch broadcasts a (B, C) weight; ours is per class
+    "normmix.x_float": "TypeError",            # eager normalizes any dtype; ours takes uint8
+    "normmix.std_zero": "ValueError",          # eager divides by 0 (inf/NaN); ours refuses
+    "normmix.stat_nonfinite": "ValueError",    # eager propagates a NaN/inf mean or std
+    "normmix.perm_duplicate": "ValueError",    # x[perm] accepts duplicates
+    "normmix.perm_negative": "IndexError",     # x[perm] wraps -1 around
+    "normmix.perm_int32": "TypeError",
+    "normmix.perm_length": "ValueError",       # eager: RuntimeError from broadcasting
+    "normmix.lam_outside": "ValueError",       # eager extrapolates
+    "normmix.lam_nan": "ValueError",
+    "normmix.stats_length": "ValueError",      # eager: RuntimeError from view()
     "optim.lr_str": "TypeError",
     "optim.lr_none": "TypeError",
     "optim.lr_nan": "ValueError",              # torch.optim.SGD accepts a NaN lr (AdamW refuses)
@@ -551,6 +561,98 @@ def _cutmix_case(h, cid, shape, dtype, layout, bk, gen):
            lambda: (ft.ops.cutmix(x, perm, box)[0],), paste(x.double()), dtype)
 
 
+# ---- normalize + mixup of a uint8 batch ------------------------------------------------------------
+
+def normalize_mixup_family(h: Harness, rng: random.Random):
+    """ft.ops.normalize_mixup against the eager composition (x.float() - mean) / std, then
+    lam * a + (1 - lam) * a[perm], cast to out_dtype."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(1, 1, 3, 3), (4, 3, 5, 7), (5, 4, 6, 9), (3, 3, 17, 33)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    layouts = ["nchw", "channels_last"]
+    perms = ["valid", "none", "duplicate", "negative", "int32", "length"]
+    lams = ["float", "tensor", "zero", "one", "outside", "nan"]
+    stats = ["imagenet", "unit", "std_zero", "std_negative", "mean_nan", "std_inf", "short",
+             "x_float"]
+    for i, (shape, dtype, layout) in enumerate(itertools.product(shapes, dtypes, layouts)):
+        for _ in range(5):
+            pk = rng.choice(perms) if rng.random() < 0.4 else "valid"
+            lk = rng.choice(lams)
+            sk = rng.choice(stats) if rng.random() < 0.4 else "imagenet"
+            _normmix_case(h, f"{i}", shape, dtype, layout, pk, lk, sk, gen)
+    for pk in perms:
+        _normmix_case(h, f"p.{pk}", (4, 3, 5, 7), torch.float32, "nchw", pk, "float", "imagenet",
+                      gen)
+    for lk in lams:
+        _normmix_case(h, f"l.{lk}", (4, 3, 5, 7), torch.float32, "nchw", "valid", lk, "imagenet",
+                      gen)
+    for sk in stats:
+        _normmix_case(h, f"s.{sk}", (4, 3, 5, 7), torch.float32, "nchw", "valid", "float", sk,
+                      gen)
+
+
+def _normmix_case(h, cid, shape, dtype, layout, pk, lk, sk, gen):
+    B, C, H, W = shape
+    x = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    if sk == "x_float":
+        x = x.float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    perm = {"valid": torch.randperm(B, generator=gen), "none": None,
+            "duplicate": torch.zeros(B, dtype=torch.long),
+            "negative": torch.arange(B) - 1, "int32": torch.randperm(B, generator=gen).int(),
+            "length": torch.arange(B + 1) % B}[pk]
+    if pk == "duplicate" and B == 1:
+        perm = torch.tensor([0, 0])[:1]  # a single sample cannot repeat: a valid perm
+    if pk == "negative" and B == 1:
+        perm = torch.tensor([-1])
+    lam = {"float": 0.3, "tensor": torch.rand(B, generator=gen), "zero": 0.0, "one": 1.0,
+           "outside": 1.5, "nan": float("nan")}[lk]
+    mean = torch.rand(C, generator=gen) * 100 + 80
+    std = torch.rand(C, generator=gen) * 30 + 40
+    if sk == "unit":
+        mean, std = torch.zeros(C), torch.ones(C)
+    elif sk == "std_zero":
+        std[0] = 0.0
+    elif sk == "std_negative":
+        std = -std
+    elif sk == "mean_nan":
+        mean[-1] = float("nan")
+    elif sk == "std_inf":
+        std[0] = float("inf")
+    elif sk == "short":
+        mean, std = mean[:-1], std[:-1]
+    kind = []
+    if sk == "x_float":
+        kind.append("normmix.x_float")
+    if sk == "std_zero":
+        kind.append("normmix.std_zero")
+    if sk in ("mean_nan", "std_inf"):
+        kind.append("normmix.stat_nonfinite")
+    if sk == "short":
+        kind.append("normmix.stats_length")
+    if perm is not None:
+        kind += {"duplicate": ["normmix.perm_duplicate"] if B > 1 else [],
+                 "negative": ["normmix.perm_negative"], "int32": ["normmix.perm_int32"],
+                 "length": ["normmix.perm_length"]}.get(pk, [])
+    # (checked with perm=None too, where eager never uses lam)
+    kind += {"outside": ["normmix.lam_outside"], "nan": ["normmix.lam_nan"]}.get(lk, [])
+
+    def eager(acc):
+        def go():
+            a = (x.to(acc) - mean.to(acc).view(1, -1, 1, 1)) / std.to(acc).view(1, -1, 1, 1)
+            if perm is None:
+                return (a.to(dtype),)
+            w = lam.to(acc).view(-1, 1, 1, 1) if isinstance(lam, torch.Tensor) else lam
+            return ((w * a + (1 - w) * a[perm]).to(dtype),)
+        return go
+
+    h.case("normalize_mixup", f"{cid}:{list(shape)}:{dtype}:{layout}:{pk}:{lk}:{sk}", kind,
+           eager(torch.float32),
+           lambda: (ft.ops.normalize_mixup(x, perm, lam, mean, std, out_dtype=dtype),),
+           eager(torch.float64), dtype)
+
+
 # ---- the loss scaler -------------------------------------------------------------------------------
 
 def scaler_family(h: Harness, rng: random.Random):
@@ -586,7 +688,8 @@ def scaler_family(h: Harness, rng: random.Random):
 
 
 FAMILIES = {"cross_entropy": ce_family, "binary_cross_entropy": bce_family,
-            "mixup": mixup_family, "cutmix": cutmix_family, "optim": optim_family,
+            "mixup": mixup_family, "cutmix": cutmix_family,
+            "normalize_mixup": normalize_mixup_family, "optim": optim_family,
             "scaler": scaler_family}
 
 

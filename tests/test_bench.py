@@ -202,3 +202,20 @@ def test_roofline_rows_and_table(monkeypatch):
     assert set(calls) == set(rows[0]["pct"])
     table = bench.format_roofline(rows)
     assert "| cross_entropy | fwd 8x8 bf16 |" in table and "10.0 GB/s at 1 thread" in table
+
+
+def test_normalize_mixup_baselines_compute_the_op():
+    """The normalize_mixup benchmark's baselines (eager, timm's path) compute what the fused op
+    does, so the ratios compare the same work."""
+    import fastcore_train as ft
+    from fastcore_train import bench as b
+    x = torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8)
+    mean, std = torch.tensor(b.IMAGENET_MEAN_255), torch.tensor(b.IMAGENET_STD_255)
+    perm = torch.arange(5, -1, -1)
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = ft.ops.normalize_mixup(x, perm, 0.7, mean, std, out_dtype=dtype)
+        eager = b._normmix_eager(x, perm, 0.7, mean, std, dtype)
+        torch.testing.assert_close(ours, eager, atol=0, rtol=0)
+        torch.testing.assert_close(b._normmix_timm(x, 0.7, mean, std, dtype), eager)
+    names = {c.name for c in b.cases("normalize_mixup", size="full")}
+    assert names == {"uint8 256x3x224x224 -> fp32", "uint8 256x3x224x224 -> bf16"}

@@ -13,8 +13,11 @@ import fuzz_harness  # noqa: E402
 
 
 def test_no_mismatch_with_torch():
+    # the package of this checkout, not whichever one the interpreter would find on its own
+    root = os.path.dirname(HERE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_harness.py")],
-                       capture_output=True, text=True, timeout=600, cwd=os.path.dirname(HERE))
+                       capture_output=True, text=True, timeout=600, cwd=root, env=env)
     last = r.stderr.strip().splitlines()[-1:] or ["<none>"]
     assert r.returncode == 0, f"the harness died (exit {r.returncode}) at case {last[0]}"
     result = json.loads(r.stdout.strip().splitlines()[-1])

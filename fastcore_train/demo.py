@@ -38,7 +38,8 @@ import fastcore_train as ft
 from fastcore_train import _backend
 from fastcore_train.callbacks import Callback
 
-__all__ = ["SmallCNN", "load_data", "run_demo", "demo_lr_find", "RunResult", "Recipe"]
+__all__ = ["SmallCNN", "Normalize", "load_data", "run_demo", "demo_lr_find", "RunResult",
+           "Recipe"]
 
 
 class SmallCNN(nn.Module):
@@ -64,6 +65,31 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class Normalize(nn.Module):
+    """The first layer of both runs' models: uint8 images -> ``(x - mean) / std`` per channel,
+    float32 (mean and std on the images' own scale).
+
+    The loaders yield uint8 batches, as image loaders do. The baseline normalises them in eager
+    torch, ``(x.float() - mean) / std``, the way users write it. The recipe's training batches
+    arrive here already normalised and mixed by ``ft.Mixup(mean=, std=)`` (one fused pass from
+    uint8) and pass through; its validation batches are normalised by the same fused op with no
+    mix (``ft.ops.normalize_mixup(x, None, ...)``). Both give the same values.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, fused: bool):
+        super().__init__()
+        self.fused = fused
+        self.register_buffer("mean", mean.float().clone(), persistent=False)
+        self.register_buffer("std", std.float().clone(), persistent=False)
+
+    def forward(self, x):
+        if x.dtype != torch.uint8:
+            return x  # normalised on the way (ft.Mixup)
+        if self.fused:
+            return ft.ops.normalize_mixup(x, None, 1.0, self.mean, self.std)
+        return (x.float() - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 
@@ -87,7 +113,9 @@ def _load_digits():
         raise ImportError("the digits demo needs scikit-learn: pip install "
                           "'fastcore_train[demo]' (or scikit-learn)") from e
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
+    # 8x8 images of 0..16 ink levels, kept as such in uint8; normalised with mean 8 and std 8,
+    # (v - 8) / 8 == (v/16 - 0.5) / 0.5 exactly in float32
+    x = d.images.astype(np.uint8)
     return _split(x[:, None], d.target.astype(np.int64), val_fraction=0.2)
 
 
@@ -152,16 +180,12 @@ def _load_cifar10(root: str):
     xtr = np.concatenate([p[0] for p in parts])
     ytr = np.concatenate([p[1] for p in parts])
     xva, yva = _read_cifar_batch(os.path.join(folder, "test_batch"))
-    mean = xtr.reshape(-1, 3, 1024).mean(axis=(0, 2)).reshape(1, 3, 1, 1) / 255.0
-    std = xtr.reshape(-1, 3, 1024).std(axis=(0, 2)).reshape(1, 3, 1, 1) / 255.0
-
-    def norm(a):
-        return ((a.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
-    return (norm(xtr), ytr), (norm(xva), yva)
+    return (xtr, ytr), (xva, yva)
 
 
 def load_data(name: str = "digits", root: Optional[str] = None):
-    """((x_train, y_train), (x_val, y_val), num_classes) as tensors."""
+    """((x_train, y_train), (x_val, y_val), num_classes) as tensors; images are uint8 (B, C, H,
+    W), normalised by the model's first layer (see :func:`normalization`)."""
     if name == "digits":
         (xtr, ytr), (xva, yva) = _load_digits()
     elif name == "cifar10":
@@ -170,6 +194,20 @@ def load_data(name: str = "digits", root: Optional[str] = None):
         raise ValueError(f"unknown dataset {name!r}; expected 'digits' or 'cifar10'")
     t = torch.from_numpy
     return (t(xtr), t(ytr)), (t(xva), t(yva)), int(max(ytr.max(), yva.max()) + 1)
+
+
+def normalization(name: str, x_train: torch.Tensor):
+    """Per-channel (mean, std), float32 (C,), on the uint8 images' scale: digits' 0..16 ink
+    levels -> 8, 8; CIFAR-10 -> the training set's statistics (0..255)."""
+    if name == "digits":
+        return torch.full((1,), 8.0), torch.full((1,), 8.0)
+    x = x_train.double().transpose(0, 1).reshape(x_train.shape[1], -1)
+    return x.mean(dim=1).float(), x.std(dim=1, unbiased=False).float()
+
+
+def build_model(in_channels: int, num_classes: int, mean, std, fused: bool) -> nn.Module:
+    """``Normalize`` then :class:`SmallCNN`."""
+    return nn.Sequential(Normalize(mean, std, fused), SmallCNN(in_channels, num_classes))
 
 
 def _loader(x, y, batch_size, shuffle, seed):
@@ -276,8 +314,12 @@ def run_recipe(model, data, *, epochs, batch_size, seed, device, progress,
     train = _loader(xtr, ytr, batch_size, True, seed)
     val = _loader(xva, yva, 512, False, seed)
     loss_fn = ft.nn.LabelSmoothingCrossEntropy(smoothing=recipe.label_smoothing)
+    norm = model[0] if isinstance(model, nn.Sequential) and isinstance(model[0], Normalize) \
+        else None
+    # uint8 batch -> normalise + mix in one fused pass (float batches: the blend alone)
+    stats = dict(mean=norm.mean, std=norm.std) if norm is not None else {}
     mixup = ft.Mixup(alpha=recipe.mixup_alpha, prob=recipe.mixup_prob,
-                     generator=torch.Generator().manual_seed(seed))
+                     generator=torch.Generator().manual_seed(seed), **stats)
     opt = ft.optim.FusedAdamW(model.parameters(), lr=1e-3, weight_decay=recipe.weight_decay)
     amp = torch.bfloat16 if _bf16_helps(device) else None
 
@@ -384,8 +426,9 @@ def run_demo(*, data: str = "digits", root: Optional[str] = None, epochs: Option
     recipe_epochs = epochs or cfg["recipe_epochs"]
     os.makedirs(out, exist_ok=True)
     tr, va, num_classes = load_data(data, root)
+    mean, std = normalization(data, tr[0])
     torch.manual_seed(seed)
-    model = SmallCNN(tr[0].shape[1], num_classes).to(dev)
+    model = build_model(tr[0].shape[1], num_classes, mean, std, fused=False).to(dev)
     init = copy.deepcopy(model.state_dict())  # both runs start from the same weights
 
     print(f"== baseline: Adam lr=1e-3 constant, cross-entropy, fp32, batch "
@@ -393,10 +436,12 @@ def run_demo(*, data: str = "digits", root: Optional[str] = None, epochs: Option
     baseline = run_baseline(model, (tr, va), epochs=base_epochs, batch_size=cfg["baseline_batch"],
                             seed=seed, device=dev, progress=progress)
     model.load_state_dict(init)
+    model[0].fused = True  # the recipe normalises in the fused op (same values)
     rc = cfg["recipe"]
     print(f"== fast recipe: LR finder ({rc.lr_find_iters} steps, {rc.lr_find_start:g}.."
           f"{rc.lr_find_end:g}) -> one-cycle, label smoothing {rc.label_smoothing:g} + mixup "
-          f"(alpha {rc.mixup_alpha:g} on {rc.mixup_prob:.0%} of batches, fused), FusedAdamW, "
+          f"(alpha {rc.mixup_alpha:g} on {rc.mixup_prob:.0%} of batches, normalised from uint8 "
+          f"and mixed in one fused op), FusedAdamW, "
           f"early stopping, batch {cfg['recipe_batch']}, {recipe_epochs} epochs")
     recipe, finder = run_recipe(model, (tr, va), epochs=recipe_epochs,
                                 batch_size=cfg["recipe_batch"], seed=seed, device=dev,
@@ -434,8 +479,9 @@ def demo_lr_find(*, data: str = "digits", root: Optional[str] = None, out: str =
     dev = torch.device(device)
     os.makedirs(out, exist_ok=True)
     (xtr, ytr), _, num_classes = load_data(data, root)
+    mean, std = normalization(data, xtr)
     torch.manual_seed(seed)
-    model = SmallCNN(xtr.shape[1], num_classes).to(dev)
+    model = build_model(xtr.shape[1], num_classes, mean, std, fused=True).to(dev)
     loss_fn = ft.nn.LabelSmoothingCrossEntropy(smoothing=0.1)
     opt = ft.optim.FusedAdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     res = ft.lr_find(model, _loader(xtr, ytr, DEFAULTS[data]["recipe_batch"], True, seed),

@@ -74,10 +74,28 @@ def test_load_cifar10_format(tmp_path):
     _write_cifar(tmp_path)
     (xtr, ytr), (xva, yva), num_classes = demo.load_data("cifar10", str(tmp_path))
     assert xtr.shape == (200, 3, 32, 32) and xva.shape == (40, 3, 32, 32)
-    assert xtr.dtype == torch.float32 and ytr.dtype == torch.int64
+    assert xtr.dtype == torch.uint8 and ytr.dtype == torch.int64
     assert num_classes == 10
-    # Normalised with the training set's per-channel statistics.
-    assert torch.allclose(xtr.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+    # The model's first layer normalises with the training set's per-channel statistics.
+    mean, std = demo.normalization("cifar10", xtr)
+    for fused in (False, True):
+        z = demo.Normalize(mean, std, fused)(xtr)
+        assert z.dtype == torch.float32
+        assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+        assert torch.allclose(z.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4)
+
+
+def test_digits_are_uint8_and_normalise_as_before():
+    """Digits stay 0..16 ink levels in uint8; (v - 8) / 8 is exactly the float normalisation
+    the demo used before, (v/16 - 0.5) / 0.5, by both paths."""
+    (xtr, _), _, _ = demo.load_data("digits")
+    assert xtr.dtype == torch.uint8 and int(xtr.max()) == 16
+    mean, std = demo.normalization("digits", xtr)
+    want = (xtr.float() / 16.0 - 0.5) / 0.5
+    for fused in (False, True):
+        assert torch.equal(demo.Normalize(mean, std, fused)(xtr), want)
+    z = torch.randn(2, 1, 8, 8)
+    assert demo.Normalize(mean, std, True)(z) is z  # normalised on the way by ft.Mixup
 
 
 def test_cli_demo_cifar10(tmp_path, capsys, monkeypatch):

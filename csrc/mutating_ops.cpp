@@ -1,6 +1,6 @@
 // The autograd contract of every mutating operator -- the blends' out= and in-place forms
-// (mixup_out, mixup_inplace, cutmix_out, cutmix_inplace,
-// normalize_mixup_out, normalize_cutmix_out) and the optimizer passes (grad_stats_,
+// (mixup.out, mixup_, cutmix.out, cutmix_, normalize_mixup.out, normalize_cutmix.out: torch's
+// naming, op.out and op_) and the optimizer passes (grad_stats_,
 // fused_adamw_, fused_sgd_) -- kept as torch keeps it for its own out= and in-place ops. The
 // kernels are device independent and read the written arguments from the schema (Tensor(a!),
 // Tensor(a!)? or Tensor(a!)[]), so a new mutating op only adds its name below.
@@ -49,16 +49,12 @@ void for_each_tensor_arg(const c10::FunctionSchema& schema, const torch::jit::St
   }
 }
 
-// "mixup_out" -> "mixup": the function the user called with out=.
+// "mixup.out" / "mixup_" -> "mixup": the function the user called with out=. The schema's
+// name carries no overload name, so only the in-place form's underscore is left to strip.
 std::string public_name(const c10::OperatorHandle& op) {
   std::string name = op.schema().name();
   name = name.substr(name.find("::") + 2);
-  for (const char* suffix : {"_out", "_inplace"}) {
-    const std::string s(suffix);
-    if (name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) {
-      return name.substr(0, name.size() - s.size());
-    }
-  }
+  if (name.size() > 1 && name.back() == '_') name.pop_back();
   return name;
 }
 
@@ -81,7 +77,7 @@ void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
 
-// mixup_out & co: torch's out= rule
+// mixup.out & co: torch's out= rule
 void refuse_grad_then_run(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                           torch::jit::Stack* stack) {
   TORCH_CHECK(!(c10::GradMode::is_enabled() && any_requires_grad(op, *stack, false)),
@@ -119,9 +115,9 @@ void run_then_bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   }
 }
 
-constexpr const char* kOutOps[] = {"mixup_out",          "mixup_inplace",
-                                   "cutmix_out",         "cutmix_inplace",
-                                   "normalize_mixup_out", "normalize_cutmix_out"};
+constexpr const char* kOutOps[] = {"mixup.out",          "mixup_",
+                                   "cutmix.out",         "cutmix_",
+                                   "normalize_mixup.out", "normalize_cutmix.out"};
 constexpr const char* kOptimizerOps[] = {"grad_stats_", "fused_adamw_", "fused_sgd_"};
 
 }  // namespace

@@ -74,19 +74,24 @@ TORCH_LIBRARY(fastcore_train, m) {
       "float dampening, bool nesterov, bool maximize, float weight_decay, Tensor? grad_scale, "
       "Tensor? found_inf, Tensor? sq_norm, float max_grad_norm) -> ()");
 
+  // The blends' mutating forms follow torch's naming: op.out writes `out`, op_ writes its first
+  // argument. They return nothing (torch's return `out`; a custom op that returns an alias of
+  // a written input cannot be functionalized by torch.compile); the Python entry points
+  // return the written tensor as torch's do.
+  //
   // Mixup blend: lam * x + (1 - lam) * x[perm] over the batch (dim 0) of x, any shape and
   // layout. lam: per-sample weights (shape (B,)); when absent, lam_scalar is used. perm must be
   // a permutation of range(B); in place, an involution (perm[perm[i]] == i).
   m.def("mixup(Tensor x, Tensor perm, Tensor? lam, float lam_scalar) -> Tensor");
-  m.def("mixup_out(Tensor x, Tensor perm, Tensor? lam, float lam_scalar, Tensor(a!) out) -> ()");
-  m.def("mixup_inplace(Tensor(a!) x, Tensor perm, Tensor? lam, float lam_scalar) -> ()");
+  m.def("mixup.out(Tensor x, Tensor perm, Tensor? lam, float lam_scalar, Tensor(a!) out) -> ()");
+  m.def("mixup_(Tensor(a!) x, Tensor perm, Tensor? lam, float lam_scalar) -> ()");
   // d x[j] = lam_j * grad[j] + (1 - lam_i) * grad[i] with perm[i] = j.
   m.def("mixup_backward(Tensor grad, Tensor perm, Tensor? lam, float lam_scalar) -> Tensor");
   // Cutmix paste of (B, C, H, W) x: box (y0, y1, x0, x1) of x[perm[i]] into x[i]. boxes: per-
   // sample boxes (B, 4); when absent, `box` (4 ints) for every sample.
   m.def("cutmix(Tensor x, Tensor perm, Tensor? boxes, int[] box) -> Tensor");
-  m.def("cutmix_out(Tensor x, Tensor perm, Tensor? boxes, int[] box, Tensor(a!) out) -> ()");
-  m.def("cutmix_inplace(Tensor(a!) x, Tensor perm, Tensor? boxes, int[] box) -> ()");
+  m.def("cutmix.out(Tensor x, Tensor perm, Tensor? boxes, int[] box, Tensor(a!) out) -> ()");
+  m.def("cutmix_(Tensor(a!) x, Tensor perm, Tensor? boxes, int[] box) -> ()");
   m.def("cutmix_backward(Tensor grad, Tensor perm, Tensor? boxes, int[] box) -> Tensor");
 
   // Fused uint8 normalize + mixup of a (B, C, H, W) uint8 batch x (NCHW or channels_last), in
@@ -97,7 +102,7 @@ TORCH_LIBRARY(fastcore_train, m) {
       "normalize_mixup(Tensor x, Tensor? perm, Tensor? lam, float lam_scalar, Tensor mean, "
       "Tensor std, ScalarType out_dtype) -> Tensor");
   m.def(
-      "normalize_mixup_out(Tensor x, Tensor? perm, Tensor? lam, float lam_scalar, Tensor mean, "
+      "normalize_mixup.out(Tensor x, Tensor? perm, Tensor? lam, float lam_scalar, Tensor mean, "
       "Tensor std, ScalarType out_dtype, Tensor(a!) out) -> ()");
   // Fused uint8 normalize + cutmix: norm(x[perm[i]]) inside box_i, norm(x[i]) outside; boxes
   // and box as for cutmix.
@@ -105,7 +110,7 @@ TORCH_LIBRARY(fastcore_train, m) {
       "normalize_cutmix(Tensor x, Tensor perm, Tensor? boxes, int[] box, Tensor mean, "
       "Tensor std, ScalarType out_dtype) -> Tensor");
   m.def(
-      "normalize_cutmix_out(Tensor x, Tensor perm, Tensor? boxes, int[] box, Tensor mean, "
+      "normalize_cutmix.out(Tensor x, Tensor perm, Tensor? boxes, int[] box, Tensor mean, "
       "Tensor std, ScalarType out_dtype, Tensor(a!) out) -> ()");
 }
 

@@ -76,10 +76,11 @@ def cpu_and_cuda():
     return DEVICES
 
 
-CUDA_OPS = ("cross_entropy", "cross_entropy_backward", "mixup", "mixup_out", "mixup_inplace",
-            "mixup_backward", "cutmix", "cutmix_out", "cutmix_inplace", "cutmix_backward",
-            "grad_stats_", "fused_adamw_", "fused_sgd_", "normalize_mixup", "normalize_mixup_out",
-            "normalize_cutmix", "normalize_cutmix_out")
+CUDA_OPS = ("cross_entropy", "cross_entropy_backward", "binary_cross_entropy",
+            "binary_cross_entropy_backward", "mixup", "mixup.out", "mixup_",
+            "mixup_backward", "cutmix", "cutmix.out", "cutmix_", "cutmix_backward",
+            "grad_stats_", "fused_adamw_", "fused_sgd_", "normalize_mixup", "normalize_mixup.out",
+            "normalize_cutmix", "normalize_cutmix.out")
 
 
 def cuda_kernels_missing():

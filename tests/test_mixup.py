@@ -495,10 +495,10 @@ def test_op_checks_direct_call(extension):
         (lambda: ops.mixup(x, P, None, 1.5), ValueError, "mixup: lam must be in [0, 1], got 1.5"),
         (lambda: ops.mixup(x, P, torch.rand(3), 0.0), ValueError,
          "mixup: lam must have shape (4,) to match the batch of x, got [3]"),
-        (lambda: ops.mixup_inplace(x, torch.tensor([1, 2, 0, 3]), None, 0.5), ValueError,
+        (lambda: ops.mixup_(x, torch.tensor([1, 2, 0, 3]), None, 0.5), ValueError,
          "mixup: in place (out=x) needs perm to be an involution (perm[perm[i]] == i: a flip or "
          "pair swaps), but perm[0] = 1 and perm[1] = 2"),
-        (lambda: ops.mixup_out(x, P, None, 0.5, x), ValueError,
+        (lambda: ops.mixup.out(x, P, None, 0.5, x), ValueError,
          "mixup: out overlaps x but is not x; pass out=x to work in place, or a non-overlapping "
          "tensor"),
         (lambda: ops.mixup_backward(x, torch.tensor([0, 0, 1, 2]), None, 0.5), ValueError,
@@ -509,7 +509,7 @@ def test_op_checks_direct_call(extension):
         (lambda: ops.cutmix(x, P, torch.tensor([[0, 1, 0, 1]] * 3 + [[0, 1, 4, 7]]), []),
          ValueError, "cutmix: box of sample 3 (y0, y1, x0, x1) = (0, 1, 4, 7) is outside the "
          "5x6 image (need 0 <= y0 <= y1 <= 5 and 0 <= x0 <= x1 <= 6)"),
-        (lambda: ops.cutmix_inplace(x, torch.tensor([1, 2, 0, 3]), None, [0, 1, 0, 1]),
+        (lambda: ops.cutmix_(x, torch.tensor([1, 2, 0, 3]), None, [0, 1, 0, 1]),
          ValueError, "cutmix: in place (out=x) needs perm to be an involution (perm[perm[i]] == "
          "i: a flip or pair swaps), but perm[0] = 1 and perm[1] = 2"),
     ]
@@ -714,12 +714,12 @@ def test_out_with_grad_refused_by_the_cpp_ops(extension):
     ops = torch.ops.fastcore_train
     leaf = torch.zeros(4, 3, 5, 6, requires_grad=True)
     x = _x()
-    for call, op in [(lambda: ops.mixup_out(x, P, None, 0.5, leaf), "mixup"),
-                     (lambda: ops.mixup_inplace(leaf, P, None, 0.5), "mixup"),
-                     (lambda: ops.mixup_out(x, P, torch.rand(4).requires_grad_(True), 0.0,
+    for call, op in [(lambda: ops.mixup.out(x, P, None, 0.5, leaf), "mixup"),
+                     (lambda: ops.mixup_(leaf, P, None, 0.5), "mixup"),
+                     (lambda: ops.mixup.out(x, P, torch.rand(4).requires_grad_(True), 0.0,
                                             torch.zeros(4, 3, 5, 6)), "mixup"),
-                     (lambda: ops.cutmix_out(x, P, None, [0, 1, 0, 1], leaf), "cutmix"),
-                     (lambda: ops.cutmix_inplace(leaf, P, None, [0, 1, 0, 1]), "cutmix")]:
+                     (lambda: ops.cutmix.out(x, P, None, [0, 1, 0, 1], leaf), "cutmix"),
+                     (lambda: ops.cutmix_(leaf, P, None, [0, 1, 0, 1]), "cutmix")]:
         with pytest.raises(RuntimeError) as info:
             call()
         assert str(info.value).split("\n")[0] == _torch_out_grad_error(op)
@@ -743,13 +743,13 @@ def test_opcheck(extension, device):
     torch.library.opcheck(ops.mixup.default,
                           (x.contiguous(memory_format=torch.channels_last), perm, lam, 0.0),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(ops.mixup_out.default, (x, perm, lam, 0.0, torch.empty_like(x)))
-    torch.library.opcheck(ops.mixup_inplace.default, (x.clone(), inv, lam, 0.0))
+    torch.library.opcheck(ops.mixup.out, (x, perm, lam, 0.0, torch.empty_like(x)))
+    torch.library.opcheck(ops.mixup_.default, (x.clone(), inv, lam, 0.0))
     torch.library.opcheck(ops.mixup_backward.default, (x, perm, lam, 0.0))
     torch.library.opcheck(ops.cutmix.default, (xg, perm, None, [1, 3, 0, 2]))
     torch.library.opcheck(ops.cutmix.default, (xg, perm, boxes, []))
-    torch.library.opcheck(ops.cutmix_out.default, (x, perm, boxes, [], torch.empty_like(x)))
-    torch.library.opcheck(ops.cutmix_inplace.default, (x.clone(), inv, boxes, []))
+    torch.library.opcheck(ops.cutmix.out, (x, perm, boxes, [], torch.empty_like(x)))
+    torch.library.opcheck(ops.cutmix_.default, (x.clone(), inv, boxes, []))
     torch.library.opcheck(ops.cutmix_backward.default, (x, perm, boxes, []))
 
 

@@ -429,14 +429,14 @@ def test_opcheck(extension, device):
                                                         torch.bfloat16))
     torch.library.opcheck(ops.normalize_mixup.default, (x, None, None, 1.0, mean, std,
                                                         torch.float32))
-    torch.library.opcheck(ops.normalize_mixup_out.default,
+    torch.library.opcheck(ops.normalize_mixup.out,
                           (x, perm, lam, 0.0, mean, std, torch.float32,
                            torch.empty(x.shape, device=device)))
     torch.library.opcheck(ops.normalize_cutmix.default,
                           (x, perm, None, [1, 3, 0, 2], mean, std, torch.float32))
     torch.library.opcheck(ops.normalize_cutmix.default,
                           (xl, perm, boxes, [], mean, std, torch.float16))
-    torch.library.opcheck(ops.normalize_cutmix_out.default,
+    torch.library.opcheck(ops.normalize_cutmix.out,
                           (x, perm, boxes, [], mean, std, torch.bfloat16,
                            torch.empty(x.shape, dtype=torch.bfloat16, device=device)))
 

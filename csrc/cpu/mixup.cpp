@@ -154,12 +154,12 @@ namespace impl = mixup_impl;
 
 TORCH_LIBRARY_IMPL(fastcore_train, CPU, m) {
   m.impl("mixup", &impl::mixup<CpuDevice>);
-  m.impl("mixup_out", &impl::mixup_out<CpuDevice>);
-  m.impl("mixup_inplace", &impl::mixup_inplace<CpuDevice>);
+  m.impl("mixup.out", &impl::mixup_out<CpuDevice>);
+  m.impl("mixup_", &impl::mixup_inplace<CpuDevice>);
   m.impl("mixup_backward", &impl::mixup_backward<CpuDevice>);
   m.impl("cutmix", &impl::cutmix<CpuDevice>);
-  m.impl("cutmix_out", &impl::cutmix_out<CpuDevice>);
-  m.impl("cutmix_inplace", &impl::cutmix_inplace<CpuDevice>);
+  m.impl("cutmix.out", &impl::cutmix_out<CpuDevice>);
+  m.impl("cutmix_", &impl::cutmix_inplace<CpuDevice>);
   m.impl("cutmix_backward", &impl::cutmix_backward<CpuDevice>);
 }
 

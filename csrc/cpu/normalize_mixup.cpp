@@ -26,9 +26,9 @@ namespace impl = normmix_impl;
 
 TORCH_LIBRARY_IMPL(fastcore_train, CPU, m) {
   m.impl("normalize_mixup", &impl::normalize_mixup<CpuDevice>);
-  m.impl("normalize_mixup_out", &impl::normalize_mixup_out<CpuDevice>);
+  m.impl("normalize_mixup.out", &impl::normalize_mixup_out<CpuDevice>);
   m.impl("normalize_cutmix", &impl::normalize_cutmix<CpuDevice>);
-  m.impl("normalize_cutmix_out", &impl::normalize_cutmix_out<CpuDevice>);
+  m.impl("normalize_cutmix.out", &impl::normalize_cutmix_out<CpuDevice>);
 }
 
 }  // namespace fastcore_train

@@ -358,12 +358,12 @@ at::Tensor cutmix_backward_cuda(const at::Tensor& grad, const at::Tensor& perm, 
 
 TORCH_LIBRARY_IMPL(fastcore_train, CUDA, m) {
   m.impl("mixup", &mixup_cuda);
-  m.impl("mixup_out", &mixup_out_cuda);
-  m.impl("mixup_inplace", &mixup_inplace_cuda);
+  m.impl("mixup.out", &mixup_out_cuda);
+  m.impl("mixup_", &mixup_inplace_cuda);
   m.impl("mixup_backward", &mixup_backward_cuda);
   m.impl("cutmix", &cutmix_cuda);
-  m.impl("cutmix_out", &cutmix_out_cuda);
-  m.impl("cutmix_inplace", &cutmix_inplace_cuda);
+  m.impl("cutmix.out", &cutmix_out_cuda);
+  m.impl("cutmix_", &cutmix_inplace_cuda);
   m.impl("cutmix_backward", &cutmix_backward_cuda);
 }
 

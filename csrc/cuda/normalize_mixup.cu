@@ -139,9 +139,9 @@ void normalize_cutmix_out_cuda(const at::Tensor& x, const at::Tensor& perm, cons
 
 TORCH_LIBRARY_IMPL(fastcore_train, CUDA, m) {
   m.impl("normalize_mixup", &normalize_mixup_cuda);
-  m.impl("normalize_mixup_out", &normalize_mixup_out_cuda);
+  m.impl("normalize_mixup.out", &normalize_mixup_out_cuda);
   m.impl("normalize_cutmix", &normalize_cutmix_cuda);
-  m.impl("normalize_cutmix_out", &normalize_cutmix_out_cuda);
+  m.impl("normalize_cutmix.out", &normalize_cutmix_out_cuda);
 }
 
 }  // namespace fastcore_train

@@ -66,9 +66,9 @@ def cutmix(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
             return call_op(ops.cutmix.default, x, perm, boxes, box_list), lam
         # the C++ ops bump out's version counter, as torch's out= ops do
         if inplace:
-            ops.cutmix_inplace.default(x, perm, boxes, box_list)
+            ops.cutmix_.default(x, perm, boxes, box_list)
         else:
-            ops.cutmix_out.default(x, perm, boxes, box_list, out)
+            ops.cutmix.out(x, perm, boxes, box_list, out)
         return out, lam
     return cutmix_reference(x, perm, box, out=out)
 
@@ -200,11 +200,11 @@ def _register():
         fake_checks(x, perm, boxes)
         return _fake_like(x)
 
-    @torch.library.register_fake("fastcore_train::cutmix_out")
+    @torch.library.register_fake("fastcore_train::cutmix.out")
     def _(x, perm, boxes, box, out):
         fake_checks(x, perm, boxes)
 
-    @torch.library.register_fake("fastcore_train::cutmix_inplace")
+    @torch.library.register_fake("fastcore_train::cutmix_")
     def _(x, perm, boxes, box):
         fake_checks(x, perm, boxes)
 

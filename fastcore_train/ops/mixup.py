@@ -62,9 +62,9 @@ def mixup(x: torch.Tensor, perm: torch.Tensor, lam: Lam, *,
             return call_op(ops.mixup.default, x, perm, lam_t, lam_s)
         # the C++ ops bump out's version counter, as torch's out= ops do
         if inplace:
-            ops.mixup_inplace.default(x, perm, lam_t, lam_s)
+            ops.mixup_.default(x, perm, lam_t, lam_s)
         else:
-            ops.mixup_out.default(x, perm, lam_t, lam_s, out)
+            ops.mixup.out(x, perm, lam_t, lam_s, out)
         return out
     return mixup_reference(x, perm, lam, out=out)
 
@@ -279,12 +279,12 @@ def _register():
         fake_checks(x, perm, lam)
         return _fake_like(x)
 
-    @torch.library.register_fake("fastcore_train::mixup_out")
+    @torch.library.register_fake("fastcore_train::mixup.out")
     def _(x, perm, lam, lam_scalar, out):
         fake_checks(x, perm, lam)
         torch._check(out.shape == x.shape, lambda: "mixup: out must have the shape of x")
 
-    @torch.library.register_fake("fastcore_train::mixup_inplace")
+    @torch.library.register_fake("fastcore_train::mixup_")
     def _(x, perm, lam, lam_scalar):
         fake_checks(x, perm, lam)
 

@@ -73,7 +73,7 @@ def normalize_mixup(x: torch.Tensor, perm: Optional[torch.Tensor], lam: Lam, mea
         if out is None:
             return call_op(ops.normalize_mixup.default, x, perm, lam_t, lam_s, mean_t, std_t,
                            out_dtype)
-        ops.normalize_mixup_out.default(x, perm, lam_t, lam_s, mean_t, std_t, out_dtype, out)
+        ops.normalize_mixup.out(x, perm, lam_t, lam_s, mean_t, std_t, out_dtype, out)
         return out
     return normalize_mixup_reference(x, perm, lam, mean, std, out_dtype=out_dtype, out=out)
 
@@ -112,7 +112,7 @@ def normalize_cutmix(x: torch.Tensor, perm: Optional[torch.Tensor], box: Box, me
         if out is None:
             return call_op(ops.normalize_cutmix.default, x, perm, boxes, box_list, mean_t, std_t,
                            out_dtype), lam
-        ops.normalize_cutmix_out.default(x, perm, boxes, box_list, mean_t, std_t, out_dtype, out)
+        ops.normalize_cutmix.out(x, perm, boxes, box_list, mean_t, std_t, out_dtype, out)
         return out, lam
     return normalize_cutmix_reference(x, perm, box, mean, std, out_dtype=out_dtype, out=out)
 
@@ -373,7 +373,7 @@ def _register():
         fake_checks(x, perm, mean, std)
         return fake_new(x, out_dtype)
 
-    @torch.library.register_fake("fastcore_train::normalize_mixup_out")
+    @torch.library.register_fake("fastcore_train::normalize_mixup.out")
     def _(x, perm, lam, lam_scalar, mean, std, out_dtype, out):
         fake_checks(x, perm, mean, std)
         torch._check(out.shape == x.shape, lambda: "normalize_mixup: out must have x's shape")
@@ -383,7 +383,7 @@ def _register():
         fake_checks(x, perm, mean, std)
         return fake_new(x, out_dtype)
 
-    @torch.library.register_fake("fastcore_train::normalize_cutmix_out")
+    @torch.library.register_fake("fastcore_train::normalize_cutmix.out")
     def _(x, perm, boxes, box, mean, std, out_dtype, out):
         fake_checks(x, perm, mean, std)
         torch._check(out.shape == x.shape, lambda: "normalize_cutmix: out must have x's shape")

@@ -5,7 +5,7 @@ TORCH_SPEC  ?= torch==2.13.0
 EXTRAS      ?= test,bench,demo
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
-CSRC        := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+CSRC        := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' 2>/dev/null)
 PYTEST_ARGS ?=
 
 .PHONY: all test demo bench build gpu-check cuda-check sanitize clean help

@@ -26,16 +26,14 @@
 #include <limits>
 
 #include "common/bce_checks.h"
+#include "cuda/common.cuh"
 
 namespace fastcore_train {
 namespace {
 
 constexpr int kMaxThreads = 512;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using gpu::Pack;
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t elem_loss(acc_t z, acc_t q, acc_t pw) {
@@ -91,21 +89,6 @@ __device__ __forceinline__ acc_t pw_at(const acc_t* pos_weight, int64_t j) {
   return pos_weight ? pos_weight[j] : acc_t(1);
 }
 
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffff, v, o);
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  const int nwarps = (blockDim.x + 31) / 32;
-  if (warp == 0) {
-    v = lane < nwarps ? partial[lane] : acc_t(0);
-    for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffff, v, o);
-  }
-  return v;  // valid in thread 0
-}
-
 struct Args {
   int64_t C, row_stride;
   const int64_t* target;
@@ -142,7 +125,7 @@ __global__ void bce_forward_kernel(const scalar_t* __restrict__ logits, Args arg
     visit(static_cast<acc_t>(x[j]), j);
   }
   if constexpr (!kElementwise) {
-    sum = block_sum(sum);
+    sum = gpu::block_sum(sum);
     if (threadIdx.x == 0) out[r] = sum;
   }
 }
@@ -236,7 +219,7 @@ at::Tensor bce_cuda(const at::Tensor& logits, const at::Tensor& target,
                     int64_t reduction) {
   check_bce_reduction(reduction);
   Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, pos_weight);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const gpu::DeviceGuard guard(logits);
   const int64_t B = logits.size(0), C = logits.size(1);
   const auto acc = bce_acc_type(logits.scalar_type());
   const bool elementwise = reduction == kBceNone;
@@ -285,7 +268,7 @@ at::Tensor bce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logi
   check_bce_reduction(reduction);
   Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, pos_weight);
   check_bce_grad_loss(grad_loss, logits, reduction);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const gpu::DeviceGuard guard(logits);
   const int64_t B = logits.size(0), C = logits.size(1);
   const auto acc = bce_acc_type(logits.scalar_type());
   at::Tensor grad = at::empty({B, C}, logits.options());

@@ -20,16 +20,14 @@
 #include <limits>
 
 #include "common/cross_entropy_checks.h"
+#include "cuda/common.cuh"
 
 namespace fastcore_train {
 namespace {
 
 constexpr int kMaxThreads = 512;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using gpu::Pack;
 
 // Per-thread, then per-block state of the online log-sum-exp over a row. The loss is assembled
 // from differences with the max (as in the CPU kernel): lse = m + log(s) rounded to acc_t would
@@ -79,33 +77,11 @@ __device__ __forceinline__ LseState<acc_t> lse_merge(const LseState<acc_t>& a,
   return r;
 }
 
+// The warp shuffle of a state, for gpu::block_reduce (found by argument-dependent lookup).
 template <typename acc_t>
 __device__ __forceinline__ LseState<acc_t> shfl_down(const LseState<acc_t>& st, int o) {
   return {__shfl_down_sync(0xffffffff, st.m, o), __shfl_down_sync(0xffffffff, st.s, o),
           __shfl_down_sync(0xffffffff, st.t, o), __shfl_down_sync(0xffffffff, st.n, o)};
-}
-
-template <typename acc_t>
-__device__ LseState<acc_t> block_reduce(LseState<acc_t> st) {
-  __shared__ acc_t sm[32], ss[32], stt[32];
-  __shared__ int64_t sn[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int o = 16; o > 0; o /= 2) st = lse_merge(st, shfl_down(st, o));
-  if (lane == 0) {
-    sm[warp] = st.m;
-    ss[warp] = st.s;
-    stt[warp] = st.t;
-    sn[warp] = st.n;
-  }
-  __syncthreads();
-  const int nwarps = (blockDim.x + 31) / 32;
-  if (warp == 0) {
-    st = lane < nwarps
-             ? LseState<acc_t>{sm[lane], ss[lane], stt[lane], sn[lane]}
-             : LseState<acc_t>{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), 0};
-    for (int o = 16; o > 0; o /= 2) st = lse_merge(st, shfl_down(st, o));
-  }
-  return st;  // valid in thread 0
 }
 
 struct RowTarget {
@@ -168,7 +144,9 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits, int64_t r
   for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) {
     lse_add(st, static_cast<acc_t>(x[j]));
   }
-  st = block_reduce(st);
+  st = gpu::block_reduce(
+      st, [](const LseState<acc_t>& a, const LseState<acc_t>& b) { return lse_merge(a, b); },
+      LseState<acc_t>{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), 0});
   if (threadIdx.x == 0) {
     // A NaN or +inf logit, or only -inf ones, make torch's log_softmax NaN across the row: a
     // NaN second stat carries that into the loss and every gradient entry.
@@ -288,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
     int64_t ignore_index, int64_t reduction) {
   check_cross_entropy_reduction(reduction);
   Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const gpu::DeviceGuard guard(logits);
   const int64_t B = logits.size(0), C = logits.size(1);
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
   at::Tensor loss = at::empty({B}, logits.options().dtype(acc));
@@ -355,7 +333,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
   };
   check_device(grad_loss, "grad_loss");
   check_device(stats, "stats");
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const gpu::DeviceGuard guard(logits);
   const int64_t B = logits.size(0), C = logits.size(1);
   check_cross_entropy_backward_shapes(grad_loss, stats, B, reduction);
   const auto acc = cross_entropy_acc_type(logits.scalar_type());

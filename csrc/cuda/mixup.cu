@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "common/mixup_launch.h"
+#include "cuda/common.cuh"
 
 namespace fastcore_train {
 namespace {
@@ -34,13 +35,8 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = 1024;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+using gpu::Pack;
+using gpu::acc_t;
 
 // The weights (a_i, b_i) of out[i] = a_i x[i] + b_i x[src[i]] (see common/mixup_args.h).
 template <typename A>
@@ -293,64 +289,49 @@ struct CudaDevice {
 namespace impl = mixup_impl;
 using OptT = std::optional<at::Tensor>;
 
-// Makes t's device current when t is on CUDA. A call also lands here when only another
-// argument (perm, lam, boxes, out) is on CUDA; a CUDAGuard on x's CPU device would then throw
-// before the launcher's checks could report the device mismatch as the CPU backend does.
-void enter_device(c10::cuda::OptionalCUDAGuard& guard, const at::Tensor& t) {
-  if (t.is_cuda()) guard.set_device(t.device());
-}
-
 at::Tensor mixup_cuda(const at::Tensor& x, const at::Tensor& perm, const OptT& lam, double l) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, x);
+  const gpu::DeviceGuard guard(x);
   return impl::mixup<CudaDevice>(x, perm, lam, l);
 }
 
 void mixup_out_cuda(const at::Tensor& x, const at::Tensor& perm, const OptT& lam, double l,
                     at::Tensor& out) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, x);
+  const gpu::DeviceGuard guard(x);
   impl::mixup_out<CudaDevice>(x, perm, lam, l, out);
 }
 
 void mixup_inplace_cuda(at::Tensor& x, const at::Tensor& perm, const OptT& lam, double l) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, x);
+  const gpu::DeviceGuard guard(x);
   impl::mixup_inplace<CudaDevice>(x, perm, lam, l);
 }
 
 at::Tensor mixup_backward_cuda(const at::Tensor& grad, const at::Tensor& perm, const OptT& lam,
                                double l) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, grad);
+  const gpu::DeviceGuard guard(grad);
   return impl::mixup_backward<CudaDevice>(grad, perm, lam, l);
 }
 
 at::Tensor cutmix_cuda(const at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                        at::IntArrayRef box) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, x);
+  const gpu::DeviceGuard guard(x);
   return impl::cutmix<CudaDevice>(x, perm, boxes, box);
 }
 
 void cutmix_out_cuda(const at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                      at::IntArrayRef box, at::Tensor& out) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, x);
+  const gpu::DeviceGuard guard(x);
   impl::cutmix_out<CudaDevice>(x, perm, boxes, box, out);
 }
 
 void cutmix_inplace_cuda(at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                          at::IntArrayRef box) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, x);
+  const gpu::DeviceGuard guard(x);
   impl::cutmix_inplace<CudaDevice>(x, perm, boxes, box);
 }
 
 at::Tensor cutmix_backward_cuda(const at::Tensor& grad, const at::Tensor& perm, const OptT& boxes,
                                 at::IntArrayRef box) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, grad);
+  const gpu::DeviceGuard guard(grad);
   return impl::cutmix_backward<CudaDevice>(grad, perm, boxes, box);
 }
 

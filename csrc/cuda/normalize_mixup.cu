@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "common/normalize_mixup_launch.h"
+#include "cuda/common.cuh"
 
 namespace fastcore_train {
 namespace {
@@ -97,41 +98,31 @@ struct CudaDevice {
 namespace impl = normmix_impl;
 using OptT = std::optional<at::Tensor>;
 
-// x's device current when x is on CUDA (see cuda/mixup.cu: a call also lands here when only
-// another argument is on CUDA, and the launcher must report that mismatch as the CPU does).
-void enter_device(c10::cuda::OptionalCUDAGuard& guard, const at::Tensor& t) {
-  if (t.is_cuda()) guard.set_device(t.device());
-}
-
 at::Tensor normalize_mixup_cuda(const at::Tensor& x, const OptT& perm, const OptT& lam, double l,
                                 const at::Tensor& mean, const at::Tensor& std,
                                 at::ScalarType out_dtype) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, x);
+  const gpu::DeviceGuard guard(x);
   return impl::normalize_mixup<CudaDevice>(x, perm, lam, l, mean, std, out_dtype);
 }
 
 void normalize_mixup_out_cuda(const at::Tensor& x, const OptT& perm, const OptT& lam, double l,
                               const at::Tensor& mean, const at::Tensor& std,
                               at::ScalarType out_dtype, at::Tensor& out) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, x);
+  const gpu::DeviceGuard guard(x);
   impl::normalize_mixup_out<CudaDevice>(x, perm, lam, l, mean, std, out_dtype, out);
 }
 
 at::Tensor normalize_cutmix_cuda(const at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                                  at::IntArrayRef box, const at::Tensor& mean,
                                  const at::Tensor& std, at::ScalarType out_dtype) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, x);
+  const gpu::DeviceGuard guard(x);
   return impl::normalize_cutmix<CudaDevice>(x, perm, boxes, box, mean, std, out_dtype);
 }
 
 void normalize_cutmix_out_cuda(const at::Tensor& x, const at::Tensor& perm, const OptT& boxes,
                                at::IntArrayRef box, const at::Tensor& mean, const at::Tensor& std,
                                at::ScalarType out_dtype, at::Tensor& out) {
-  c10::cuda::OptionalCUDAGuard guard;
-  enter_device(guard, x);
+  const gpu::DeviceGuard guard(x);
   impl::normalize_cutmix_out<CudaDevice>(x, perm, boxes, box, mean, std, out_dtype, out);
 }
 

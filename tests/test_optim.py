@@ -637,7 +637,8 @@ def _adamw_args():
                 exp_avg_sqs=[torch.zeros(p.shape) for p in ps], max_exp_avg_sqs=[], masters=[],
                 steps=[torch.zeros(()) for _ in ps], lr=1e-3, lr_tensor=None, beta1=0.9,
                 beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                grad_scale=None, found_inf=None, sq_norm=None, max_grad_norm=0.0)
+                grad_scale=None, found_inf=None, sq_norm=None, max_grad_norm=0.0, emas=[],
+                ema_steps=[], ema_decay=0.0, ema_warmup=False)
 
 
 @pytest.mark.parametrize("case", OP_ERRORS, ids=[c[0] for c in OP_ERRORS])
@@ -661,7 +662,8 @@ def test_op_errors_match_reference(device, case):
 
 def _sgd_call(params, buffers, steps=(), momentum=0.9, dampening=0.0, nesterov=False):
     return lambda f: f(params, [torch.randn(p.shape) for p in params], buffers, [], list(steps),
-                       0.1, None, momentum, dampening, nesterov, False, 0.0, None, None, None, 0.0)
+                       0.1, None, momentum, dampening, nesterov, False, 0.0, None, None, None, 0.0,
+                       [], [], 0.0, False)
 
 
 def test_sgd_and_stats_op_errors_match_reference(device):

@@ -759,24 +759,31 @@ def _opcheck_samples():
     steps = lambda v=0.0: [torch.full((), v) for _ in ps]  # noqa: E731
     masters = [p.float() for p in ps]
     scalars = (torch.tensor(8.0), torch.zeros(()), torch.tensor(2.0))
+    no_ema = ([], [], 0.0, False)
     return [
         ("grad_stats_", (gs, torch.zeros(()), torch.zeros(()))),
         ("fused_adamw_", (ps, gs, st(), st(), [], [], steps(), 1e-3, None, 0.9, 0.999, 1e-8,
-                          0.01, False, False, None, None, None, 0.0)),
+                          0.01, False, False, None, None, None, 0.0, *no_ema)),
         ("fused_adamw_", (ps, gs, st(), st(), st(), masters, steps(), 1e-3, torch.tensor(2e-3),
-                          0.9, 0.999, 1e-8, 0.01, True, True, *scalars, 1.0)),
+                          0.9, 0.999, 1e-8, 0.01, True, True, *scalars, 1.0, *no_ema)),
         ("fused_sgd_", (ps, gs, st(), masters, [], 1e-2, None, 0.9, 0.0, True, False, 1e-4,
-                        *scalars, 1.0)),
+                        *scalars, 1.0, *no_ema)),
         ("fused_sgd_", (ps, gs, [], [], [], 1e-2, None, 0.0, 0.0, False, True, 0.0, None, None,
-                        None, 0.0)),
+                        None, 0.0, *no_ema)),
         ("fused_sgd_", (ps, gs, st(), [], steps(), 1e-2, None, 0.9, 0.3, False, False, 0.0,
-                        None, None, None, 0.0)),
+                        None, None, None, 0.0, *no_ema)),
         ("fused_sgd_", (ps, gs, st(), [], steps(2.0), 1e-2, None, 0.9, 0.3, False, True, 0.0,
-                        None, None, None, 0.0)),
+                        None, None, None, 0.0, *no_ema)),
+        # the EMA of the weights: a first (copying) update, then a warmed-up one with masters
+        ("fused_adamw_", (ps, gs, st(), st(), [], [], steps(), 1e-3, None, 0.9, 0.999, 1e-8,
+                          0.01, False, False, None, None, None, 0.0, st(), steps(), 0.999,
+                          False)),
+        ("fused_sgd_", (ps, gs, st(), masters, [], 1e-2, None, 0.9, 0.0, False, False, 1e-4,
+                        *scalars, 1.0, st(), steps(3.0), 0.999, True)),
     ]
 
 
-@pytest.mark.parametrize("idx", range(7))
+@pytest.mark.parametrize("idx", range(9))
 def test_opcheck(extension, device, idx):
     with torch.device(device):
         op, args = _opcheck_samples()[idx]

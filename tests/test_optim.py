@@ -884,7 +884,9 @@ def test_launch_limits(extension, device, case, opt_name):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("opt_cls, kw", [(FusedAdamW, dict(amsgrad=True, max_grad_norm=1.0)),
-                                         (FusedSGD, dict(momentum=0.9, dampening=0.5))])
+                                         (FusedSGD, dict(momentum=0.9, dampening=0.5)),
+                                         (FusedAdamW, dict(ema_decay=0.999, ema_warmup=True)),
+                                         (FusedSGD, dict(ema_decay=0.99))])
 def test_cuda_step_never_syncs(opt_cls, kw):
     """A whole LossScaler step, overflowing or not, runs without a host-device sync."""
     model = _model(dtype=torch.float16).cuda()

@@ -456,13 +456,22 @@ def test_versions_of_the_ema_are_bumped(backend):
 # torch.compile(opt.step)
 
 
+def _backends_and_devices():
+    from test_optim_torch_api import _backends_and_devices as both
+    return both()
+
+
+@pytest.mark.parametrize("backend_, device_", _backends_and_devices())
 @pytest.mark.parametrize("cls, dtype", [(FusedAdamW, torch.float32), (FusedSGD, torch.bfloat16)])
-def test_compile_step_with_ema(backend, cls, dtype):
+def test_compile_step_with_ema(backend_, device_, cls, dtype):
+    """torch.compile(opt.step, fullgraph=True) = eager, the EMA's state creation included."""
+    from conftest import device_context
     from test_optim_torch_api import _check_compile_step_parity
     kw = dict(lr=1e-2, ema_decay=0.9, ema_warmup=cls is FusedSGD)
     if cls is FusedSGD:
         kw["momentum"] = 0.9
-    _check_compile_step_parity(backend, "cpu", cls, dtype, kw)
+    with device_context(device_), _backend.use_backend(backend_):
+        _check_compile_step_parity(backend_, device_, cls, dtype, kw)
 
 
 # ---------------------------------------------------------------------------------------------

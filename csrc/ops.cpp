@@ -55,24 +55,30 @@ TORCH_LIBRARY(fastcore_train, m) {
   // empty it runs on the param itself. Moments and steps are float32; each step is incremented
   // by one. max_exp_avg_sqs: one per param with amsgrad, empty without. When found_inf is
   // non-zero nothing at all is written. lr_tensor, when given, replaces lr.
+  // emas (float32, one per param, or empty): the EMA of each updated float32 weight, in the same
+  // pass (ema = lerp(ema, w, 1 - decay_t), torch's get_ema_multi_avg_fn); ema_steps (float32
+  // scalars) count each EMA's updates: at 0 the EMA becomes w, and with ema_warmup decay_t is
+  // timm's ModelEmaV3 warmup (csrc/common/optim_math.h, ema_consts); incremented unless skipped.
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(f!)[] max_exp_avg_sqs, Tensor(d!)[] masters, "
       "Tensor(e!)[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
       "float weight_decay, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor? sq_norm, float max_grad_norm) -> ()");
+      "Tensor? sq_norm, float max_grad_norm, Tensor(g!)[] emas, Tensor(h!)[] ema_steps, "
+      "float ema_decay, bool ema_warmup) -> ()");
   // Pass 2, SGD with torch.optim.SGD's maths (coupled weight decay, momentum with dampening,
   // optional Nesterov, maximize). momentum_buffers is empty when momentum == 0. `steps` (float32
   // scalars) counts each buffer's steps: a buffer at step 0 becomes the gradient itself (torch's
   // first step: buf = d, undampened), and each count is incremented unless the step is skipped.
   // Without `steps` every buffer is taken as started, so a new one must be zeros, which equals
-  // torch's first step only when dampening is 0. Scaling, clipping, masters and skipping as for
-  // fused_adamw_.
+  // torch's first step only when dampening is 0. Scaling, clipping, masters, the EMA and
+  // skipping as for fused_adamw_.
   m.def(
       "fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(d!)[] masters, Tensor(e!)[] steps, float lr, Tensor? lr_tensor, float momentum, "
       "float dampening, bool nesterov, bool maximize, float weight_decay, Tensor? grad_scale, "
-      "Tensor? found_inf, Tensor? sq_norm, float max_grad_norm) -> ()");
+      "Tensor? found_inf, Tensor? sq_norm, float max_grad_norm, Tensor(g!)[] emas, "
+      "Tensor(h!)[] ema_steps, float ema_decay, bool ema_warmup) -> ()");
 
   // The blends' mutating forms follow torch's naming: op.out writes `out`, op_ writes its first
   // argument. They return nothing (torch's return `out`; a custom op that returns an alias of

@@ -375,13 +375,87 @@ def _optim_case(total: int, dtype, device, compile_baseline: bool) -> Case:
                 rounds=10, impls=impls + (("compile",) if compile_baseline else ()))
 
 
+OPTIM_EMA_DECAY = 0.9998
+
+
+def _optim_ema_case(total: int, device) -> Case:
+    """The EMA of the weights, fp16 params with fp32 masters: FusedAdamW(ema_decay=...) + LossScaler
+    against the same step without EMA (``no_ema``: the EMA's share of our step), and the
+    pipeline of _optim_case followed by AveragedModel(multi_avg_fn=get_ema_multi_avg_fn)
+    .update_parameters over the float32 masters (``pipeline_ema``; ``pipeline`` alone gives
+    the share of AveragedModel's extra pass)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from fastcore_train.amp import LossScaler
+    from fastcore_train.optim import FusedAdamW
+
+    dtype = torch.float16
+
+    def make():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        params = [torch.nn.Parameter((torch.randn(n, generator=g) * 0.02).to(device, dtype))
+                  for n in _optim_sizes(total)]
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device, dtype)
+        grads = [p.grad for p in params]
+        steps = {}
+        for name, kw in (("fastcore_train", dict(ema_decay=OPTIM_EMA_DECAY)), ("no_ema", {})):
+            opt = FusedAdamW(params, **OPTIM_HPARAMS, **kw)
+            scaler = LossScaler(init_scale=1.0)
+            scaler.scale(torch.ones((), device=device))  # puts the scale on the device
+
+            def fused(opt=opt, scaler=scaler):
+                scaler.step(opt)
+                scaler.update()
+            steps[name] = fused
+        # torch's pipeline on float32 masters (as in _optim_case), the EMA over the masters
+        holder = torch.nn.Module()
+        holder.masters = torch.nn.ParameterList(
+            [torch.nn.Parameter(p.detach().float()) for p in params])
+        masters = list(holder.masters)
+        for m in masters:
+            m.grad = torch.empty_like(m)
+        topt = torch.optim.AdamW(masters, **OPTIM_HPARAMS, fused=True)
+        mgrads = [m.grad for m in masters]
+        averaged = AveragedModel(holder, multi_avg_fn=get_ema_multi_avg_fn(OPTIM_EMA_DECAY))
+        averaged.update_parameters(holder)  # past its first (copying) update
+        scale = torch.ones((), device=device)
+        tracker = torch.zeros((), dtype=torch.int32, device=device)
+        inv_scale = torch.ones((), device=device)
+        found = torch.zeros((), device=device)
+        topt.grad_scale, topt.found_inf = None, found
+
+        def pipeline():
+            found.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
+            torch._foreach_copy_(mgrads, grads)
+            topt.step()
+            with torch.no_grad():
+                torch._foreach_copy_(params, masters)
+            torch._amp_update_scale_(scale, tracker, found, 2.0, 0.5, 2000)
+
+        def pipeline_ema():
+            pipeline()
+            averaged.update_parameters(holder)
+        steps["pipeline_ema"] = pipeline_ema
+        steps["pipeline"] = pipeline
+        return {k: _synced(v, device) for k, v in steps.items()}
+
+    # the fp16+master step's 30 bytes per parameter and the EMA's read and write (8)
+    label = f"{total / 1e6:.0f}M" if total >= 1e6 else str(total)
+    return Case("optim", f"adamw fp16+master +ema {label} in {OPTIM_TENSORS} tensors",
+                total * 38, make, rounds=10,
+                impls=("fastcore_train", "no_ema", "pipeline_ema", "pipeline"))
+
+
 def optim_cases(device, size="full") -> List[Case]:
     device = torch.device(device)
     total = OPTIM_PARAMS[size]
     # Compiling the 100-tensor step takes about a minute per dtype on a 2-core machine: the
     # quick set leaves that baseline out.
     return [_optim_case(total, dt, device, compile_baseline=size == "full")
-            for dt in (torch.float16, torch.bfloat16, torch.float32)]
+            for dt in (torch.float16, torch.bfloat16, torch.float32)] + \
+        [_optim_ema_case(total, device)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ class History(list):
     """One dict per epoch; ``history["val_loss"]`` gives a column.
 
     Keys: ``epoch`` (from 0), ``train_loss`` (on the mixed batches when mixup is on), ``val_loss``
-    and ``val_<metric>`` (with a ``val_loader``), ``lr`` (param group 0's at the epoch's end),
+    and ``val_<metric>`` (with a ``val_loader``), ``ema_val_loss`` and ``ema_val_<metric>`` (the
+    same with the optimizer's EMA weights, with ``fit(ema=True)``), ``lr`` (param group 0's at the epoch's end),
     ``epoch_time_s`` (training and validation) and ``ms_per_step`` (training time per batch).
     ``meta`` is a dict of facts about the run as a whole (e.g. the lr that
     :func:`~fastcore_train.fit_one_cycle` took from the LR finder); it is checkpointed with it.
@@ -91,7 +92,7 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, loss_fn: Calla
         mixup: Optional[Callable] = None, scaler=None, amp_dtype: Optional[torch.dtype] = None,
         callbacks=(), grad_accum: int = 1, device=None, progress: bool = True,
         metrics: Optional[Mapping[str, Callable]] = None, checkpoint_dir=None,
-        resume: bool = False, meta: Optional[Mapping] = None) -> History:
+        resume: bool = False, meta: Optional[Mapping] = None, ema: bool = False) -> History:
     """Train ``model`` for ``epochs`` epochs and return the :class:`History`.
 
     - Batches are ``(x, y)``; they are moved to ``device`` (default: the model's).
@@ -117,6 +118,10 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, loss_fn: Calla
       arguments; the parameters and History (but its timings) end as in an uninterrupted run. A
       run that had already ended (all epochs, or stopped by a callback) returns its History.
     - ``meta`` is copied into ``History.meta`` (and so into checkpoints).
+    - ``ema=True``: validation runs twice, with the model's weights and with the EMA the optimizer
+      keeps (``FusedAdamW``/``FusedSGD`` built with ``ema_decay``, through its ``ema_weights()``),
+      reported as ``val_*`` and ``ema_val_*``; buffers (BatchNorm statistics) are the model's in
+      both. The EMA is optimizer state, so checkpoints carry it.
     Under DDP (a model wrapped by :func:`fastcore_train.distributed.wrap`) losses and metrics are
     averaged over all ranks' samples, and only rank 0 prints and writes checkpoints.
     """
@@ -127,6 +132,10 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, loss_fn: Calla
     if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and \
             not os.path.isdir(checkpoint_dir):
         raise ValueError(f"checkpoint_dir {checkpoint_dir!r} exists and is not a folder")
+    if ema and not (hasattr(optimizer, "ema_weights") and any(
+            g.get("ema_decay") is not None for g in optimizer.param_groups)):
+        raise ValueError("fit(ema=True) needs an optimizer that keeps an EMA of the weights: "
+                         "construct FusedAdamW or FusedSGD with ema_decay=... (e.g. 0.9998)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     metrics = {"accuracy": accuracy} if metrics is None else dict(metrics)
     callbacks = [callbacks] if not isinstance(callbacks, (list, tuple)) else list(callbacks)
@@ -220,6 +229,11 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, loss_fn: Calla
         if val_loader is not None:
             logs.update(evaluate(model, val_loader, loss_fn, metrics=metrics, device=device,
                                  amp_dtype=amp_dtype))
+            if ema:
+                with optimizer.ema_weights():
+                    ema_logs = evaluate(model, val_loader, loss_fn, metrics=metrics,
+                                        device=device, amp_dtype=amp_dtype)
+                logs.update({f"ema_{k}": v for k, v in ema_logs.items()})
         logs["lr"] = optimizer.param_groups[0]["lr"]
         logs["epoch_time_s"] = time.perf_counter() - t0
         logs["ms_per_step"] = 1000.0 * train_time / max(n_seen_batches, 1)

@@ -41,7 +41,8 @@ def _params(dtype):
     lambda ps, lr: FusedAdamW(ps, lr=lr, weight_decay=0.1),
     lambda ps, lr: FusedAdamW(ps, lr=lr, amsgrad=True, max_grad_norm=0.5),
     lambda ps, lr: FusedSGD(ps, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3),
-], ids=["adamw", "adamw-amsgrad-clip", "sgd-nesterov"])
+    lambda ps, lr: FusedAdamW(ps, lr=lr, ema_decay=0.99, ema_warmup=True),
+], ids=["adamw", "adamw-amsgrad-clip", "sgd-nesterov", "adamw-ema-warmup"])
 def test_optimizer_step_replays(extension, dtype, make):
     """The step of a captured optimizer, replayed with new gradients and a new learning rate
     (a device tensor changed in place, as a scheduler would), matches eager steps of a twin

@@ -637,7 +637,8 @@ def _adamw_args():
                 exp_avg_sqs=[torch.zeros(p.shape) for p in ps], max_exp_avg_sqs=[], masters=[],
                 steps=[torch.zeros(()) for _ in ps], lr=1e-3, lr_tensor=None, beta1=0.9,
                 beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                grad_scale=None, found_inf=None, sq_norm=None, max_grad_norm=0.0)
+                grad_scale=None, found_inf=None, sq_norm=None, max_grad_norm=0.0, emas=[],
+                ema_steps=[], ema_decay=0.0, ema_warmup=False)
 
 
 @pytest.mark.parametrize("case", OP_ERRORS, ids=[c[0] for c in OP_ERRORS])
@@ -661,7 +662,8 @@ def test_op_errors_match_reference(device, case):
 
 def _sgd_call(params, buffers, steps=(), momentum=0.9, dampening=0.0, nesterov=False):
     return lambda f: f(params, [torch.randn(p.shape) for p in params], buffers, [], list(steps),
-                       0.1, None, momentum, dampening, nesterov, False, 0.0, None, None, None, 0.0)
+                       0.1, None, momentum, dampening, nesterov, False, 0.0, None, None, None, 0.0,
+                       [], [], 0.0, False)
 
 
 def test_sgd_and_stats_op_errors_match_reference(device):
@@ -757,24 +759,31 @@ def _opcheck_samples():
     steps = lambda v=0.0: [torch.full((), v) for _ in ps]  # noqa: E731
     masters = [p.float() for p in ps]
     scalars = (torch.tensor(8.0), torch.zeros(()), torch.tensor(2.0))
+    no_ema = ([], [], 0.0, False)
     return [
         ("grad_stats_", (gs, torch.zeros(()), torch.zeros(()))),
         ("fused_adamw_", (ps, gs, st(), st(), [], [], steps(), 1e-3, None, 0.9, 0.999, 1e-8,
-                          0.01, False, False, None, None, None, 0.0)),
+                          0.01, False, False, None, None, None, 0.0, *no_ema)),
         ("fused_adamw_", (ps, gs, st(), st(), st(), masters, steps(), 1e-3, torch.tensor(2e-3),
-                          0.9, 0.999, 1e-8, 0.01, True, True, *scalars, 1.0)),
+                          0.9, 0.999, 1e-8, 0.01, True, True, *scalars, 1.0, *no_ema)),
         ("fused_sgd_", (ps, gs, st(), masters, [], 1e-2, None, 0.9, 0.0, True, False, 1e-4,
-                        *scalars, 1.0)),
+                        *scalars, 1.0, *no_ema)),
         ("fused_sgd_", (ps, gs, [], [], [], 1e-2, None, 0.0, 0.0, False, True, 0.0, None, None,
-                        None, 0.0)),
+                        None, 0.0, *no_ema)),
         ("fused_sgd_", (ps, gs, st(), [], steps(), 1e-2, None, 0.9, 0.3, False, False, 0.0,
-                        None, None, None, 0.0)),
+                        None, None, None, 0.0, *no_ema)),
         ("fused_sgd_", (ps, gs, st(), [], steps(2.0), 1e-2, None, 0.9, 0.3, False, True, 0.0,
-                        None, None, None, 0.0)),
+                        None, None, None, 0.0, *no_ema)),
+        # the EMA of the weights: a first (copying) update, then a warmed-up one with masters
+        ("fused_adamw_", (ps, gs, st(), st(), [], [], steps(), 1e-3, None, 0.9, 0.999, 1e-8,
+                          0.01, False, False, None, None, None, 0.0, st(), steps(), 0.999,
+                          False)),
+        ("fused_sgd_", (ps, gs, st(), masters, [], 1e-2, None, 0.9, 0.0, False, False, 1e-4,
+                        *scalars, 1.0, st(), steps(3.0), 0.999, True)),
     ]
 
 
-@pytest.mark.parametrize("idx", range(7))
+@pytest.mark.parametrize("idx", range(9))
 def test_opcheck(extension, device, idx):
     with torch.device(device):
         op, args = _opcheck_samples()[idx]
@@ -809,7 +818,7 @@ def test_compile_fullgraph(extension, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# launch limits, on every device. The CUDA kernels are multi-tensor applies: up to 48 tensors of
+# launch limits, on every device. The CUDA kernels are multi-tensor applies: up to 40 tensors of
 # one dtype per launch (kMaxTensors), a block per chunk of 16384 elements, the squared norm
 # summed from one partial per chunk across launches, and the step counters of up to 256 tensors
 # per increment launch (kMaxSteps). Each case runs three steps of the kernels on ``device`` and
@@ -819,19 +828,20 @@ def test_compile_fullgraph(extension, device):
 def _limit_shapes(case):
     f32, bf16 = torch.float32, torch.bfloat16
     return {
-        "48 tensors": [(n % 37 + 1, f32) for n in range(48)],
-        "49 tensors": [(n % 37 + 1, f32) for n in range(49)],
-        "97 tensors of two dtypes": [(n % 37 + 1, (f32, bf16)[n % 2]) for n in range(97)],
+        "40 tensors": [(n % 37 + 1, f32) for n in range(40)],
+        "41 tensors": [(n % 37 + 1, f32) for n in range(41)],
+        "81 tensors of two dtypes": [(n % 37 + 1, (f32, bf16)[n % 2]) for n in range(81)],
         "257 tensors": [(n % 7, f32) for n in range(257)],  # empty ones too: never packed
         "a tensor of 257 chunks": [(5, f32), (70000, bf16), (256 * 16384 + 1, f32)],
     }[case]
 
 
-LIMIT_CASES = ["48 tensors", "49 tensors", "97 tensors of two dtypes", "257 tensors",
+LIMIT_CASES = ["40 tensors", "41 tensors", "81 tensors of two dtypes", "257 tensors",
                "a tensor of 257 chunks"]
 LIMIT_OPTIMIZERS = {
     "AdamW": (FusedAdamW, dict(lr=1e-2, amsgrad=True, max_grad_norm=1.0)),
     "SGD": (FusedSGD, dict(lr=1e-2, momentum=0.9, dampening=0.3, max_grad_norm=1.0)),
+    "SGD-EMA": (FusedSGD, dict(lr=1e-2, momentum=0.9, ema_decay=0.9, ema_warmup=True)),
 }
 
 
@@ -853,8 +863,10 @@ def _limit_run(case, cls, kw, device):
         flags.append(found.item())
     assert flags == [0.0, 0.0, 1.0]
     assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before_skip))
-    steps = [s["step"].item() for s in opt.state.values() if "step" in s]
-    assert len(steps) == len(ps) and set(steps) == {2.0}  # every counter, the 257th included
+    counted = {"step": cls is FusedAdamW or "dampening" in kw, "ema_step": "ema_decay" in kw}
+    for key, present in counted.items():  # every counter, the 257th included
+        steps = [s[key].item() for s in opt.state.values() if key in s]
+        assert len(steps) == (len(ps) if present else 0) and set(steps) <= {2.0}
     return [p.detach().cpu() for p in ps] + [v.cpu() for s in opt.state.values()
                                              for v in s.values()]
 
@@ -875,7 +887,9 @@ def test_launch_limits(extension, device, case, opt_name):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("opt_cls, kw", [(FusedAdamW, dict(amsgrad=True, max_grad_norm=1.0)),
-                                         (FusedSGD, dict(momentum=0.9, dampening=0.5))])
+                                         (FusedSGD, dict(momentum=0.9, dampening=0.5)),
+                                         (FusedAdamW, dict(ema_decay=0.999, ema_warmup=True)),
+                                         (FusedSGD, dict(ema_decay=0.99))])
 def test_cuda_step_never_syncs(opt_cls, kw):
     """A whole LossScaler step, overflowing or not, runs without a host-device sync."""
     model = _model(dtype=torch.float16).cuda()

@@ -21,7 +21,9 @@ from fastcore_train.optim import FusedAdamW, FusedSGD
 from conftest import BACKENDS, DEVICES, device_context
 
 PAIRS = [(FusedAdamW, torch.optim.AdamW), (FusedSGD, torch.optim.SGD)]
-EXTRAS = ("master_weights", "max_grad_norm")
+# our keyword-only additions after torch's arguments, with their defaults
+EXTRAS = (("master_weights", None), ("max_grad_norm", None), ("ema_decay", None),
+          ("ema_warmup", False))
 # the keyword arguments that change the maths, not only torch's choice of implementation
 MATHS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "momentum", "dampening",
          "nesterov")
@@ -39,7 +41,7 @@ def test_signature_and_defaults_are_torchs(ours, theirs):
         [(p.name, p.kind, p.default) for p in torch_params]
     extra = mine[len(torch_params):]
     assert [(p.name, p.kind, p.default) for p in extra] == \
-        [(n, inspect.Parameter.KEYWORD_ONLY, None) for n in EXTRAS]
+        [(n, inspect.Parameter.KEYWORD_ONLY, d) for n, d in EXTRAS]
 
 
 def test_sgd_defaults_follow_torch(backend, device):
@@ -303,7 +305,8 @@ def test_direct_op_call_with_grad_mode_refuses_requires_grad():
     w = nn.Parameter(torch.randn(3))
     with pytest.raises(RuntimeError, match="call it under torch.no_grad"):
         torch.ops.fastcore_train.fused_sgd_([w], [torch.ones(3)], [], [], [], 0.1, None, 0.0, 0.0,
-                                           False, False, 0.0, None, None, None, 0.0)
+                                           False, False, 0.0, None, None, None, 0.0, [], [],
+                                           0.0, False)
 
 
 # ---------------------------------------------------------------------------------------------

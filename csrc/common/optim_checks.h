@@ -179,6 +179,26 @@ inline void check_amsgrad_args(const char* op, at::TensorList max_exp_avg_sqs, b
                     max_exp_avg_sqs.size());
 }
 
+// The EMA of the weights: ema_steps (float32 scalars counting each EMA's updates) with emas,
+// none without; emas themselves are checked with the other state lists.
+inline void check_ema_args(const char* op, at::TensorList params, at::TensorList steps,
+                           at::TensorList emas, at::TensorList ema_steps, double ema_decay) {
+  if (emas.empty()) {
+    TORCH_CHECK_VALUE(ema_steps.empty(), op, ": ema_steps must be empty without emas, got ",
+                      ema_steps.size());
+    return;
+  }
+  TORCH_CHECK_VALUE(ema_decay >= 0.0 && ema_decay <= 1.0, op,
+                    ": ema_decay must be in [0, 1], got ", ema_decay);
+  TORCH_CHECK_VALUE(ema_steps.size() == params.size(), op, ": got ", params.size(),
+                    " params but ", ema_steps.size(), " ema_steps");
+  for (size_t i = 0; i < ema_steps.size(); ++i) {
+    check_optim_scalar(op, "ema_steps[" + std::to_string(i) + "]", ema_steps[i],
+                       params[0].device());
+  }
+  check_distinct_writes(op, {{"steps", steps}, {"ema_steps", ema_steps}});
+}
+
 // fused_sgd_'s hyperparameters, buffers and buffer step counts.
 inline void check_sgd_args(const char* op, at::TensorList params, at::TensorList buffers,
                            at::TensorList steps, double momentum, double dampening,

@@ -128,6 +128,46 @@ C10_HOST_DEVICE inline void sgd_update(F& w, F& buf, const F& g, const SGDConsts
   w = Ops::fma(d, c.neg_lr, w);
 }
 
+// EMA of the weights, torch.optim.swa_utils.get_ema_multi_avg_fn's update
+//   ema = lerp(ema, w, 1 - decay_t)        (torch._foreach_lerp_(emas, params, 1 - decay))
+// on the updated float32 weight w, with ATen's lerp as for AdamW's first moment: the weight
+// rounded to float, then fma(weight, w - ema, ema) when |weight| < 0.5, else
+// fma(weight - 1, w - ema, w). `count` is the number of EMA updates before this one:
+//   count == 0: ema = w, a copy, as AveragedModel.update_parameters when n_averaged == 0 and
+//               timm's ModelEmaV3 (decay 0 at its step 1);
+//   warmup:     decay_t = min(decay, 1 - (1 + count)^(-2/3)), timm's ModelEmaV3 use_warmup with
+//               its defaults (warmup_gamma 1, warmup_power 2/3, min_decay 0) at timm's step
+//               count + 1 (timm's num_updates after this optimizer step), in double as timm
+//               computes it in Python.
+struct EmaConsts {
+  float coeff;  // 1 - decay_t rounded to float, minus 1 when that is >= 0.5
+  bool small;   // |1 - decay_t| < 0.5: step from the EMA (else from w)
+  bool copy;    // the first update
+};
+
+C10_HOST_DEVICE inline EmaConsts ema_consts(double decay, bool warmup, float count) {
+  double d = decay;
+  if (warmup) {
+#ifdef __CUDA_ARCH__
+    const double w = 1.0 - ::pow(1.0 + static_cast<double>(count), -(2.0 / 3.0));
+#else
+    const double w = 1.0 - std::pow(1.0 + static_cast<double>(count), -(2.0 / 3.0));
+#endif
+    d = w < d ? w : d;
+  }
+  const float weight = static_cast<float>(1.0 - d);
+  EmaConsts c;
+  c.small = (weight < 0.f ? -weight : weight) < 0.5f;
+  c.coeff = c.small ? weight : weight - 1.f;
+  c.copy = count == 0.f;
+  return c;
+}
+
+template <typename Ops, typename F>
+C10_HOST_DEVICE inline void ema_update(F& e, const F& w, const F& coeff, bool small, bool copy) {
+  e = copy ? w : Ops::fma(coeff, w - e, small ? e : w);
+}
+
 // The multiplier applied to every gradient: 1/scale times torch.nn.utils.clip_grad_norm_'s
 // coefficient min(1, max_norm / (norm + 1e-6)), where norm = sqrt(sq_norm)/scale is the norm of
 // the unscaled gradients. A NaN norm propagates as in clip_grad_norm_. For a power-of-two scale,

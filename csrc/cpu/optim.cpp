@@ -42,7 +42,7 @@ struct Slots {
 
   cpu::ParamSlot& add(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* master,
                       const at::Tensor* state0, const at::Tensor* state1,
-                      const at::Tensor* state2) {
+                      const at::Tensor* state2, const at::Tensor* ema) {
     at::Tensor p = stager.reference(param, true);
     at::Tensor g = stager.stage(p, grad, false);
     cpu::ParamSlot s;
@@ -60,12 +60,24 @@ struct Slots {
     s.state0 = state(state0);
     s.state1 = state(state1);
     s.state2 = state(state2);
+    s.ema = state(ema);
     keep.push_back(p);
     keep.push_back(g);
     slots.push_back(s);
     return slots.back();
   }
 };
+
+// The slot's EMA, the constants from its update count (read here: CPU memory).
+void set_ema(cpu::ParamSlot& s, at::TensorList ema_steps, size_t i, double ema_decay,
+             bool ema_warmup) {
+  if (s.ema == nullptr) return;
+  const optim_math::EmaConsts c =
+      optim_math::ema_consts(ema_decay, ema_warmup, *ema_steps[i].const_data_ptr<float>());
+  s.ema_coeff = c.coeff;
+  s.ema_small = c.small;
+  s.ema_copy = c.copy;
+}
 
 void grad_stats_cpu(at::TensorList grads, const Opt& found_inf, const Opt& sq_norm) {
   check_grad_stats_inputs("grad_stats_", grads, found_inf, sq_norm);
@@ -92,14 +104,18 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList masters, at::TensorList steps, double lr,
                      const Opt& lr_tensor, double beta1, double beta2, double eps,
                      double weight_decay, bool amsgrad, bool maximize, const Opt& grad_scale,
-                     const Opt& found_inf, const Opt& sq_norm, double max_grad_norm) {
+                     const Opt& found_inf, const Opt& sq_norm, double max_grad_norm,
+                     at::TensorList emas, at::TensorList ema_steps, double ema_decay,
+                     bool ema_warmup) {
   constexpr const char* op = "fused_adamw_";
   check_amsgrad_args(op, max_exp_avg_sqs, amsgrad);
   check_optim_lists(op, params, grads,
                     {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
                      {"max_exp_avg_sqs", max_exp_avg_sqs, /*optional=*/!amsgrad},
-                     {"masters", masters, /*optional=*/true}});
+                     {"masters", masters, /*optional=*/true},
+                     {"emas", emas, /*optional=*/true}});
   check_optim_steps(op, params, steps);
+  check_ema_args(op, params, steps, emas, ema_steps, ema_decay);
   check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
   if (params.empty() || skipped(found_inf)) return;
 
@@ -129,7 +145,9 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
         optim_math::adamw_consts(lr_v, beta1, beta2, eps, weight_decay, *step);
     cpu::ParamSlot& s = slots.add(params[i], grads[i], masters.empty() ? nullptr : &masters[i],
                                   &exp_avgs[i], &exp_avg_sqs[i],
-                                  amsgrad ? &max_exp_avg_sqs[i] : nullptr);
+                                  amsgrad ? &max_exp_avg_sqs[i] : nullptr,
+                                  emas.empty() ? nullptr : &emas[i]);
+    set_ema(s, ema_steps, i, ema_decay, ema_warmup);
     s.neg_step_size = c.neg_step_size;
     s.bc2_sqrt = c.bc2_sqrt;
   }
@@ -138,18 +156,22 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   FT_ISA_CALL(adamw_kernel, k);
   slots.stager.finish();
   for (float* step : step_ptrs) *step += 1.f;
+  for (const at::Tensor& step : ema_steps) *step.data_ptr<float>() += 1.f;
 }
 
 void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    at::TensorList masters, at::TensorList steps, double lr, const Opt& lr_tensor,
                    double momentum, double dampening, bool nesterov, bool maximize,
                    double weight_decay, const Opt& grad_scale, const Opt& found_inf,
-                   const Opt& sq_norm, double max_grad_norm) {
+                   const Opt& sq_norm, double max_grad_norm, at::TensorList emas,
+                   at::TensorList ema_steps, double ema_decay, bool ema_warmup) {
   constexpr const char* op = "fused_sgd_";
   check_sgd_args(op, params, momentum_buffers, steps, momentum, dampening, nesterov);
   check_optim_lists(op, params, grads,
                     {{"momentum_buffers", momentum_buffers, /*optional=*/true},
-                     {"masters", masters, /*optional=*/true}});
+                     {"masters", masters, /*optional=*/true},
+                     {"emas", emas, /*optional=*/true}});
+  check_ema_args(op, params, steps, emas, ema_steps, ema_decay);
   check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
   if (params.empty() || skipped(found_inf)) return;
 
@@ -170,7 +192,8 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     if (params[i].numel() == 0) continue;
     cpu::ParamSlot& s = slots.add(params[i], grads[i], masters.empty() ? nullptr : &masters[i],
                                   k.has_momentum ? &momentum_buffers[i] : nullptr, nullptr,
-                                  nullptr);
+                                  nullptr, emas.empty() ? nullptr : &emas[i]);
+    set_ema(s, ema_steps, i, ema_decay, ema_warmup);
     // A buffer that has taken no step yet becomes d (torch: buf = clone(d)).
     s.first = !steps.empty() && *steps[i].const_data_ptr<float>() == 0.f;
   }
@@ -179,6 +202,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   FT_ISA_CALL(sgd_kernel, k);
   slots.stager.finish();
   for (const at::Tensor& step : steps) *step.data_ptr<float>() += 1.f;
+  for (const at::Tensor& step : ema_steps) *step.data_ptr<float>() += 1.f;
 }
 
 }  // namespace

@@ -30,7 +30,7 @@ using Opt = std::optional<at::Tensor>;
 
 constexpr int kThreads = 512;
 constexpr int64_t kChunk = 16384;  // elements per block
-constexpr int kMaxTensors = 48;    // per launch; keeps ParamPack near 3 KiB
+constexpr int kMaxTensors = 40;    // per launch; keeps ParamPack near 3.5 KiB
 constexpr int kMaxSteps = 256;     // steps incremented per launch of increment_steps_kernel
 
 struct DeviceOps {
@@ -84,6 +84,8 @@ struct ParamPack {
   float* state1[kMaxTensors];  // exp_avg_sq
   float* state2[kMaxTensors];  // max_exp_avg_sq (AdamW with amsgrad)
   const float* step[kMaxTensors];  // AdamW's steps; SGD's buffer steps, or null
+  float* ema[kMaxTensors];              // the EMA of the weight, null without
+  const float* ema_step[kMaxTensors];   // its update count, null without
   int64_t numel[kMaxTensors];
   int64_t chunk_start[kMaxTensors + 1];
   int count;
@@ -110,6 +112,9 @@ struct UpdateScalars {
   float momentum;
   float one_minus_dampening;
   bool nesterov;
+  // the EMA of the weights
+  double ema_decay;
+  bool ema_warmup;
 };
 
 // Both are passed by value as kernel arguments, which must stay within 4 KiB.
@@ -216,6 +221,14 @@ __device__ __forceinline__ BlockRange block_range(const ParamPack& pack) {
   return r;
 }
 
+// The block's EMA constants (thread 0; optim_math::ema_consts, shared with the CPU).
+__device__ __forceinline__ optim_math::EmaConsts block_ema_consts(const ParamPack& pack, int t,
+                                                                  const UpdateScalars& s) {
+  return pack.ema[t] != nullptr
+             ? optim_math::ema_consts(s.ema_decay, s.ema_warmup, *pack.ema_step[t])
+             : optim_math::EmaConsts{0.f, true, false};
+}
+
 // kAmsgrad is a per-call option; as a template argument it leaves the usual loop unchanged.
 template <typename T, bool kMaster, bool kAmsgrad>
 __global__ void adamw_kernel(const ParamPack pack, const UpdateScalars s) {
@@ -224,7 +237,9 @@ __global__ void adamw_kernel(const ParamPack pack, const UpdateScalars s) {
   // Per-tensor constants (optim_math::adamw_consts, shared with the CPU), once per block.
   __shared__ optim_math::AdamWConsts<float> c;
   __shared__ float mul;
+  __shared__ optim_math::EmaConsts ec;
   if (threadIdx.x == 0) {
+    ec = block_ema_consts(pack, r.t, s);
     const double lr = s.lr_tensor != nullptr ? static_cast<double>(*s.lr_tensor) : s.lr;
     c = optim_math::adamw_consts(lr, s.beta1, s.beta2, s.eps, s.weight_decay,
                                  *pack.step[r.t]);
@@ -240,7 +255,9 @@ __global__ void adamw_kernel(const ParamPack pack, const UpdateScalars s) {
   float* m = pack.state0[r.t];
   float* v = pack.state1[r.t];
   float* vmax = pack.state2[r.t];  // null without amsgrad
+  float* e = pack.ema[r.t];        // null without EMA
   const optim_math::AdamWConsts<float> cc = c;
+  const optim_math::EmaConsts ecc = ec;
   const float gm = mul;
   for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
     const float gi = DeviceOps::mul(static_cast<float>(g[i]), gm);
@@ -249,6 +266,11 @@ __global__ void adamw_kernel(const ParamPack pack, const UpdateScalars s) {
     float vi = v[i];
     float xi = kAmsgrad ? vmax[i] : 0.f;
     optim_math::adamw_update<DeviceOps>(wi, mi, vi, xi, gi, cc, f);
+    if (e != nullptr) {
+      float ei = ecc.copy ? 0.f : e[i];
+      optim_math::ema_update<DeviceOps>(ei, wi, ecc.coeff, ecc.small, ecc.copy);
+      e[i] = ei;
+    }
     m[i] = mi;
     v[i] = vi;
     if (kAmsgrad) vmax[i] = xi;
@@ -260,15 +282,20 @@ __global__ void adamw_kernel(const ParamPack pack, const UpdateScalars s) {
 // One block's elements; kFirst (a buffer's first step, once per parameter) is a template
 // argument so the usual loop is unchanged.
 template <typename T, bool kMaster, bool kFirst>
-__device__ void sgd_range(T* p, const T* g, float* w, float* b, int64_t begin, int64_t end,
-                          float gm, const optim_math::SGDConsts<float>& c,
-                          optim_math::SGDFlags f) {
+__device__ void sgd_range(T* p, const T* g, float* w, float* b, float* e, int64_t begin,
+                          int64_t end, float gm, const optim_math::SGDConsts<float>& c,
+                          optim_math::SGDFlags f, optim_math::EmaConsts ec) {
   f.first = kFirst;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float gi = DeviceOps::mul(static_cast<float>(g[i]), gm);
     float wi = kMaster ? w[i] : static_cast<float>(p[i]);
     float bi = f.momentum && !kFirst ? b[i] : 0.f;
     optim_math::sgd_update<DeviceOps>(wi, bi, gi, c, f);
+    if (e != nullptr) {
+      float ei = ec.copy ? 0.f : e[i];
+      optim_math::ema_update<DeviceOps>(ei, wi, ec.coeff, ec.small, ec.copy);
+      e[i] = ei;
+    }
     if (f.momentum) b[i] = bi;
     if (kMaster) w[i] = wi;
     p[i] = static_cast<T>(wi);
@@ -282,7 +309,9 @@ __global__ void sgd_kernel(const ParamPack pack, const UpdateScalars s) {
   __shared__ optim_math::SGDConsts<float> c;
   __shared__ float mul;
   __shared__ bool first;
+  __shared__ optim_math::EmaConsts ec;
   if (threadIdx.x == 0) {
+    ec = block_ema_consts(pack, r.t, s);
     const double lr = s.lr_tensor != nullptr ? static_cast<double>(*s.lr_tensor) : s.lr;
     c.weight_decay = static_cast<float>(s.weight_decay);
     c.momentum = s.momentum;
@@ -300,11 +329,12 @@ __global__ void sgd_kernel(const ParamPack pack, const UpdateScalars s) {
   T* p = static_cast<T*>(pack.param[r.t]);
   float* w = pack.master[r.t];
   float* b = pack.state0[r.t];
+  float* e = pack.ema[r.t];
   const optim_math::SGDConsts<float> cc = c;
   if (first) {
-    sgd_range<T, kMaster, true>(p, g, w, b, r.begin, r.end, mul, cc, f);
+    sgd_range<T, kMaster, true>(p, g, w, b, e, r.begin, r.end, mul, cc, f, ec);
   } else {
-    sgd_range<T, kMaster, false>(p, g, w, b, r.begin, r.end, mul, cc, f);
+    sgd_range<T, kMaster, false>(p, g, w, b, e, r.begin, r.end, mul, cc, f, ec);
   }
 }
 
@@ -376,7 +406,8 @@ void grad_stats_cuda(at::TensorList grads, const Opt& found_inf, const Opt& sq_n
 template <typename KernelFor>
 void launch_updates(at::TensorList params, at::TensorList grads, at::TensorList masters,
                     at::TensorList state0, at::TensorList state1, at::TensorList state2,
-                    at::TensorList steps, const UpdateScalars& s, LayoutStager& stager,
+                    at::TensorList steps, at::TensorList emas, at::TensorList ema_steps,
+                    const UpdateScalars& s, LayoutStager& stager,
                     std::vector<at::Tensor>& keep, KernelFor kernel_for) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool has_master = !masters.empty();
@@ -403,6 +434,7 @@ void launch_updates(at::TensorList params, at::TensorList grads, at::TensorList 
       at::Tensor a = stage(state0, true);
       at::Tensor b = stage(state1, true);
       at::Tensor x = stage(state2, true);
+      at::Tensor e = stage(emas, true);
       keep.push_back(p);
       const int k = pack.count;
       pack.param[k] = p.data_ptr();
@@ -412,6 +444,8 @@ void launch_updates(at::TensorList params, at::TensorList grads, at::TensorList 
       pack.state1[k] = b.defined() ? b.data_ptr<float>() : nullptr;
       pack.state2[k] = x.defined() ? x.data_ptr<float>() : nullptr;
       pack.step[k] = steps.empty() ? nullptr : steps[i].const_data_ptr<float>();
+      pack.ema[k] = e.defined() ? e.data_ptr<float>() : nullptr;
+      pack.ema_step[k] = ema_steps.empty() ? nullptr : ema_steps[i].const_data_ptr<float>();
       pack.numel[k] = p.numel();
       pack.chunk_start[k + 1] = pack.chunk_start[k] + chunks_of(p.numel());
       pack.count = k + 1;
@@ -467,14 +501,18 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList masters, at::TensorList steps, double lr,
                       const Opt& lr_tensor, double beta1, double beta2, double eps,
                       double weight_decay, bool amsgrad, bool maximize, const Opt& grad_scale,
-                      const Opt& found_inf, const Opt& sq_norm, double max_grad_norm) {
+                      const Opt& found_inf, const Opt& sq_norm, double max_grad_norm,
+                      at::TensorList emas, at::TensorList ema_steps, double ema_decay,
+                      bool ema_warmup) {
   constexpr const char* op = "fused_adamw_";
   check_amsgrad_args(op, max_exp_avg_sqs, amsgrad);
   check_optim_lists(op, params, grads,
                     {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
                      {"max_exp_avg_sqs", max_exp_avg_sqs, /*optional=*/!amsgrad},
-                     {"masters", masters, /*optional=*/true}});
+                     {"masters", masters, /*optional=*/true},
+                     {"emas", emas, /*optional=*/true}});
   check_optim_steps(op, params, steps);
+  check_ema_args(op, params, steps, emas, ema_steps, ema_decay);
   check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
   if (params.empty()) return;
   c10::cuda::CUDAGuard guard(params[0].device());
@@ -492,25 +530,33 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   s.weight_decay = weight_decay;
   s.eps = eps;
   s.lerp_small = optim_math::adamw_lerp_small(beta1);
+  s.ema_decay = ema_decay;
+  s.ema_warmup = ema_warmup;
 
   LayoutStager stager;
   std::vector<at::Tensor> keep;
-  launch_updates(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, s,
-                 stager, keep, amsgrad ? adamw_kernel_for<true> : adamw_kernel_for<false>);
+  launch_updates(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, emas,
+                 ema_steps, s, stager, keep,
+                 amsgrad ? adamw_kernel_for<true> : adamw_kernel_for<false>);
   stager.finish();
   increment_steps(steps, s.found_inf);
+  increment_steps(ema_steps, s.found_inf);
 }
 
 void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                     at::TensorList masters, at::TensorList steps, double lr,
                     const Opt& lr_tensor, double momentum, double dampening, bool nesterov,
                     bool maximize, double weight_decay, const Opt& grad_scale,
-                    const Opt& found_inf, const Opt& sq_norm, double max_grad_norm) {
+                    const Opt& found_inf, const Opt& sq_norm, double max_grad_norm,
+                    at::TensorList emas, at::TensorList ema_steps, double ema_decay,
+                    bool ema_warmup) {
   constexpr const char* op = "fused_sgd_";
   check_sgd_args(op, params, momentum_buffers, steps, momentum, dampening, nesterov);
   check_optim_lists(op, params, grads,
                     {{"momentum_buffers", momentum_buffers, /*optional=*/true},
-                     {"masters", masters, /*optional=*/true}});
+                     {"masters", masters, /*optional=*/true},
+                     {"emas", emas, /*optional=*/true}});
+  check_ema_args(op, params, steps, emas, ema_steps, ema_decay);
   check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
   if (params.empty()) return;
   c10::cuda::CUDAGuard guard(params[0].device());
@@ -527,13 +573,16 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   s.momentum = static_cast<float>(momentum);
   s.one_minus_dampening = static_cast<float>(1.0 - dampening);
   s.nesterov = nesterov;
+  s.ema_decay = ema_decay;
+  s.ema_warmup = ema_warmup;
 
   LayoutStager stager;
   std::vector<at::Tensor> keep;
   launch_updates(params, grads, masters, momentum_buffers, at::TensorList(), at::TensorList(),
-                 steps, s, stager, keep, sgd_kernel_for);
+                 steps, emas, ema_steps, s, stager, keep, sgd_kernel_for);
   stager.finish();
   increment_steps(steps, s.found_inf);
+  increment_steps(ema_steps, s.found_inf);
 }
 
 }  // namespace

@@ -18,6 +18,13 @@ to the compiled kernels (``torch.ops.fastcore_train.*``):
     Gradients are never written. SGD's optional ``steps`` count each momentum buffer's steps:
     at 0 the buffer becomes the gradient itself (torch's first step, undampened).
 
+    Both update ops also keep, when given ``emas`` (float32, one per param), the EMA of the
+    weights in the same pass: ``ema = lerp(ema, w, 1 - decay_t)`` on the updated float32 weight
+    ``w`` (the master's value), torch.optim.swa_utils.get_ema_multi_avg_fn's update. ``ema_steps``
+    (float32 scalars) count each EMA's updates: at 0 the EMA becomes ``w`` (AveragedModel's first
+    ``update_parameters``), and with ``ema_warmup`` ``decay_t = min(ema_decay, 1 - (1 + n)^(-2/3))``
+    at count ``n`` (timm's ModelEmaV3 warmup at its step ``n + 1``). Skipped with the step.
+
 Every tensor an op writes gets its version counter bumped (csrc/optim_inplace.cpp; the
 reference writes with in-place torch ops), so autograd sees the writes as it sees torch's.
 
@@ -162,6 +169,20 @@ def _check_amsgrad(op, max_exp_avg_sqs, amsgrad):
                          f"{len(max_exp_avg_sqs)}")
 
 
+def _check_ema(op, params, steps, emas, ema_steps, ema_decay):
+    if len(emas) == 0:
+        if len(ema_steps) != 0:
+            raise ValueError(f"{op}: ema_steps must be empty without emas, got {len(ema_steps)}")
+        return
+    if not 0.0 <= ema_decay <= 1.0:
+        raise ValueError(f"{op}: ema_decay must be in [0, 1], got {ema_decay}")
+    if len(ema_steps) != len(params):
+        raise ValueError(f"{op}: got {len(params)} params but {len(ema_steps)} ema_steps")
+    for i, s in enumerate(ema_steps):
+        _check_scalar(op, f"ema_steps[{i}]", s, params[0].device)
+    _check_distinct_writes(op, [("steps", steps), ("ema_steps", ema_steps)])
+
+
 def _check_sgd(op, params, buffers, steps, momentum, dampening, nesterov):
     if nesterov and not (momentum > 0 and dampening == 0):
         raise ValueError(f"{op}: nesterov needs momentum > 0 and dampening 0")
@@ -207,12 +228,15 @@ def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs
                  lr_tensor: Optional[torch.Tensor] = None,
                  grad_scale: Optional[torch.Tensor] = None,
                  found_inf: Optional[torch.Tensor] = None,
-                 sq_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0) -> None:
+                 sq_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
+                 emas: Tensors = (), ema_steps: Tensors = (), ema_decay: float = 0.0,
+                 ema_warmup: bool = False) -> None:
     """Pass 2 of AdamW (torch.optim.AdamW's maths) in place; see the module docstring."""
     args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
             list(masters), list(steps), float(lr), lr_tensor, float(beta1), float(beta2),
             float(eps), float(weight_decay), bool(amsgrad), bool(maximize), grad_scale,
-            found_inf, sq_norm, float(max_grad_norm))
+            found_inf, sq_norm, float(max_grad_norm), list(emas), list(ema_steps),
+            float(ema_decay), bool(ema_warmup))
     if _use_extension("fused_adamw_", args[0]):
         torch.ops.fastcore_train.fused_adamw_(*args)
     else:
@@ -225,12 +249,15 @@ def fused_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, maste
                lr_tensor: Optional[torch.Tensor] = None,
                grad_scale: Optional[torch.Tensor] = None,
                found_inf: Optional[torch.Tensor] = None,
-               sq_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0) -> None:
+               sq_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
+               emas: Tensors = (), ema_steps: Tensors = (), ema_decay: float = 0.0,
+               ema_warmup: bool = False) -> None:
     """Pass 2 of SGD (torch.optim.SGD's maths) in place; see the module docstring."""
     args = (list(params), list(grads), list(momentum_buffers), list(masters), list(steps),
             float(lr), lr_tensor, float(momentum), float(dampening), bool(nesterov),
             bool(maximize), float(weight_decay), grad_scale, found_inf, sq_norm,
-            float(max_grad_norm))
+            float(max_grad_norm), list(emas), list(ema_steps), float(ema_decay),
+            bool(ema_warmup))
     if _use_extension("fused_sgd_", args[0]):
         torch.ops.fastcore_train.fused_sgd_(*args)
     else:
@@ -275,16 +302,36 @@ def _skip_flag(found_inf):
     return None if found_inf is None else (found_inf.reshape(()) != 0)
 
 
+def _ema_value(ema, w, count, decay, warmup):
+    """The EMA after its update with the new float32 weight ``w`` (see the module docstring):
+    ATen's lerp as torch._foreach_lerp_ computes it, the weight 1 - decay_t rounded to float;
+    the first update copies."""
+    n = count.reshape(())
+    if warmup:  # timm's ModelEmaV3 decay, in float64 as timm computes it in Python
+        decay_t = (1 - (1 + n.double()) ** (-(2 / 3))).clamp(max=decay)
+        new = ema.lerp(w, (1 - decay_t).float())
+    else:
+        new = ema.lerp(w, 1 - decay)
+    return torch.where(n == 0, w, new)
+
+
+def _update_ema(emas, ema_steps, i, w, decay, warmup, skip):
+    if emas:
+        _commit(emas[i], _ema_value(emas[i], w, ema_steps[i], decay, warmup), skip)
+
+
 def fused_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
                            steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad,
-                           maximize, grad_scale, found_inf, sq_norm, max_grad_norm):
+                           maximize, grad_scale, found_inf, sq_norm, max_grad_norm, emas=(),
+                           ema_steps=(), ema_decay=0.0, ema_warmup=False):
     op = "fused_adamw_"
     _check_amsgrad(op, max_exp_avg_sqs, amsgrad)
     _check_lists(op, params, grads, [("exp_avgs", exp_avgs, False),
                                      ("exp_avg_sqs", exp_avg_sqs, False),
                                      ("max_exp_avg_sqs", max_exp_avg_sqs, not amsgrad),
-                                     ("masters", masters, True)])
+                                     ("masters", masters, True), ("emas", emas, True)])
     _check_steps(op, params, steps)
+    _check_ema(op, params, steps, emas, ema_steps, ema_decay)
     _check_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm)
     if len(params) == 0:
         return
@@ -319,21 +366,26 @@ def fused_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
             # vectorised sqrt may be an ulp off
             denom = (u.double().sqrt().float() / bias_correction2_sqrt.float()).add_(eps)
             w.add_(neg_step_size * m / denom)
+            _update_ema(emas, ema_steps, i, w, ema_decay, ema_warmup, skip)
             _commit(exp_avgs[i], m, skip)
             _commit(exp_avg_sqs[i], v, skip)
             if masters:
                 _commit(masters[i], w, skip)
             _commit(p, w, skip)
         _commit(steps[i], step, skip)
+        if ema_steps:
+            _commit(ema_steps[i], ema_steps[i] + 1, skip)
 
 
 def fused_sgd_reference_(params, grads, momentum_buffers, masters, steps, lr, lr_tensor,
                          momentum, dampening, nesterov, maximize, weight_decay, grad_scale,
-                         found_inf, sq_norm, max_grad_norm):
+                         found_inf, sq_norm, max_grad_norm, emas=(), ema_steps=(),
+                         ema_decay=0.0, ema_warmup=False):
     op = "fused_sgd_"
     _check_sgd(op, params, momentum_buffers, steps, momentum, dampening, nesterov)
     _check_lists(op, params, grads, [("momentum_buffers", momentum_buffers, True),
-                                     ("masters", masters, True)])
+                                     ("masters", masters, True), ("emas", emas, True)])
+    _check_ema(op, params, steps, emas, ema_steps, ema_decay)
     _check_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm)
     if len(params) == 0:
         return
@@ -361,11 +413,14 @@ def fused_sgd_reference_(params, grads, momentum_buffers, masters, steps, lr, lr
                 w.addcmul_(d, lr_tensor.reshape(()), value=-1)
             else:
                 w.add_(d, alpha=-lr)
+            _update_ema(emas, ema_steps, i, w, ema_decay, ema_warmup, skip)
             if masters:
                 _commit(masters[i], w, skip)
             _commit(p, w, skip)
         if steps:
             _commit(steps[i], steps[i] + 1, skip)
+        if ema_steps:
+            _commit(ema_steps[i], ema_steps[i] + 1, skip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,13 +435,14 @@ def _register():
     @torch.library.register_fake("fastcore_train::fused_adamw_")
     def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, lr_tensor,
           beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf, sq_norm,
-          max_grad_norm):
+          max_grad_norm, emas, ema_steps, ema_decay, ema_warmup):
         torch._check(len(grads) == len(params), lambda: "fused_adamw_: one grad per param")
         return None
 
     @torch.library.register_fake("fastcore_train::fused_sgd_")
     def _(params, grads, momentum_buffers, masters, steps, lr, lr_tensor, momentum, dampening,
-          nesterov, maximize, weight_decay, grad_scale, found_inf, sq_norm, max_grad_norm):
+          nesterov, maximize, weight_decay, grad_scale, found_inf, sq_norm, max_grad_norm, emas,
+          ema_steps, ema_decay, ema_warmup):
         torch._check(len(grads) == len(params), lambda: "fused_sgd_: one grad per param")
         return None
 

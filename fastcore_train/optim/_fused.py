@@ -15,13 +15,15 @@ State per parameter, in ``self.state`` and so in ``state_dict()``: the subclass'
 buffers (``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``/``step`` for AdamW,
 ``momentum_buffer`` for SGD, the same keys and meaning as torch.optim) and ``master``, the
 float32 master copy of a float16/bfloat16 parameter. The model's parameter is the master
-rounded to its dtype after every step.
+rounded to its dtype after every step. With ``ema_decay``, also ``ema`` (the float32 EMA of the
+weight, updated in the same pass) and ``ema_step`` (its update count, a float32 scalar).
 
 Every change of the optimizer's own configuration is validated first and applied whole: a
 rejected constructor argument, param group or checkpoint leaves the optimizer as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 from collections import defaultdict
@@ -67,6 +69,15 @@ class FusedOptimizer(torch.optim.Optimizer):
       so updates smaller than half an ulp of the weight are lost.
     * ``max_grad_norm`` -- clip to this global norm (over every gradient of the optimizer,
       unscaled), as ``torch.nn.utils.clip_grad_norm_`` would; ``None`` disables it.
+    * ``ema_decay``, ``ema_warmup`` -- keep an exponential moving average of the weights,
+      updated inside the step (no extra pass over the parameters):
+      ``ema <- lerp(ema, w, 1 - decay_t)`` on the new float32 weight ``w`` (the master), as
+      ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))`` computes it when
+      built before training and updated after each step: its first update copies ``w``.
+      ``decay_t`` is ``ema_decay``, or with ``ema_warmup`` timm's ModelEmaV3 warmup
+      ``min(ema_decay, 1 - (1 + n)^(-2/3))`` after ``n`` EMA updates (timm's ``step = n + 1``,
+      its ``num_updates`` after this optimizer step). Skipped with the step on overflow.
+      :meth:`ema_weights` swaps the EMA into the model; ``None`` (default): no EMA.
 
     torch.optim's implementation switches ``foreach`` and ``fused`` are accepted and ignored
     (the step is always this fused one; both True is refused, as torch.optim does);
@@ -111,6 +122,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         mgn = group.get("max_grad_norm")
         if mgn is not None and not _number(name, "max_grad_norm", mgn, tensor_ok=False) > 0.0:
             raise ValueError(f"{name}: max_grad_norm must be None or > 0, got {mgn}")
+        ema = group.get("ema_decay")
+        if ema is not None and not 0.0 <= _number(name, "ema_decay", ema, tensor_ok=False) <= 1.0:
+            raise ValueError(f"{name}: ema_decay must be None or in [0, 1], got {ema}")
+        if group.get("ema_warmup", False) not in (True, False):
+            raise ValueError(f"{name}: ema_warmup must be True or False, got "
+                             f"{group.get('ema_warmup')!r}")
         if group.get("master_weights") not in (None, True, False):
             raise ValueError(f"{name}: master_weights must be None, True or False, got "
                              f"{group.get('master_weights')!r}")
@@ -212,7 +229,51 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["master"] = p.detach().to(torch.float32, copy=True)
         elif not want and "master" in state:
             del state["master"]
+        if group.get("ema_decay") is None:
+            state.pop("ema", None)
+            state.pop("ema_step", None)
+        elif "ema" not in state:
+            # the weight before this step (its first EMA update copies the new one)
+            state["ema"] = self._zeros(p).copy_(state.get("master", p).detach())
+            state["ema_step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        elif "ema_step" not in state:  # an EMA loaded without its count has started
+            state["ema_step"] = torch.ones((), dtype=torch.float32, device=p.device)
         return state
+
+    @staticmethod
+    def _ema_args(group: dict, states: list) -> dict:
+        """The update ops' EMA arguments for one group's parameters."""
+        decay = group.get("ema_decay")
+        if decay is None:
+            return {}
+        return dict(emas=[s["ema"] for s in states], ema_steps=[s["ema_step"] for s in states],
+                    ema_decay=float(decay), ema_warmup=bool(group.get("ema_warmup", False)))
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Context manager: the model's parameters hold their EMA (cast to their dtype) inside
+        the block, for evaluation or saving, and their own values again after it (also on an
+        exception). Master weights and optimizer state are not touched; a parameter without an
+        EMA yet (no step taken) keeps its value, which is its EMA. Do not step inside the block.
+        The writes are ``copy_`` under ``torch.no_grad()``, which bump version counters as any
+        in-place write does: run forward passes inside the block, not across its edges.
+        """
+        if not any(g.get("ema_decay") is not None for g in self.param_groups):
+            raise RuntimeError(f"{type(self).__name__}.ema_weights(): this optimizer keeps no "
+                               "EMA of the weights; construct it with ema_decay=...")
+        pairs = [(p, self.state[p]["ema"]) for g in self.param_groups for p in g["params"]
+                 if "ema" in self.state.get(p, {})]
+        saved = []
+        try:
+            with torch.no_grad():
+                for p, ema in pairs:
+                    saved.append(p.detach().clone())
+                    p.copy_(ema)
+            yield
+        finally:
+            with torch.no_grad():
+                for (p, _), value in zip(pairs, saved):
+                    p.copy_(value)
 
     @torch.no_grad()
     def sync_masters_from_params(self) -> int:
@@ -394,14 +455,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                             f"{type(saved).__name__}")
         out: dict[str, Any] = {}
         for k, v in saved.items():
-            if k == "step":
+            if k in ("step", "ema_step"):
                 if not isinstance(v, (torch.Tensor, numbers.Real)) or \
                         torch.as_tensor(v).numel() != 1:
-                    raise ValueError(f"{name}.load_state_dict: state 'step' of {where} must be a "
+                    raise ValueError(f"{name}.load_state_dict: state {k!r} of {where} must be a "
                                      f"number or a one-element tensor, got {v!r}")
                 out[k] = torch.as_tensor(v).detach().to(device=p.device, dtype=torch.float32,
                                                          copy=True).reshape(())
-            elif k in self._buffer_keys or k == "master":
+            elif k in self._buffer_keys or k in ("master", "ema"):
                 if v is None:
                     continue
                 if not isinstance(v, torch.Tensor) or not v.is_floating_point():

@@ -46,6 +46,9 @@ class FusedAdamW(FusedOptimizer):
             ``False`` force them on/off.
         max_grad_norm: clip the global gradient norm to this value (``clip_grad_norm_``
             semantics) inside the step; ``None`` disables clipping.
+        ema_decay, ema_warmup: keep an EMA of the weights (state ``ema``, ``ema_step``),
+            updated in the step's pass; see :class:`~fastcore_train.optim._fused.
+            FusedOptimizer` and :meth:`ema_weights`. ``None``: no EMA.
     """
 
     _buffer_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -57,12 +60,13 @@ class FusedAdamW(FusedOptimizer):
                  maximize: bool = False, foreach: Optional[bool] = None,
                  capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, master_weights: Optional[bool] = None,
-                 max_grad_norm: Optional[float] = None):
+                 max_grad_norm: Optional[float] = None, ema_decay: Optional[float] = None,
+                 ema_warmup: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=True, master_weights=master_weights,
-                        max_grad_norm=max_grad_norm)
+                        max_grad_norm=max_grad_norm, ema_decay=ema_decay, ema_warmup=ema_warmup)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -106,4 +110,5 @@ class FusedAdamW(FusedOptimizer):
             amsgrad=amsgrad,
             max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else [],
             maximize=bool(group["maximize"]), grad_scale=grad_scale, found_inf=found_inf,
-            sq_norm=sq_norm, max_grad_norm=float(group["max_grad_norm"] or 0.0))
+            sq_norm=sq_norm, max_grad_norm=float(group["max_grad_norm"] or 0.0),
+            **self._ema_args(group, states))

@@ -40,7 +40,8 @@ class FusedSGD(FusedOptimizer):
         momentum, dampening, weight_decay, nesterov, maximize: as torch.optim.SGD.
         foreach, fused: accepted and ignored (the step is always this fused one).
         differentiable: only ``False`` (``True`` is refused here).
-        master_weights, max_grad_norm: see :class:`fastcore_train.optim.FusedAdamW`.
+        master_weights, max_grad_norm, ema_decay, ema_warmup: see
+            :class:`fastcore_train.optim.FusedAdamW`.
     """
 
     _buffer_keys = ("momentum_buffer",)
@@ -51,11 +52,13 @@ class FusedSGD(FusedOptimizer):
                  nesterov: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, differentiable: bool = False,
                  fused: Optional[bool] = None, master_weights: Optional[bool] = None,
-                 max_grad_norm: Optional[float] = None):
+                 max_grad_norm: Optional[float] = None, ema_decay: Optional[float] = None,
+                 ema_warmup: bool = False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused,
-                        master_weights=master_weights, max_grad_norm=max_grad_norm)
+                        master_weights=master_weights, max_grad_norm=max_grad_norm,
+                        ema_decay=ema_decay, ema_warmup=ema_warmup)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -95,4 +98,5 @@ class FusedSGD(FusedOptimizer):
             dampening=dampening, steps=steps, nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]), weight_decay=float(group["weight_decay"]),
             grad_scale=grad_scale, found_inf=found_inf, sq_norm=sq_norm,
-            max_grad_norm=float(group["max_grad_norm"] or 0.0))
+            max_grad_norm=float(group["max_grad_norm"] or 0.0),
+            **self._ema_args(group, states))

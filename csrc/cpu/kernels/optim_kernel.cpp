@@ -165,6 +165,17 @@ ChunkStats chunk_stats_any(const GradView& g, int64_t begin, int64_t end) {
 
 // ---- pass 2: the updates ----
 
+// The EMA of 2*kV updated weights (w0, w1) at e, in the pass that computed them: the weights
+// are still in registers, so the EMA costs its own read and write only.
+inline void ema_body(float* e, const Vec& w0, const Vec& w1, const Vec& coeff,
+                     const ParamSlot& s) {
+  Vec e0, e1;
+  if (!s.ema_copy) load2(e, e0, e1);
+  optim_math::ema_update<VecOps>(e0, w0, coeff, s.ema_small, s.ema_copy);
+  optim_math::ema_update<VecOps>(e1, w1, coeff, s.ema_small, s.ema_copy);
+  store2(e, e0, e1);
+}
+
 // kAmsgrad: the per-call option as a template argument, so the loop without it is unchanged.
 template <typename T, bool kMaster, bool kAmsgrad>
 void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKernelParams& k) {
@@ -175,6 +186,8 @@ void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKern
   float* m = s.state0;
   float* v = s.state1;
   float* vmax = s.state2;  // null without amsgrad
+  float* e = s.ema;        // null without EMA
+  const Vec ecv(s.ema_coeff);
   const optim_math::AdamWFlags f{k.has_decay, k.lerp_small, kAmsgrad};
   const AdamWConsts<float> c{k.decay, k.lerp_weight,  k.beta2,          k.one_minus_beta2,
                              s.bc2_sqrt, k.eps, s.neg_step_size};
@@ -200,6 +213,7 @@ void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKern
     if constexpr (kAmsgrad) load2(vmax + j, x0, x1);
     optim_math::adamw_update<VecOps>(w0, m0, v0, x0, g0, cv, f);
     optim_math::adamw_update<VecOps>(w1, m1, v1, x1, g1, cv, f);
+    if (e != nullptr) ema_body(e + j, w0, w1, ecv, s);
     store2(m + j, m0, m1);
     store2(v + j, v0, v1);
     if constexpr (kAmsgrad) store2(vmax + j, x0, x1);
@@ -216,6 +230,9 @@ void adamw_chunk(const ParamSlot& s, int64_t begin, int64_t end, const AdamWKern
     float wj = kMaster ? w[j] : static_cast<float>(p[j]);
     float xj = kAmsgrad ? vmax[j] : 0.f;
     optim_math::adamw_update<ScalarOps>(wj, m[j], v[j], xj, gj, c, f);
+    if (e != nullptr) {
+      optim_math::ema_update<ScalarOps>(e[j], wj, s.ema_coeff, s.ema_small, s.ema_copy);
+    }
     if constexpr (kAmsgrad) vmax[j] = xj;
     if constexpr (kMaster) w[j] = wj;
     p[j] = static_cast<T>(wj);
@@ -231,6 +248,8 @@ void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelPa
   T* p = static_cast<T*>(s.param);
   float* w = s.master;
   float* b = s.state0;  // null without momentum
+  float* e = s.ema;     // null without EMA
+  const Vec ecv(s.ema_coeff);
   const optim_math::SGDFlags f{k.has_decay, k.has_momentum, k.nesterov, kFirst};
   const SGDConsts<float> c{k.weight_decay, k.momentum, k.one_minus_dampening, k.neg_lr};
   const SGDConsts<Vec> cv{Vec(c.weight_decay), Vec(c.momentum), Vec(c.one_minus_dampening),
@@ -252,6 +271,7 @@ void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelPa
     if (f.momentum && !kFirst) load2(b + j, b0, b1);
     optim_math::sgd_update<VecOps>(w0, b0, g0, cv, f);
     optim_math::sgd_update<VecOps>(w1, b1, g1, cv, f);
+    if (e != nullptr) ema_body(e + j, w0, w1, ecv, s);
     if (f.momentum) store2(b + j, b0, b1);
     if constexpr (kMaster) store2(w + j, w0, w1);
     if (stream) {
@@ -266,6 +286,9 @@ void sgd_chunk(const ParamSlot& s, int64_t begin, int64_t end, const SGDKernelPa
     float wj = kMaster ? w[j] : static_cast<float>(p[j]);
     float bj = f.momentum && !kFirst ? b[j] : 0.f;
     optim_math::sgd_update<ScalarOps>(wj, bj, gj, c, f);
+    if (e != nullptr) {
+      optim_math::ema_update<ScalarOps>(e[j], wj, s.ema_coeff, s.ema_small, s.ema_copy);
+    }
     if (f.momentum) b[j] = bj;
     if constexpr (kMaster) w[j] = wj;
     p[j] = static_cast<T>(wj);

@@ -41,6 +41,10 @@ struct ParamSlot {
   float bc2_sqrt = 1.f;        // AdamW: sqrt(1 - beta2^step)
   float neg_step_size = 0.f;   // AdamW: -lr / (1 - beta1^step)
   bool first = false;          // SGD: the momentum buffer's first step (it becomes d)
+  float* ema = nullptr;        // the EMA of the weight (null: none), see optim_math::ema_update
+  float ema_coeff = 0.f;
+  bool ema_small = true;
+  bool ema_copy = false;
 };
 
 struct AdamWKernelParams {

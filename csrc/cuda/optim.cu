@@ -22,6 +22,7 @@
 
 #include "common/optim_checks.h"
 #include "common/optim_math.h"
+#include "cuda/common.cuh"
 
 namespace fastcore_train {
 namespace {
@@ -147,23 +148,6 @@ __device__ __forceinline__ bool non_finite(float x) {
   return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u;
 }
 
-// Sum over the block, valid in thread 0; the order is fixed, so the result is deterministic.
-template <typename A>
-__device__ A block_sum(A v) {
-  __shared__ A warp_sums[kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  const int warps = (blockDim.x + 31) / 32;
-  v = threadIdx.x < warps ? warp_sums[threadIdx.x] : A(0);
-  if (warp == 0) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  }
-  return v;
-}
-
 // ---- pass 1 ----
 
 template <typename T>
@@ -192,7 +176,7 @@ __global__ void grad_stats_kernel(const StatsPack pack, float* found_inf, float*
   // Every writer stores the same value, so the race is benign.
   if (bad && found_inf != nullptr) *found_inf = 1.f;
   if (partials != nullptr) {
-    const float total = block_sum(sq);
+    const float total = gpu::block_sum(sq);
     if (threadIdx.x == 0) partials[partial_offset + block] = total;
   }
 }
@@ -201,7 +185,7 @@ __global__ void grad_stats_kernel(const StatsPack pack, float* found_inf, float*
 __global__ void sum_partials_kernel(const float* partials, int64_t n, float* sq_norm) {
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
-  const double total = block_sum(acc);
+  const double total = gpu::block_sum(acc);
   if (threadIdx.x == 0) *sq_norm += static_cast<float>(total);
 }
 
@@ -365,7 +349,7 @@ void grad_stats_cuda(at::TensorList grads, const Opt& found_inf, const Opt& sq_n
     keep.push_back(g.is_non_overlapping_and_dense() ? g : g.contiguous());
   }
   if (keep.empty()) return;
-  c10::cuda::CUDAGuard guard(keep[0].device());
+  const gpu::DeviceGuard guard(keep[0]);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   int64_t total_chunks = 0;
   for (const at::Tensor& g : keep) total_chunks += chunks_of(g.numel());
@@ -515,7 +499,7 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   check_ema_args(op, params, steps, emas, ema_steps, ema_decay);
   check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
   if (params.empty()) return;
-  c10::cuda::CUDAGuard guard(params[0].device());
+  const gpu::DeviceGuard guard(params[0]);
 
   UpdateScalars s{};
   s.lr_tensor = scalar_ptr(lr_tensor);
@@ -559,7 +543,7 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   check_ema_args(op, params, steps, emas, ema_steps, ema_decay);
   check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
   if (params.empty()) return;
-  c10::cuda::CUDAGuard guard(params[0].device());
+  const gpu::DeviceGuard guard(params[0]);
 
   UpdateScalars s{};
   s.lr_tensor = scalar_ptr(lr_tensor);

@@ -53,6 +53,7 @@ def cases(quick: bool):
             out += [bench._optim_case(bench.OPTIM_PARAMS["full"], dt, device,
                                       compile_baseline=False)
                     for dt in (torch.float16, torch.bfloat16, torch.float32)]
+            out.append(bench._optim_ema_case(bench.OPTIM_PARAMS["full"], device))
             continue
         found = bench.cases(op, device=device, size="full")
         out += [c for c in found if names is None or c.name in names]

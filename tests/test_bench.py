@@ -183,6 +183,7 @@ def test_roofline_rows_and_table(monkeypatch):
     """The roofline times only our op (a baseline that would fail is never called), at 1 and
     at all threads, against the copy at the same count; goals by dtype."""
     monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 10.0)
+    monkeypatch.setattr(bench, "rmw_bandwidth", lambda device: 20.0)
     calls = []
 
     def make():
@@ -192,16 +193,21 @@ def test_roofline_rows_and_table(monkeypatch):
 
     big = bench.ROOFLINE_MIN_BYTES
     cases = [bench.Case("cross_entropy", "fwd 8x8 bf16", big, make, rounds=3),
-             bench.Case("mixup", "tiny fp32", 1, make)]
+             bench.Case("mixup", "tiny fp32", 1, make),
+             bench.Case("optim", "adamw fp32", big, make, rounds=3)]
     threads = torch.get_num_threads()
     rows = bench.roofline(cases)
     assert torch.get_num_threads() == threads
-    assert [r["case"] for r in rows] == ["fwd 8x8 bf16"]  # the cache-sized case is left out
+    # the cache-sized case is left out; the optimizer's roof is the in-place bandwidth
+    assert [r["case"] for r in rows] == ["fwd 8x8 bf16", "adamw fp32"]
+    assert [r["roof"] for r in rows] == ["copy", "in-place RMW"]
+    assert rows[1]["roof_gbps"][1] == 20.0 and rows[1]["goal_pct"] == 80
     assert rows[0]["goal_pct"] == 60
     assert set(rows[0]["pct"]) == ({1, threads} if threads > 1 else {threads})
     assert set(calls) == set(rows[0]["pct"])
     table = bench.format_roofline(rows)
-    assert "| cross_entropy | fwd 8x8 bf16 |" in table and "10.0 GB/s at 1 thread" in table
+    assert "| cross_entropy | fwd 8x8 bf16 | copy |" in table
+    assert "copy 10.0 GB/s at 1 thread" in table and "in-place RMW 20.0 GB/s" in table
 
 
 def test_normalize_mixup_baselines_compute_the_op():

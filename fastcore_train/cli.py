@@ -190,7 +190,7 @@ def _bench(args: argparse.Namespace) -> int:
         def show(row, n):
             if not args.json:
                 print(f"  {row['op']} {row['case']} at {n} thread(s): {row['gbps'][n]:.1f} GB/s "
-                      f"= {row['pct'][n]:.0f}% of the copy", flush=True)
+                      f"= {row['pct'][n]:.0f}% of the {row['roof']} bandwidth", flush=True)
         rows = bench.roofline(case_list, device=device, progress=show)
         print(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2)
               if args.json else "\n" + bench.format_roofline(rows))

@@ -1,4 +1,4 @@
-"""Where the time of a small fused cross-entropy call goes (issue 14.3), layer by layer.
+"""Where the time of a small fused cross-entropy call goes, layer by layer.
 
     python benchmarks/call_profile.py [--batch 256 --classes 1000 --threads 2]
 

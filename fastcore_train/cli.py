@@ -186,16 +186,25 @@ def _bench(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     case_list = bench.cases(args.op, device=device, size="quick" if args.quick else "full")
+    here = bench.alloc_config()
     if args.roofline:
         def show(row, n):
             if not args.json:
                 print(f"  {row['op']} {row['case']} at {n} thread(s): {row['gbps'][n]:.1f} GB/s "
                       f"= {row['pct'][n]:.0f}% of the {row['roof']} bandwidth", flush=True)
+        if not args.json:
+            print(f"fastcore-train bench --roofline on {device}, allocator setting {here} "
+                  "(this process only: --alloc does not apply)", flush=True)
         rows = bench.roofline(case_list, device=device, progress=show)
-        print(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2)
-              if args.json else "\n" + bench.format_roofline(rows))
+        if args.json:
+            print(json.dumps({"device": device, "torch": torch.__version__, "alloc": here,
+                              "rows": rows}, indent=2))
+        elif not rows:
+            print(f"no case of {bench.ROOFLINE_MIN_BYTES >> 20} MB or more in this selection "
+                  "(smaller ones run from the caches); run without --quick")
+        else:
+            print("\n" + bench.format_roofline(rows))
         return 0
-    here = bench.alloc_config()
     # CPU: the other allocator settings run in child processes (torch reads its switch once)
     others = []
     if device == "cpu" and args.alloc != "current":

@@ -161,6 +161,12 @@ class Mixup(torch.nn.Module):
         if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"Mixup: out_dtype must be torch.float32, torch.bfloat16 or "
                              f"torch.float16, got {out_dtype!r}")
+        if mean is None and out_dtype != torch.float32:
+            # a float batch is blended in its own dtype; a silently ignored out_dtype would
+            # leave the user with a batch of another dtype than asked for
+            raise ValueError("Mixup: out_dtype applies to uint8 batches normalized with "
+                             "mean/std; without them the blend keeps the batch's dtype "
+                             "(cast the batch instead)")
         self.mean = mean
         self.std = std
         self.out_dtype = out_dtype

@@ -225,3 +225,10 @@ def test_normalize_mixup_baselines_compute_the_op():
         torch.testing.assert_close(b._normmix_timm(x, 0.7, mean, std, dtype), eager)
     names = {c.name for c in b.cases("normalize_mixup", size="full")}
     assert names == {"uint8 256x3x224x224 -> fp32", "uint8 256x3x224x224 -> bf16"}
+
+
+def test_cli_roofline_says_when_no_case_is_large_enough(capsys):
+    from fastcore_train import cli
+    assert cli.main(["bench", "--roofline", "--op", "mixup", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "allocator setting" in out and "run without --quick" in out

@@ -655,3 +655,14 @@ def test_mixup_module_compiled_fullgraph(backend_name, device, kind, fresh_dynam
             own = torch.isclose(xm, a, atol=1e-5) | torch.isclose(xm, a[perm], atol=1e-5)
             if kind == "cutmix":
                 assert bool(own.all())
+
+
+def test_mixup_out_dtype_needs_mean_and_std():
+    """out_dtype only applies to uint8 batches normalized in the fused op: without mean/std a
+    silently ignored out_dtype would hand back a batch of another dtype than asked for."""
+    with pytest.raises(ValueError, match="out_dtype applies to uint8 batches"):
+        ft.Mixup(alpha=0.8, out_dtype=torch.bfloat16)
+    ft.Mixup(alpha=0.8, out_dtype=torch.float32)  # the default, accepted
+    mix = ft.Mixup(alpha=0.8, mean=[1.0, 2.0, 3.0], std=[1.0, 1.0, 1.0], out_dtype=torch.bfloat16)
+    x = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    assert mix(x, torch.arange(4))[0].dtype == torch.bfloat16

@@ -13,6 +13,24 @@ import sys
 from typing import List, Optional, Sequence
 
 
+def _cache_line(info: dict) -> str:
+    """The large-output cache: its setting, then what it holds and may hold right now (the
+    bound follows the recent peak of large outputs in use, so an idle process shows 0)."""
+    env = os.environ.get("FASTCORE_TRAIN_CACHE_MB")
+    held = (f"{info['cached_bytes'] / 2**20:.0f} MiB of freed large CPU outputs kept for reuse "
+            f"(bound by recent use: {info['cache_limit_bytes'] / 2**20:.0f} MiB)")
+    if env is not None and env.strip() == "0":
+        return "off (FASTCORE_TRAIN_CACHE_MB=0)"
+    if env is not None:
+        return f"on, at most {env} MiB (FASTCORE_TRAIN_CACHE_MB); {held}"
+    try:
+        ram_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+        cap = f"at most {ram_mib / 8:.0f} MiB (1/8 of memory; FASTCORE_TRAIN_CACHE_MB sets it)"
+    except (ValueError, OSError, AttributeError):
+        cap = "at most 1/8 of memory (FASTCORE_TRAIN_CACHE_MB sets it)"
+    return f"on, {cap}; {held}"
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
 
@@ -40,9 +58,7 @@ def _info(args: argparse.Namespace) -> int:
         ("extension CUDA", yes_no(info["extension_cuda"]) if "extension_cuda" in info
          else "n/a (extension not loaded)"),
         ("CPU kernels", info.get("cpu_kernels", "n/a")),
-        ("output cache", f"{info['cached_bytes'] / 2**20:.0f} MiB of freed large CPU outputs "
-                         f"kept for reuse (bound now {info['cache_limit_bytes'] / 2**20:.0f} MiB)"
-         if "cached_bytes" in info else "n/a"),
+        ("output cache", _cache_line(info) if "cached_bytes" in info else "n/a"),
         ("torch", info["torch"]),
         ("torch CUDA", info["torch_cuda"] or "none (CPU-only build)"),
         ("CUDA available", yes_no(info["cuda_available"])),

@@ -291,3 +291,15 @@ def test_import_does_not_load_cpp_extension(tmp_path):
              env_extra={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("env, want", [(None, "on, at most"), ("0", "off (FASTCORE_TRAIN_CACHE_MB=0)"),
+                                       ("512", "on, at most 512 MiB")])
+def test_info_says_whether_the_output_cache_is_on(extension, monkeypatch, env, want):
+    from fastcore_train import cli
+    if env is None:
+        monkeypatch.delenv("FASTCORE_TRAIN_CACHE_MB", raising=False)
+    else:
+        monkeypatch.setenv("FASTCORE_TRAIN_CACHE_MB", env)
+    line = cli._cache_line({"cached_bytes": 0, "cache_limit_bytes": 0})
+    assert line.startswith(want), line

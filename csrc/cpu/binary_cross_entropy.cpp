@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "common/bce_checks.h"
+#include "common/loss_inputs.h"
 #include "cpu/alloc.h"
 #include "cpu/isa.h"
 #include "cpu/kernels/bce_kernel.h"
@@ -14,9 +15,7 @@
 namespace fastcore_train {
 namespace {
 
-struct Prepared {
-  at::Tensor x, target, target_b, lam, pos_weight;
-};
+using Prepared = LossInputs;
 
 // Value checks that need the data: B values, nothing next to the (B, C) pass.
 void check_values(const Prepared& in, int64_t classes) {
@@ -44,15 +43,8 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
                  const std::optional<at::Tensor>& target_b, const std::optional<at::Tensor>& lam,
                  double lam_scalar, double smoothing, const std::optional<at::Tensor>& pos_weight) {
   check_bce_inputs(logits, target, target_b, lam, lam_scalar, smoothing, pos_weight);
-  const auto acc = bce_acc_type(logits.scalar_type());
-  Prepared r;
-  // the kernels need unit stride along classes; rows may be strided (e.g. a slice)
-  r.x = (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
-  // uint8 class indices are read as int64 (B values)
-  r.target = target.to(at::kLong).contiguous();
-  if (target_b.has_value()) r.target_b = target_b->to(at::kLong).contiguous();
-  if (lam.has_value()) r.lam = lam->to(acc).contiguous();
-  if (pos_weight.has_value()) r.pos_weight = pos_weight->to(acc).contiguous();
+  Prepared r = prepare_loss_inputs(logits, target, target_b, lam, pos_weight,
+                                   bce_acc_type(logits.scalar_type()));
   check_values(r, logits.size(1));
   return r;
 }

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "common/cross_entropy_checks.h"
+#include "common/loss_inputs.h"
 #include "cpu/alloc.h"
 #include "cpu/isa.h"
 #include "cpu/kernels/cross_entropy_kernel.h"
@@ -14,15 +15,10 @@
 namespace fastcore_train {
 namespace {
 
-// The kernels need unit stride along classes; rows may be strided (e.g. a slice).
-at::Tensor rows_with_unit_stride(const at::Tensor& logits) {
-  return (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
-}
-
 // Value checks that need the data: cheap next to the (B, C) pass. Returns the number of rows
 // that are not ignored (the denominator of the mean).
-int64_t check_values(const at::Tensor& target, const std::optional<at::Tensor>& target_b,
-                     const at::Tensor& lam, int64_t classes, int64_t ignore_index) {
+int64_t check_values(const at::Tensor& target, const at::Tensor& target_b, const at::Tensor& lam,
+                     int64_t classes, int64_t ignore_index) {
   auto check_range = [&](const at::Tensor& t) {
     const int64_t* p = t.data_ptr<int64_t>();
     for (int64_t i = 0, n = t.numel(); i < n; ++i) {
@@ -32,7 +28,7 @@ int64_t check_values(const at::Tensor& target, const std::optional<at::Tensor>& 
     }
   };
   check_range(target);
-  if (target_b.has_value()) check_range(*target_b);
+  if (target_b.defined()) check_range(target_b);
   if (lam.defined()) {
     AT_DISPATCH_FLOATING_TYPES(lam.scalar_type(), "cross_entropy_lam", [&] {
       const scalar_t* p = lam.data_ptr<scalar_t>();
@@ -43,7 +39,7 @@ int64_t check_values(const at::Tensor& target, const std::optional<at::Tensor>& 
     });
   }
   const int64_t* a = target.const_data_ptr<int64_t>();
-  const int64_t* b = target_b.has_value() ? target_b->const_data_ptr<int64_t>() : a;
+  const int64_t* b = target_b.defined() ? target_b.const_data_ptr<int64_t>() : a;
   int64_t valid = 0;
   for (int64_t i = 0, n = target.numel(); i < n; ++i) {
     valid += a[i] != ignore_index && b[i] != ignore_index;
@@ -52,9 +48,8 @@ int64_t check_values(const at::Tensor& target, const std::optional<at::Tensor>& 
 }
 
 cpu::CrossEntropyParams make_params(const at::Tensor& x, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& target_b,
-                                    const at::Tensor& lam, double lam_scalar, double smoothing,
-                                    int64_t ignore_index) {
+                                    const at::Tensor& target_b, const at::Tensor& lam,
+                                    double lam_scalar, double smoothing, int64_t ignore_index) {
   cpu::CrossEntropyParams p;
   p.logits = x.const_data_ptr();
   p.row_stride = x.stride(0);
@@ -62,7 +57,7 @@ cpu::CrossEntropyParams make_params(const at::Tensor& x, const at::Tensor& targe
   p.classes = x.size(1);
   p.dtype = x.scalar_type();
   p.target = target.const_data_ptr<int64_t>();
-  p.target_b = target_b.has_value() ? target_b->const_data_ptr<int64_t>() : nullptr;
+  p.target_b = target_b.defined() ? target_b.const_data_ptr<int64_t>() : nullptr;
   p.lam = lam.defined() ? lam.const_data_ptr() : nullptr;
   p.lam_scalar = lam_scalar;
   p.smoothing = smoothing;
@@ -78,9 +73,7 @@ bool stream_stores_for(size_t nbytes) {
   return nbytes >= kMinBytes && (env == nullptr || std::strcmp(env, "0") != 0);
 }
 
-struct Prepared {
-  at::Tensor x, target, lam;
-  std::optional<at::Tensor> target_b;
+struct Prepared : LossInputs {
   int64_t valid = 0;  // rows not ignored
 };
 
@@ -89,11 +82,8 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
                  double lam_scalar, double smoothing, int64_t ignore_index) {
   check_cross_entropy_inputs(logits, target, target_b, lam, lam_scalar, smoothing);
   Prepared r;
-  r.x = rows_with_unit_stride(logits);
-  // uint8 class indices are read as int64 (B values: nothing next to the (B, C) pass)
-  r.target = target.to(at::kLong).contiguous();
-  if (target_b.has_value()) r.target_b = target_b->to(at::kLong).contiguous();
-  if (lam.has_value()) r.lam = lam->to(cross_entropy_acc_type(logits.scalar_type())).contiguous();
+  static_cast<LossInputs&>(r) = prepare_loss_inputs(
+      logits, target, target_b, lam, std::nullopt, cross_entropy_acc_type(logits.scalar_type()));
   r.valid = check_values(r.target, r.target_b, r.lam, logits.size(1), ignore_index);
   return r;
 }

@@ -20,6 +20,7 @@
 #include <limits>
 
 #include "common/cross_entropy_checks.h"
+#include "common/loss_inputs.h"
 #include "cuda/common.cuh"
 
 namespace fastcore_train {
@@ -234,23 +235,15 @@ bool rows_aligned(const void* p, int64_t row_stride) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_stride * sizeof(scalar_t)) % 16 == 0;
 }
 
-struct Prepared {
-  at::Tensor x, target, target_b, lam;
-};
+using Prepared = LossInputs;
 
+// Target and lam values are checked by the kernels (device-side asserts, no host sync).
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
                  const std::optional<at::Tensor>& target_b, const std::optional<at::Tensor>& lam,
                  double lam_scalar, double smoothing) {
   check_cross_entropy_inputs(logits, target, target_b, lam, lam_scalar, smoothing);
-  Prepared p;
-  p.x = (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
-  // uint8 class indices are read as int64 (B values)
-  p.target = target.to(at::kLong).contiguous();
-  if (target_b.has_value()) p.target_b = target_b->to(at::kLong).contiguous();
-  if (lam.has_value()) {
-    p.lam = lam->to(cross_entropy_acc_type(logits.scalar_type())).contiguous();
-  }
-  return p;
+  return prepare_loss_inputs(logits, target, target_b, lam, std::nullopt,
+                             cross_entropy_acc_type(logits.scalar_type()));
 }
 
 // Rows that are not ignored, as a device tensor (no host sync): the mean's denominator.

@@ -32,7 +32,6 @@
 namespace fastcore_train {
 namespace {
 
-constexpr int kMaxThreads = 512;
 
 using gpu::Pack;
 
@@ -163,26 +162,6 @@ __global__ void bce_backward_kernel(const acc_t* __restrict__ g, int64_t g_row_s
   }
 }
 
-// One block per row, and gridDim.x is at most 2^31 - 1: a larger B would fail to launch, or
-// from 2^32 on be truncated by the conversion to dim3 and leave rows unwritten.
-unsigned blocks_for_rows(int64_t B) {
-  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(),
-                    "binary_cross_entropy: the CUDA kernel handles at most 2^31 - 1 rows, got ", B);
-  return static_cast<unsigned>(B);
-}
-
-int threads_for(int64_t C, int vec) {
-  const int64_t want = (C + vec - 1) / vec;
-  int threads = 32;
-  while (threads < kMaxThreads && threads < want) threads *= 2;
-  return threads;
-}
-
-// 16-byte vectors when every row is 16-byte aligned, else scalar accesses.
-template <typename scalar_t>
-bool rows_aligned(const void* p, int64_t row_stride) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_stride * sizeof(scalar_t)) % 16 == 0;
-}
 
 using Prepared = LossInputs;
 
@@ -220,7 +199,7 @@ at::Tensor bce_cuda(const at::Tensor& logits, const at::Tensor& target,
                                : at::empty({B}, logits.options().dtype(acc));
   // B > 0 with C == 0 has every target out of range: the kernel's assert says so
   if (B > 0) {
-    const unsigned blocks = blocks_for_rows(B);
+    const unsigned blocks = gpu::blocks_for_rows("binary_cross_entropy", B);
     const double off = C > 0 ? label_smoothing / static_cast<double>(C) : 0.0;
     const double on = 1.0 - label_smoothing + off;
     auto stream = at::cuda::getCurrentCUDAStream();
@@ -229,8 +208,8 @@ at::Tensor bce_cuda(const at::Tensor& logits, const at::Tensor& target,
       using acc_t = at::acc_type<scalar_t, true>;
       constexpr int VEC = 16 / sizeof(scalar_t);
       const auto* x = in.x.const_data_ptr<scalar_t>();
-      const bool vec = rows_aligned<scalar_t>(x, in.x.stride(0));
-      const int threads = threads_for(std::max<int64_t>(C, 1), vec ? VEC : 1);
+      const bool vec = gpu::rows_aligned<scalar_t>(x, in.x.stride(0));
+      const int threads = gpu::threads_for(std::max<int64_t>(C, 1), vec ? VEC : 1);
       auto launch = [&](auto kernel) {
         kernel<<<blocks, threads, 0, stream>>>(
             x, make_args(in), ptr_or_null<acc_t>(in.lam), static_cast<acc_t>(lam_scalar),
@@ -266,7 +245,7 @@ at::Tensor bce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logi
   const auto acc = bce_acc_type(logits.scalar_type());
   at::Tensor grad = at::empty({B, C}, logits.options());
   if (grad.numel() == 0) return grad;
-  const unsigned blocks = blocks_for_rows(B);
+  const unsigned blocks = gpu::blocks_for_rows("binary_cross_entropy", B);
   // The upstream gradient stays on the device: (B, C) for reduction none, else one value.
   at::Tensor g;
   int64_t g_row_stride = 0, g_col_stride = 0;
@@ -287,8 +266,9 @@ at::Tensor bce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logi
     constexpr int VEC = 16 / sizeof(scalar_t);
     const auto* x = in.x.const_data_ptr<scalar_t>();
     auto* out = grad.mutable_data_ptr<scalar_t>();
-    const bool vec = rows_aligned<scalar_t>(x, in.x.stride(0)) && rows_aligned<scalar_t>(out, C);
-    const int threads = threads_for(C, vec ? VEC : 1);
+    const bool vec =
+        gpu::rows_aligned<scalar_t>(x, in.x.stride(0)) && gpu::rows_aligned<scalar_t>(out, C);
+    const int threads = gpu::threads_for(C, vec ? VEC : 1);
     auto launch = [&](auto kernel) {
       kernel<<<blocks, threads, 0, stream>>>(
           g.const_data_ptr<acc_t>(), g_row_stride, g_col_stride, x, make_args(in),

@@ -6,8 +6,10 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
 
 namespace fastcore_train::gpu {
 
@@ -33,6 +35,29 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
+
+// One block per row: gridDim.x is at most 2^31 - 1, so a larger B would fail to launch, or from
+// 2^32 on be truncated by the conversion to dim3 and leave rows unwritten.
+inline unsigned blocks_for_rows(const char* op, int64_t B) {
+  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), op,
+                    ": the CUDA kernel handles at most 2^31 - 1 rows, got ", B);
+  return static_cast<unsigned>(B);
+}
+
+// Threads for one row of C elements read `vec` at a time: a power of two from a warp up to 512.
+inline int threads_for(int64_t C, int vec) {
+  constexpr int kMaxThreads = 512;
+  const int64_t want = (C + vec - 1) / vec;
+  int threads = 32;
+  while (threads < kMaxThreads && threads < want) threads *= 2;
+  return threads;
+}
+
+// 16-byte vector accesses need every row of p 16-byte aligned.
+template <typename T>
+bool rows_aligned(const void* p, int64_t row_stride) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_stride * sizeof(T)) % 16 == 0;
+}
 
 // shfl_down for the reductions below; a struct state provides its own overload.
 template <typename T>

@@ -26,7 +26,6 @@
 namespace fastcore_train {
 namespace {
 
-constexpr int kMaxThreads = 512;
 
 using gpu::Pack;
 
@@ -214,26 +213,6 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss, int64_t 
   }
 }
 
-// One block per row, and gridDim.x is at most 2^31 - 1: a larger B would fail to launch, or
-// from 2^32 on be truncated by the conversion to dim3 and leave rows unwritten.
-unsigned blocks_for_rows(int64_t B) {
-  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(),
-                    "cross_entropy: the CUDA kernel handles at most 2^31 - 1 rows, got ", B);
-  return static_cast<unsigned>(B);
-}
-
-int threads_for(int64_t C, int vec) {
-  int64_t want = (C + vec - 1) / vec;
-  int threads = 32;
-  while (threads < kMaxThreads && threads < want) threads *= 2;
-  return threads;
-}
-
-// 16-byte vectors when every row of every pointer is 16-byte aligned, else scalar accesses.
-template <typename scalar_t>
-bool rows_aligned(const void* p, int64_t row_stride) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_stride * sizeof(scalar_t)) % 16 == 0;
-}
 
 using Prepared = LossInputs;
 
@@ -280,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
     stats.zero_();
     return reduce(loss);
   }
-  const unsigned blocks = blocks_for_rows(B);
+  const unsigned blocks = gpu::blocks_for_rows("cross_entropy", B);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "cross_entropy_cuda", [&] {
@@ -289,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
     const auto* x = in.x.const_data_ptr<scalar_t>();
     const int64_t* tb = in.target_b.defined() ? in.target_b.const_data_ptr<int64_t>() : nullptr;
     const acc_t* lm = in.lam.defined() ? in.lam.const_data_ptr<acc_t>() : nullptr;
-    const bool vec = rows_aligned<scalar_t>(x, in.x.stride(0));
-    const int threads = threads_for(C, vec ? VEC : 1);
+    const bool vec = gpu::rows_aligned<scalar_t>(x, in.x.stride(0));
+    const int threads = gpu::threads_for(C, vec ? VEC : 1);
     auto launch = [&](auto kernel) {
       kernel<<<blocks, threads, 0, stream>>>(x, in.x.stride(0), C,
                                              in.target.const_data_ptr<int64_t>(), tb, lm,
@@ -332,7 +311,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
   const auto acc = cross_entropy_acc_type(logits.scalar_type());
   at::Tensor grad = at::empty({B, C}, logits.options());
   if (grad.numel() == 0) return grad;
-  const unsigned blocks = blocks_for_rows(B);
+  const unsigned blocks = gpu::blocks_for_rows("cross_entropy", B);
   // Per-row upstream gradient, kept on the device; stride 0 when every row shares one value.
   at::Tensor g = grad_loss.to(acc);
   if (reduction == kReduceMean) g = g.div(valid_rows(in, ignore_index));
@@ -347,8 +326,9 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
     auto* out = grad.mutable_data_ptr<scalar_t>();
     const int64_t* tb = in.target_b.defined() ? in.target_b.const_data_ptr<int64_t>() : nullptr;
     const acc_t* lm = in.lam.defined() ? in.lam.const_data_ptr<acc_t>() : nullptr;
-    const bool vec = rows_aligned<scalar_t>(x, in.x.stride(0)) && rows_aligned<scalar_t>(out, C);
-    const int threads = threads_for(C, vec ? VEC : 1);
+    const bool vec =
+        gpu::rows_aligned<scalar_t>(x, in.x.stride(0)) && gpu::rows_aligned<scalar_t>(out, C);
+    const int threads = gpu::threads_for(C, vec ? VEC : 1);
     auto launch = [&](auto kernel) {
       kernel<<<blocks, threads, 0, stream>>>(g.const_data_ptr<acc_t>(), g.stride(0), x,
                                              in.x.stride(0), C,

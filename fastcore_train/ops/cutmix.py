@@ -95,8 +95,8 @@ def cutmix_reference(x: torch.Tensor, perm: torch.Tensor, box: Box, *,
 # ---------------------------------------------------------------------------------------------
 # argument checks: the same messages (and exception types) as csrc/common/mixup_checks.h
 
-def _box_message(what: str, b, H: int, W: int) -> str:
-    return (f"cutmix: {what} (y0, y1, x0, x1) = ({b[0]}, {b[1]}, {b[2]}, {b[3]}) is outside the "
+def _box_message(what: str, b, H: int, W: int, op: str = "cutmix") -> str:
+    return (f"{op}: {what} (y0, y1, x0, x1) = ({b[0]}, {b[1]}, {b[2]}, {b[3]}) is outside the "
             f"{H}x{W} image (need 0 <= y0 <= y1 <= {H} and 0 <= x0 <= x1 <= {W})")
 
 
@@ -109,43 +109,49 @@ def _check_args(x, perm, box):
     _check_blend_inputs("cutmix", x, perm)
     if x.dim() != 4:
         raise ValueError(f"cutmix: x must be 4-D (B, C, H, W), got {x.dim()}-D")
+    return _check_box("cutmix", x, box)
+
+
+def _check_box(op: str, x, box):
+    """A batch box or per-sample boxes of 4-D x, without reading a tensor's values (shared
+    with normalize_cutmix). Returns (boxes tensor or None, batch box as 4 ints or [])."""
     B, _, H, W = x.shape
     if isinstance(box, torch.Tensor):
         if box.dtype not in _INT_DTYPES:
-            raise TypeError(f"cutmix: boxes must be an integer tensor, got {box.dtype}")
+            raise TypeError(f"{op}: boxes must be an integer tensor, got {box.dtype}")
         if box.dim() != 2 or box.shape[0] != B or box.shape[1] != 4:
-            raise ValueError(f"cutmix: boxes must have shape ({B}, 4), got {list(box.shape)}")
+            raise ValueError(f"{op}: boxes must have shape ({B}, 4), got {list(box.shape)}")
         if box.device != x.device:
-            raise ValueError(f"cutmix: boxes is on {box.device} but x is on {x.device}")
+            raise ValueError(f"{op}: boxes is on {box.device} but x is on {x.device}")
         return box, []
     try:
         box_list = list(box)
     except TypeError:
-        raise TypeError("cutmix: box must be 4 ints (y0, y1, x0, x1) or a (B, 4) integer tensor, "
+        raise TypeError(f"{op}: box must be 4 ints (y0, y1, x0, x1) or a (B, 4) integer tensor, "
                         f"got {type(box).__name__}") from None
     if len(box_list) != 4:
-        raise ValueError(f"cutmix: box must be 4 ints (y0, y1, x0, x1), got {len(box_list)}")
+        raise ValueError(f"{op}: box must be 4 ints (y0, y1, x0, x1), got {len(box_list)}")
     for k, v in enumerate(box_list):
         # The box values are slice indices (x[..., y0:y1, x0:x1]), and, as for a slice, anything
         # without __index__ (a float, even 2.0, NaN, None) is refused rather than truncated.
         try:
             box_list[k] = operator.index(v)
         except TypeError:
-            raise TypeError(f"cutmix: box values must be integers (pixel indices), got "
+            raise TypeError(f"{op}: box values must be integers (pixel indices), got "
                             f"{_BOX_NAMES[k]} = {v!r} ({type(v).__name__})") from None
     if not _box_ok(box_list, H, W):
-        raise ValueError(_box_message("box", box_list, H, W))
+        raise ValueError(_box_message("box", box_list, H, W, op))
     return None, box_list
 
 
-def _check_box_values(x, boxes) -> None:
+def _check_box_values(x, boxes, op: str = "cutmix") -> None:
     """Per-sample boxes inside the image (syncs on CUDA; skipped while torch.compile traces)."""
     if boxes is None or torch.compiler.is_compiling():
         return
     H, W = x.shape[2], x.shape[3]
     for i, b in enumerate(boxes.detach().cpu().tolist()):
         if not _box_ok(b, H, W):
-            raise ValueError(_box_message(f"box of sample {i}", b, H, W))
+            raise ValueError(_box_message(f"box of sample {i}", b, H, W, op))
 
 
 def _lam(x, boxes, box_list):

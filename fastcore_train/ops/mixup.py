@@ -99,6 +99,14 @@ def _check_blend_inputs(op: str, x, perm) -> None:
         raise TypeError(f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have a batch dimension (at least 1-D), got a 0-D tensor")
+    _check_perm(op, x, perm)
+
+
+def _check_perm(op: str, x, perm, none_ok: bool = False) -> None:
+    """perm's type and metadata against x's batch (shared by the blends and normalize_mixup)."""
+    if not isinstance(perm, torch.Tensor):
+        raise TypeError(f"{op}: perm must be a tensor{' or None' if none_ok else ''}, got "
+                        f"{type(perm).__name__}")
     B = x.shape[0]
     if perm.dtype != torch.long:
         raise TypeError(f"{op}: perm must be int64 (torch.long), got {perm.dtype}")
@@ -109,29 +117,37 @@ def _check_blend_inputs(op: str, x, perm) -> None:
         raise ValueError(f"{op}: perm is on {perm.device} but x is on {x.device}")
 
 
-def _check_args(op: str, x, perm, lam) -> Tuple[Optional[torch.Tensor], float]:
-    """Returns (lam tensor or None, lam float)."""
-    _check_blend_inputs(op, x, perm)
+def _check_lam(op: str, x, lam, values: bool = False) -> Tuple[Optional[torch.Tensor], float]:
+    """Returns (lam tensor or None, lam float). ``values``: also read a lam tensor's values (a
+    sync on CUDA), as the references do."""
     B = x.shape[0]
     if isinstance(lam, torch.Tensor):
         if not lam.is_floating_point():
-            raise TypeError(f"mixup: lam must be a float tensor, got {lam.dtype}")
+            raise TypeError(f"{op}: lam must be a float tensor, got {lam.dtype}")
         if lam.dim() == 0:
             lam = lam.expand(B)
         if lam.dim() != 1 or lam.shape[0] != B:
-            raise ValueError(f"mixup: lam must have shape ({B},) to match the batch of x, "
+            raise ValueError(f"{op}: lam must have shape ({B},) to match the batch of x, "
                              f"got {list(lam.shape)}")
         if lam.device != x.device:
-            raise ValueError(f"mixup: lam is on {lam.device} but x is on {x.device}")
+            raise ValueError(f"{op}: lam is on {lam.device} but x is on {x.device}")
+        if values:
+            check_lam_values(op, lam)
         return lam, 0.0
     # A real number as torch takes a Scalar (bool, int, float, numpy); a string is refused,
     # not parsed.
     if not isinstance(lam, numbers.Real):
-        raise TypeError(f"mixup: lam must be a float or a tensor, got {type(lam).__name__}")
+        raise TypeError(f"{op}: lam must be a float or a tensor, got {type(lam).__name__}")
     lam_s = float(lam)
     if not 0.0 <= lam_s <= 1.0:
-        raise ValueError(f"mixup: lam must be in [0, 1], got {lam_s:g}")
+        raise ValueError(f"{op}: lam must be in [0, 1], got {lam_s:g}")
     return None, lam_s
+
+
+def _check_args(op: str, x, perm, lam) -> Tuple[Optional[torch.Tensor], float]:
+    """Returns (lam tensor or None, lam float)."""
+    _check_blend_inputs(op, x, perm)
+    return _check_lam(op, x, lam)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -20,22 +20,19 @@ is ``A[x[i]] + B[x[perm[i]]]``.
 """
 from __future__ import annotations
 
-import numbers
-import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from fastcore_train import _backend
-from fastcore_train.ops.mixup import (_check_no_grad_out, _overlaps, call_op, check_lam_values,
-                                      check_perm_values, memory_format_of)
+from fastcore_train.ops.cutmix import _check_box, _check_box_values
+from fastcore_train.ops.mixup import (_check_lam, _check_no_grad_out, _check_perm, _overlaps,
+                                      call_op, check_perm_values, memory_format_of)
 
 __all__ = ["normalize_mixup", "normalize_cutmix", "normalize_mixup_reference",
            "normalize_cutmix_reference"]
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_BOX_NAMES = ("y0", "y1", "x0", "x1")
 
 Lam = Union[float, torch.Tensor]
 Stats = Union[torch.Tensor, Sequence[float]]
@@ -202,42 +199,6 @@ def _check_x(op: str, x, out_dtype) -> None:
                         f"torch.float16, got {out_dtype}")
 
 
-def _check_perm(op: str, x, perm) -> None:
-    if not isinstance(perm, torch.Tensor):
-        raise TypeError(f"{op}: perm must be a tensor or None, got {type(perm).__name__}")
-    B = x.shape[0]
-    if perm.dtype != torch.long:
-        raise TypeError(f"{op}: perm must be int64 (torch.long), got {perm.dtype}")
-    if perm.dim() != 1 or perm.shape[0] != B:
-        raise ValueError(f"{op}: perm must have shape ({B},) to match the batch of x, "
-                         f"got {list(perm.shape)}")
-    if perm.device != x.device:
-        raise ValueError(f"{op}: perm is on {perm.device} but x is on {x.device}")
-
-
-def _check_lam(op: str, x, lam, values: bool):
-    B = x.shape[0]
-    if isinstance(lam, torch.Tensor):
-        if not lam.is_floating_point():
-            raise TypeError(f"{op}: lam must be a float tensor, got {lam.dtype}")
-        if lam.dim() == 0:
-            lam = lam.expand(B)
-        if lam.dim() != 1 or lam.shape[0] != B:
-            raise ValueError(f"{op}: lam must have shape ({B},) to match the batch of x, "
-                             f"got {list(lam.shape)}")
-        if lam.device != x.device:
-            raise ValueError(f"{op}: lam is on {lam.device} but x is on {x.device}")
-        if values:
-            check_lam_values(op, lam)
-        return lam, 0.0
-    if not isinstance(lam, numbers.Real):
-        raise TypeError(f"{op}: lam must be a float or a tensor, got {type(lam).__name__}")
-    lam_s = float(lam)
-    if not 0.0 <= lam_s <= 1.0:
-        raise ValueError(f"{op}: lam must be in [0, 1], got {lam_s:g}")
-    return None, lam_s
-
-
 def _as_stats(op: str, x, t, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         try:
@@ -272,7 +233,7 @@ def _check_mixup(x, perm, lam, mean, std, out_dtype, values: bool):
     op = "normalize_mixup"
     _check_x(op, x, out_dtype)
     if perm is not None:
-        _check_perm(op, x, perm)
+        _check_perm(op, x, perm, none_ok=True)
     lam_t, lam_s = _check_lam(op, x, lam, values)
     mean_t, std_t = _check_stats(op, x, mean, std, values)
     if values and perm is not None:
@@ -280,55 +241,14 @@ def _check_mixup(x, perm, lam, mean, std, out_dtype, values: bool):
     return lam_t, lam_s, mean_t, std_t
 
 
-def _box_message(op: str, what: str, b, H: int, W: int) -> str:
-    return (f"{op}: {what} (y0, y1, x0, x1) = ({b[0]}, {b[1]}, {b[2]}, {b[3]}) is outside the "
-            f"{H}x{W} image (need 0 <= y0 <= y1 <= {H} and 0 <= x0 <= x1 <= {W})")
-
-
-def _box_ok(b, H: int, W: int) -> bool:
-    return 0 <= b[0] <= b[1] <= H and 0 <= b[2] <= b[3] <= W
-
-
-def _check_boxes(op: str, x, box, values: bool):
-    """Returns (per-sample boxes tensor or None, batch box as a list of 4 ints or [])."""
-    B, _, H, W = x.shape
-    if isinstance(box, torch.Tensor):
-        if box.dtype not in _INT_DTYPES:
-            raise TypeError(f"{op}: boxes must be an integer tensor, got {box.dtype}")
-        if box.dim() != 2 or box.shape[0] != B or box.shape[1] != 4:
-            raise ValueError(f"{op}: boxes must have shape ({B}, 4), got {list(box.shape)}")
-        if box.device != x.device:
-            raise ValueError(f"{op}: boxes is on {box.device} but x is on {x.device}")
-        if values and not torch.compiler.is_compiling():
-            for i, b in enumerate(box.detach().cpu().tolist()):
-                if not _box_ok(b, H, W):
-                    raise ValueError(_box_message(op, f"box of sample {i}", b, H, W))
-        return box, []
-    try:
-        box_list = list(box)
-    except TypeError:
-        raise TypeError(f"{op}: box must be 4 ints (y0, y1, x0, x1) or a (B, 4) integer tensor, "
-                        f"got {type(box).__name__}") from None
-    if len(box_list) != 4:
-        raise ValueError(f"{op}: box must be 4 ints (y0, y1, x0, x1), got {len(box_list)}")
-    for k, v in enumerate(box_list):
-        # slice indices: a float (even 2.0), NaN or None is refused, not truncated (as cutmix)
-        try:
-            box_list[k] = operator.index(v)
-        except TypeError:
-            raise TypeError(f"{op}: box values must be integers (pixel indices), got "
-                            f"{_BOX_NAMES[k]} = {v!r} ({type(v).__name__})") from None
-    if not _box_ok(box_list, H, W):
-        raise ValueError(_box_message(op, "box", box_list, H, W))
-    return None, box_list
-
-
 def _check_cutmix(x, perm, box, mean, std, out_dtype, values: bool):
     op = "normalize_cutmix"
     _check_x(op, x, out_dtype)
     if perm is not None:
-        _check_perm(op, x, perm)
-    boxes, box_list = _check_boxes(op, x, box, values)
+        _check_perm(op, x, perm, none_ok=True)
+    boxes, box_list = _check_box(op, x, box)
+    if values:
+        _check_box_values(x, boxes, op)
     mean_t, std_t = _check_stats(op, x, mean, std, values)
     if values and perm is not None:
         check_perm_values(op, perm)

@@ -1,4 +1,5 @@
-// CUDA implementation of fastcore_train::grad_stats_, fused_adamw_ and fused_sgd_.
+// CUDA kernels of fastcore_train::grad_stats_, fused_adamw_ and fused_sgd_; the
+// device-independent logic (checks, staging, order of work) lives in common/optim_launch.h.
 //
 // Multi-tensor apply: the tensors are packed, up to kMaxTensors per launch, into a struct
 // passed as a kernel argument (pointers, sizes and the prefix sum of their chunk counts; under
@@ -20,14 +21,14 @@
 #include <cmath>
 #include <vector>
 
-#include "common/optim_checks.h"
+#include "common/optim_launch.h"
 #include "common/optim_math.h"
 #include "cuda/common.cuh"
 
 namespace fastcore_train {
 namespace {
 
-using Opt = std::optional<at::Tensor>;
+using optim_impl::Opt;
 
 constexpr int kThreads = 512;
 constexpr int64_t kChunk = 16384;  // elements per block
@@ -330,71 +331,43 @@ __global__ void increment_steps_kernel(const StepPack pack, const float* found_i
 
 // ---- launchers ----
 
+using optim_impl::ParamTensors;
+using optim_impl::UpdateCall;
+
 int8_t dtype_code(at::ScalarType t) {
   return t == at::kFloat ? 0 : (t == at::kHalf ? 1 : 2);
 }
 
 int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
-const float* scalar_ptr(const Opt& t) {
-  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+float* float_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+const float* const_float_ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<float>() : nullptr;
 }
 
-void grad_stats_cuda(at::TensorList grads, const Opt& found_inf, const Opt& sq_norm) {
-  check_grad_stats_inputs("grad_stats_", grads, found_inf, sq_norm);
-  if (!found_inf.has_value() && !sq_norm.has_value()) return;
-  std::vector<at::Tensor> keep;
-  for (const at::Tensor& g : grads) {
-    if (g.numel() == 0) continue;
-    keep.push_back(g.is_non_overlapping_and_dense() ? g : g.contiguous());
-  }
-  if (keep.empty()) return;
-  const gpu::DeviceGuard guard(keep[0]);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  int64_t total_chunks = 0;
-  for (const at::Tensor& g : keep) total_chunks += chunks_of(g.numel());
-  at::Tensor partials;
-  if (sq_norm.has_value()) partials = at::empty({total_chunks}, keep[0].options().dtype(at::kFloat));
-  float* partials_ptr = sq_norm.has_value() ? partials.data_ptr<float>() : nullptr;
-  float* found_ptr = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
-
-  StatsPack pack{};
-  int64_t offset = 0;
-  auto launch = [&]() {
-    const int64_t blocks = pack.chunk_start[pack.count];
-    grad_stats_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        pack, found_ptr, partials_ptr, offset);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    offset += blocks;
-    pack = StatsPack{};
-  };
-  for (const at::Tensor& g : keep) {
-    const int i = pack.count;
-    pack.data[i] = g.const_data_ptr();
-    pack.numel[i] = g.numel();
-    pack.dtype[i] = dtype_code(g.scalar_type());
-    pack.chunk_start[i + 1] = pack.chunk_start[i] + chunks_of(g.numel());
-    pack.count = i + 1;
-    if (pack.count == kMaxTensors) launch();
-  }
-  if (pack.count > 0) launch();
-  if (sq_norm.has_value()) {
-    sum_partials_kernel<<<1, kThreads, 0, stream>>>(partials_ptr, total_chunks,
-                                                    sq_norm->data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+UpdateScalars scalars_of(const UpdateCall& call) {
+  UpdateScalars s{};
+  s.lr_tensor = call.lr_tensor;
+  s.grad_scale = call.grad_scale;
+  s.found_inf = call.found_inf;
+  s.sq_norm = call.sq_norm;
+  s.lr = call.lr;
+  s.max_grad_norm = call.max_grad_norm;
+  s.maximize = call.maximize;
+  s.ema_decay = call.ema_decay;
+  s.ema_warmup = call.ema_warmup;
+  return s;
 }
 
-// Stages every parameter's tensors (see LayoutStager), groups them by dtype and launches
-// `kernel_for(dtype, has_master)` on packs of kMaxTensors.
+using UpdateKernel = void (*)(ParamPack, UpdateScalars);
+
+// Groups the staged parameters by dtype and launches `kernel_for(dtype, has_master)` on packs
+// of kMaxTensors.
 template <typename KernelFor>
-void launch_updates(at::TensorList params, at::TensorList grads, at::TensorList masters,
-                    at::TensorList state0, at::TensorList state1, at::TensorList state2,
-                    at::TensorList steps, at::TensorList emas, at::TensorList ema_steps,
-                    const UpdateScalars& s, LayoutStager& stager,
-                    std::vector<at::Tensor>& keep, KernelFor kernel_for) {
+void launch_updates(const UpdateCall& call, const UpdateScalars& s, KernelFor kernel_for) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool has_master = !masters.empty();
+  const bool has_master = call.params.front().master.defined();
   for (at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
     ParamPack pack{};
     auto launch = [&]() {
@@ -404,42 +377,26 @@ void launch_updates(at::TensorList params, at::TensorList grads, at::TensorList 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       pack = ParamPack{};
     };
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (params[i].scalar_type() != dtype || params[i].numel() == 0) continue;
-      at::Tensor p = stager.reference(params[i], true);
-      auto stage = [&](at::TensorList list, bool written) -> at::Tensor {
-        if (list.empty()) return at::Tensor();
-        at::Tensor x = stager.stage(p, list[i], written);
-        keep.push_back(x);
-        return x;
-      };
-      at::Tensor g = stage(grads, false);
-      at::Tensor w = stage(masters, true);
-      at::Tensor a = stage(state0, true);
-      at::Tensor b = stage(state1, true);
-      at::Tensor x = stage(state2, true);
-      at::Tensor e = stage(emas, true);
-      keep.push_back(p);
+    for (const ParamTensors& t : call.params) {
+      if (t.param.scalar_type() != dtype) continue;
       const int k = pack.count;
-      pack.param[k] = p.data_ptr();
-      pack.grad[k] = g.const_data_ptr();
-      pack.master[k] = w.defined() ? w.data_ptr<float>() : nullptr;
-      pack.state0[k] = a.defined() ? a.data_ptr<float>() : nullptr;
-      pack.state1[k] = b.defined() ? b.data_ptr<float>() : nullptr;
-      pack.state2[k] = x.defined() ? x.data_ptr<float>() : nullptr;
-      pack.step[k] = steps.empty() ? nullptr : steps[i].const_data_ptr<float>();
-      pack.ema[k] = e.defined() ? e.data_ptr<float>() : nullptr;
-      pack.ema_step[k] = ema_steps.empty() ? nullptr : ema_steps[i].const_data_ptr<float>();
-      pack.numel[k] = p.numel();
-      pack.chunk_start[k + 1] = pack.chunk_start[k] + chunks_of(p.numel());
+      pack.param[k] = t.param.data_ptr();
+      pack.grad[k] = t.grad.const_data_ptr();
+      pack.master[k] = float_ptr(t.master);
+      pack.state0[k] = float_ptr(t.state0);
+      pack.state1[k] = float_ptr(t.state1);
+      pack.state2[k] = float_ptr(t.state2);
+      pack.step[k] = const_float_ptr(t.step);
+      pack.ema[k] = float_ptr(t.ema);
+      pack.ema_step[k] = const_float_ptr(t.ema_step);
+      pack.numel[k] = t.param.numel();
+      pack.chunk_start[k + 1] = pack.chunk_start[k] + chunks_of(t.param.numel());
       pack.count = k + 1;
       if (pack.count == kMaxTensors) launch();
     }
     if (pack.count > 0) launch();
   }
 }
-
-using UpdateKernel = void (*)(ParamPack, UpdateScalars);
 
 template <bool kAmsgrad>
 UpdateKernel adamw_kernel_for(at::ScalarType dtype, bool master) {
@@ -465,124 +422,104 @@ UpdateKernel sgd_kernel_for(at::ScalarType dtype, bool master) {
   }
 }
 
-void increment_steps(at::TensorList steps, const float* found_inf) {
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  StepPack pack{};
-  auto launch = [&]() {
-    increment_steps_kernel<<<1, kMaxSteps, 0, stream>>>(pack, found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    pack = StepPack{};
-  };
-  for (const at::Tensor& step : steps) {
-    pack.step[pack.count++] = step.data_ptr<float>();
-    if (pack.count == kMaxSteps) launch();
+struct CudaOptim {
+  using Guard = gpu::DeviceGuard;
+
+  // found_inf is read by the kernels: nothing is known on the host without a sync.
+  static bool skip_on_host(const Opt&) { return false; }
+
+  static void grad_stats(const std::vector<at::Tensor>& grads, const Opt& found_inf,
+                         const Opt& sq_norm) {
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    int64_t total_chunks = 0;
+    for (const at::Tensor& g : grads) total_chunks += chunks_of(g.numel());
+    at::Tensor partials;
+    if (sq_norm.has_value()) {
+      partials = at::empty({total_chunks}, grads[0].options().dtype(at::kFloat));
+    }
+    float* partials_ptr = sq_norm.has_value() ? partials.data_ptr<float>() : nullptr;
+    float* found_ptr = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+
+    StatsPack pack{};
+    int64_t offset = 0;
+    auto launch = [&]() {
+      const int64_t blocks = pack.chunk_start[pack.count];
+      grad_stats_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          pack, found_ptr, partials_ptr, offset);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      offset += blocks;
+      pack = StatsPack{};
+    };
+    for (const at::Tensor& g : grads) {
+      const int i = pack.count;
+      pack.data[i] = g.const_data_ptr();
+      pack.numel[i] = g.numel();
+      pack.dtype[i] = dtype_code(g.scalar_type());
+      pack.chunk_start[i + 1] = pack.chunk_start[i] + chunks_of(g.numel());
+      pack.count = i + 1;
+      if (pack.count == kMaxTensors) launch();
+    }
+    if (pack.count > 0) launch();
+    if (sq_norm.has_value()) {
+      sum_partials_kernel<<<1, kThreads, 0, stream>>>(partials_ptr, total_chunks,
+                                                      sq_norm->data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
-  if (pack.count > 0) launch();
-}
 
-void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                      at::TensorList masters, at::TensorList steps, double lr,
-                      const Opt& lr_tensor, double beta1, double beta2, double eps,
-                      double weight_decay, bool amsgrad, bool maximize, const Opt& grad_scale,
-                      const Opt& found_inf, const Opt& sq_norm, double max_grad_norm,
-                      at::TensorList emas, at::TensorList ema_steps, double ema_decay,
-                      bool ema_warmup) {
-  constexpr const char* op = "fused_adamw_";
-  check_amsgrad_args(op, max_exp_avg_sqs, amsgrad);
-  check_optim_lists(op, params, grads,
-                    {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
-                     {"max_exp_avg_sqs", max_exp_avg_sqs, /*optional=*/!amsgrad},
-                     {"masters", masters, /*optional=*/true},
-                     {"emas", emas, /*optional=*/true}});
-  check_optim_steps(op, params, steps);
-  check_ema_args(op, params, steps, emas, ema_steps, ema_decay);
-  check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
-  if (params.empty()) return;
-  const gpu::DeviceGuard guard(params[0]);
+  static void adamw(const UpdateCall& call, const optim_impl::AdamWArgs& a) {
+    UpdateScalars s = scalars_of(call);
+    s.beta1 = a.beta1;
+    s.beta2 = a.beta2;
+    s.weight_decay = a.weight_decay;
+    s.eps = a.eps;
+    s.lerp_small = optim_math::adamw_lerp_small(a.beta1);
+    launch_updates(call, s, a.amsgrad ? adamw_kernel_for<true> : adamw_kernel_for<false>);
+  }
 
-  UpdateScalars s{};
-  s.lr_tensor = scalar_ptr(lr_tensor);
-  s.grad_scale = scalar_ptr(grad_scale);
-  s.found_inf = scalar_ptr(found_inf);
-  s.sq_norm = scalar_ptr(sq_norm);
-  s.lr = lr;
-  s.max_grad_norm = max_grad_norm;
-  s.maximize = maximize;
-  s.beta1 = beta1;
-  s.beta2 = beta2;
-  s.weight_decay = weight_decay;
-  s.eps = eps;
-  s.lerp_small = optim_math::adamw_lerp_small(beta1);
-  s.ema_decay = ema_decay;
-  s.ema_warmup = ema_warmup;
+  static void sgd(const UpdateCall& call, const optim_impl::SGDArgs& a) {
+    UpdateScalars s = scalars_of(call);
+    s.weight_decay = a.weight_decay;
+    s.momentum = static_cast<float>(a.momentum);
+    s.one_minus_dampening = static_cast<float>(1.0 - a.dampening);
+    s.nesterov = a.nesterov;
+    launch_updates(call, s, sgd_kernel_for);
+  }
 
-  LayoutStager stager;
-  std::vector<at::Tensor> keep;
-  launch_updates(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, emas,
-                 ema_steps, s, stager, keep,
-                 amsgrad ? adamw_kernel_for<true> : adamw_kernel_for<false>);
-  stager.finish();
-  increment_steps(steps, s.found_inf);
-  increment_steps(ema_steps, s.found_inf);
-}
+  // Runs after the update kernels (stream order), which read the old steps.
+  static void increment(at::TensorList steps, const Opt& found_inf) {
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const float* found = optim_impl::scalar_ptr(found_inf);
+    StepPack pack{};
+    auto launch = [&]() {
+      increment_steps_kernel<<<1, kMaxSteps, 0, stream>>>(pack, found);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      pack = StepPack{};
+    };
+    for (const at::Tensor& step : steps) {
+      pack.step[pack.count++] = step.data_ptr<float>();
+      if (pack.count == kMaxSteps) launch();
+    }
+    if (pack.count > 0) launch();
+  }
+};
 
-void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    at::TensorList masters, at::TensorList steps, double lr,
-                    const Opt& lr_tensor, double momentum, double dampening, bool nesterov,
-                    bool maximize, double weight_decay, const Opt& grad_scale,
-                    const Opt& found_inf, const Opt& sq_norm, double max_grad_norm,
-                    at::TensorList emas, at::TensorList ema_steps, double ema_decay,
-                    bool ema_warmup) {
-  constexpr const char* op = "fused_sgd_";
-  check_sgd_args(op, params, momentum_buffers, steps, momentum, dampening, nesterov);
-  check_optim_lists(op, params, grads,
-                    {{"momentum_buffers", momentum_buffers, /*optional=*/true},
-                     {"masters", masters, /*optional=*/true},
-                     {"emas", emas, /*optional=*/true}});
-  check_ema_args(op, params, steps, emas, ema_steps, ema_decay);
-  check_optim_scalars(op, params, lr_tensor, grad_scale, found_inf, sq_norm, max_grad_norm);
-  if (params.empty()) return;
-  const gpu::DeviceGuard guard(params[0]);
-
-  UpdateScalars s{};
-  s.lr_tensor = scalar_ptr(lr_tensor);
-  s.grad_scale = scalar_ptr(grad_scale);
-  s.found_inf = scalar_ptr(found_inf);
-  s.sq_norm = scalar_ptr(sq_norm);
-  s.lr = lr;
-  s.max_grad_norm = max_grad_norm;
-  s.maximize = maximize;
-  s.weight_decay = weight_decay;
-  s.momentum = static_cast<float>(momentum);
-  s.one_minus_dampening = static_cast<float>(1.0 - dampening);
-  s.nesterov = nesterov;
-  s.ema_decay = ema_decay;
-  s.ema_warmup = ema_warmup;
-
-  LayoutStager stager;
-  std::vector<at::Tensor> keep;
-  launch_updates(params, grads, masters, momentum_buffers, at::TensorList(), at::TensorList(),
-                 steps, emas, ema_steps, s, stager, keep, sgd_kernel_for);
-  stager.finish();
-  increment_steps(steps, s.found_inf);
-  increment_steps(ema_steps, s.found_inf);
-}
+namespace impl = optim_impl;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcore_train, CUDA, m) {
-  m.impl("grad_stats_", &grad_stats_cuda);
-  m.impl("fused_adamw_", &fused_adamw_cuda);
-  m.impl("fused_sgd_", &fused_sgd_cuda);
+  m.impl("grad_stats_", &impl::grad_stats<CudaOptim>);
+  m.impl("fused_adamw_", &impl::fused_adamw<CudaOptim>);
+  m.impl("fused_sgd_", &impl::fused_sgd<CudaOptim>);
 }
 
 // A sparse gradient sends the call to the SparseCUDA key; the same functions reject it with
 // the error of csrc/common/optim_checks.h rather than the dispatcher's "could not run".
 TORCH_LIBRARY_IMPL(fastcore_train, SparseCUDA, m) {
-  m.impl("grad_stats_", &grad_stats_cuda);
-  m.impl("fused_adamw_", &fused_adamw_cuda);
-  m.impl("fused_sgd_", &fused_sgd_cuda);
+  m.impl("grad_stats_", &impl::grad_stats<CudaOptim>);
+  m.impl("fused_adamw_", &impl::fused_adamw<CudaOptim>);
+  m.impl("fused_sgd_", &impl::fused_sgd<CudaOptim>);
 }
 
 }  // namespace fastcore_train

@@ -1,4 +1,5 @@
-// CUDA implementation of fastcore_train::binary_cross_entropy{,_backward}. Same maths as
+// CUDA kernels of fastcore_train::binary_cross_entropy{,_backward} (the device-independent
+// logic lives in common/row_loss_launch.h). Same maths as
 // cpu/kernels/bce_kernel.cpp (see its header and fastcore_train/ops/binary_cross_entropy.py):
 //
 //   loss = c |z| + w log1p(exp(-|z|)),   c = 1 - q (z >= 0),  pw q (z < 0),  w = 1 + (pw - 1) q
@@ -23,15 +24,15 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <limits>
 
-#include "common/bce_checks.h"
-#include "common/loss_inputs.h"
+#include "common/row_loss_launch.h"
 #include "cuda/common.cuh"
+#include "cuda/row_loss.cuh"
 
 namespace fastcore_train {
 namespace {
-
 
 using gpu::Pack;
 
@@ -163,61 +164,42 @@ __global__ void bce_backward_kernel(const acc_t* __restrict__ g, int64_t g_row_s
 }
 
 
-using Prepared = LossInputs;
-
-// Target and lam values are checked by the kernels (device-side asserts, no host sync).
-Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
-                 const std::optional<at::Tensor>& target_b, const std::optional<at::Tensor>& lam,
-                 double lam_scalar, double smoothing, const std::optional<at::Tensor>& pos_weight) {
-  check_bce_inputs(logits, target, target_b, lam, lam_scalar, smoothing, pos_weight);
-  return prepare_loss_inputs(logits, target, target_b, lam, pos_weight,
-                             bce_acc_type(logits.scalar_type()));
-}
-
 template <typename acc_t>
-const acc_t* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+const acc_t* as_acc(const void* p) {
+  return static_cast<const acc_t*>(p);
 }
 
-Args make_args(const Prepared& in) {
-  return {in.x.size(1), in.x.stride(0), in.target.const_data_ptr<int64_t>(),
-          in.target_b.defined() ? in.target_b.const_data_ptr<int64_t>() : nullptr};
-}
+// The kernels of one call: 16-byte vectors when every row is aligned, else scalar accesses.
+struct CudaBce : gpu::RowLossDevice {
+  // Target and lam values are checked by the kernels (device-side asserts, no host sync).
+  static void check_values(const LossInputs&, int64_t) {}
 
-at::Tensor bce_cuda(const at::Tensor& logits, const at::Tensor& target,
-                    const std::optional<at::Tensor>& target_b,
-                    const std::optional<at::Tensor>& lam, double lam_scalar,
-                    double label_smoothing, const std::optional<at::Tensor>& pos_weight,
-                    int64_t reduction) {
-  check_bce_reduction(reduction);
-  Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, pos_weight);
-  const gpu::DeviceGuard guard(logits);
-  const int64_t B = logits.size(0), C = logits.size(1);
-  const auto acc = bce_acc_type(logits.scalar_type());
-  const bool elementwise = reduction == kBceNone;
-  at::Tensor out = elementwise ? at::empty({B, C}, logits.options().dtype(acc))
-                               : at::empty({B}, logits.options().dtype(acc));
-  // B > 0 with C == 0 has every target out of range: the kernel's assert says so
-  if (B > 0) {
-    const unsigned blocks = gpu::blocks_for_rows("binary_cross_entropy", B);
-    const double off = C > 0 ? label_smoothing / static_cast<double>(C) : 0.0;
-    const double on = 1.0 - label_smoothing + off;
+  // q off the target columns and at them (label smoothing spread over the C columns).
+  static double off_value(const BceArgs& a) {
+    return a.classes > 0 ? a.smoothing / static_cast<double>(a.classes) : 0.0;
+  }
+
+  static void forward(const BceArgs& a) {
+    const unsigned blocks = gpu::blocks_for_rows("binary_cross_entropy", a.rows);
+    const double off = off_value(a), on = 1.0 - a.smoothing + off;
+    const Args args{a.classes, a.row_stride, a.target, a.target_b};
     auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype,
                                     "binary_cross_entropy_cuda", [&] {
-      using acc_t = at::acc_type<scalar_t, true>;
+      using acc_t = gpu::acc_t<scalar_t>;
       constexpr int VEC = 16 / sizeof(scalar_t);
-      const auto* x = in.x.const_data_ptr<scalar_t>();
-      const bool vec = gpu::rows_aligned<scalar_t>(x, in.x.stride(0));
-      const int threads = gpu::threads_for(std::max<int64_t>(C, 1), vec ? VEC : 1);
+      const auto* x = static_cast<const scalar_t*>(a.logits);
+      const bool vec = gpu::rows_aligned<scalar_t>(x, a.row_stride);
+      // C == 0 (every target out of range) still runs one warp per row: its assert says so
+      const int threads = gpu::threads_for(std::max<int64_t>(a.classes, 1), vec ? VEC : 1);
       auto launch = [&](auto kernel) {
         kernel<<<blocks, threads, 0, stream>>>(
-            x, make_args(in), ptr_or_null<acc_t>(in.lam), static_cast<acc_t>(lam_scalar),
-            static_cast<acc_t>(off), static_cast<acc_t>(on), ptr_or_null<acc_t>(in.pos_weight),
-            out.mutable_data_ptr<acc_t>());
+            x, args, as_acc<acc_t>(a.lam), static_cast<acc_t>(a.lam_scalar),
+            static_cast<acc_t>(off), static_cast<acc_t>(on), as_acc<acc_t>(a.pos_weight),
+            static_cast<acc_t*>(a.loss));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (elementwise) {
+      if (a.elementwise) {
         vec ? launch(bce_forward_kernel<scalar_t, acc_t, VEC, true>)
             : launch(bce_forward_kernel<scalar_t, acc_t, 1, true>);
       } else {
@@ -226,70 +208,47 @@ at::Tensor bce_cuda(const at::Tensor& logits, const at::Tensor& target,
       }
     });
   }
-  if (elementwise) return out;
-  at::Tensor total = out.sum();
-  // the mean is over B x C elements, as torch's; none at all gives 0/0 = NaN (no host sync)
-  return reduction == kBceMean ? total.div(static_cast<double>(B * C)) : total;
-}
 
-at::Tensor bce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
-                             const at::Tensor& target, const std::optional<at::Tensor>& target_b,
-                             const std::optional<at::Tensor>& lam, double lam_scalar,
-                             double label_smoothing, const std::optional<at::Tensor>& pos_weight,
-                             int64_t reduction) {
-  check_bce_reduction(reduction);
-  Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing, pos_weight);
-  check_bce_grad_loss(grad_loss, logits, reduction);
-  const gpu::DeviceGuard guard(logits);
-  const int64_t B = logits.size(0), C = logits.size(1);
-  const auto acc = bce_acc_type(logits.scalar_type());
-  at::Tensor grad = at::empty({B, C}, logits.options());
-  if (grad.numel() == 0) return grad;
-  const unsigned blocks = gpu::blocks_for_rows("binary_cross_entropy", B);
-  // The upstream gradient stays on the device: (B, C) for reduction none, else one value.
-  at::Tensor g;
-  int64_t g_row_stride = 0, g_col_stride = 0;
-  if (reduction == kBceNone) {
-    g = grad_loss.to(acc).contiguous();
-    g_row_stride = C;
-    g_col_stride = 1;
-  } else {
-    g = grad_loss.to(acc).reshape({1});
-    if (reduction == kBceMean) g = g.div(static_cast<double>(B * C));
+  static void backward(const BceArgs& a) {
+    const unsigned blocks = gpu::blocks_for_rows("binary_cross_entropy", a.rows);
+    const double off = off_value(a), on = 1.0 - a.smoothing + off;
+    const Args args{a.classes, a.row_stride, a.target, a.target_b};
+    // (B, C) upstream gradient for reduction none, else one value: strides 0
+    const int64_t g_row_stride = a.grad_per_element ? a.classes : 0;
+    const int64_t g_col_stride = a.grad_per_element ? 1 : 0;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype,
+                                    "binary_cross_entropy_backward_cuda", [&] {
+      using acc_t = gpu::acc_t<scalar_t>;
+      constexpr int VEC = 16 / sizeof(scalar_t);
+      const auto* x = static_cast<const scalar_t*>(a.logits);
+      auto* out = static_cast<scalar_t*>(a.grad_logits);
+      const bool vec = gpu::rows_aligned<scalar_t>(x, a.row_stride) &&
+                       gpu::rows_aligned<scalar_t>(out, a.classes);
+      const int threads = gpu::threads_for(a.classes, vec ? VEC : 1);
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks, threads, 0, stream>>>(
+            as_acc<acc_t>(a.grad_loss), g_row_stride, g_col_stride, x, args,
+            as_acc<acc_t>(a.lam), static_cast<acc_t>(a.lam_scalar), static_cast<acc_t>(off),
+            static_cast<acc_t>(on), as_acc<acc_t>(a.pos_weight), out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (vec) {
+        launch(bce_backward_kernel<scalar_t, acc_t, VEC>);
+      } else {
+        launch(bce_backward_kernel<scalar_t, acc_t, 1>);
+      }
+    });
   }
-  const double off = label_smoothing / static_cast<double>(C);
-  const double on = 1.0 - label_smoothing + off;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "binary_cross_entropy_backward_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    constexpr int VEC = 16 / sizeof(scalar_t);
-    const auto* x = in.x.const_data_ptr<scalar_t>();
-    auto* out = grad.mutable_data_ptr<scalar_t>();
-    const bool vec =
-        gpu::rows_aligned<scalar_t>(x, in.x.stride(0)) && gpu::rows_aligned<scalar_t>(out, C);
-    const int threads = gpu::threads_for(C, vec ? VEC : 1);
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks, threads, 0, stream>>>(
-          g.const_data_ptr<acc_t>(), g_row_stride, g_col_stride, x, make_args(in),
-          ptr_or_null<acc_t>(in.lam), static_cast<acc_t>(lam_scalar), static_cast<acc_t>(off),
-          static_cast<acc_t>(on), ptr_or_null<acc_t>(in.pos_weight), out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vec) {
-      launch(bce_backward_kernel<scalar_t, acc_t, VEC>);
-    } else {
-      launch(bce_backward_kernel<scalar_t, acc_t, 1>);
-    }
-  });
-  return grad;
-}
+};
+
+namespace impl = row_loss_impl;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcore_train, CUDA, m) {
-  m.impl("binary_cross_entropy", &bce_cuda);
-  m.impl("binary_cross_entropy_backward", &bce_backward_cuda);
+  m.impl("binary_cross_entropy", &impl::binary_cross_entropy<CudaBce>);
+  m.impl("binary_cross_entropy_backward", &impl::binary_cross_entropy_backward<CudaBce>);
 }
 
 }  // namespace fastcore_train

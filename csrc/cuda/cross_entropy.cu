@@ -1,4 +1,5 @@
-// CUDA implementation of fastcore_train::cross_entropy{,_backward}. Same maths as
+// CUDA kernels of fastcore_train::cross_entropy{,_backward} (the device-independent logic lives
+// in common/row_loss_launch.h). Same maths as
 // cpu/kernels/cross_entropy_kernel.cpp: one block per row; forward is a single read of the row
 // with a per-thread online log-sum-exp merged across the block, backward one read and one write.
 // Memory-bound by design: 16-byte vector accesses when the rows are aligned.
@@ -19,13 +20,12 @@
 
 #include <limits>
 
-#include "common/cross_entropy_checks.h"
-#include "common/loss_inputs.h"
+#include "common/row_loss_launch.h"
 #include "cuda/common.cuh"
+#include "cuda/row_loss.cuh"
 
 namespace fastcore_train {
 namespace {
-
 
 using gpu::Pack;
 
@@ -214,145 +214,71 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss, int64_t 
 }
 
 
-using Prepared = LossInputs;
+// The kernels of one call: 16-byte vectors when every row is aligned, else scalar accesses.
+struct CudaCrossEntropy : gpu::RowLossDevice {
+  // Target and lam values are checked by the kernels (device-side asserts, no host sync).
+  static void check_values(const LossInputs&, int64_t, int64_t) {}
 
-// Target and lam values are checked by the kernels (device-side asserts, no host sync).
-Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
-                 const std::optional<at::Tensor>& target_b, const std::optional<at::Tensor>& lam,
-                 double lam_scalar, double smoothing) {
-  check_cross_entropy_inputs(logits, target, target_b, lam, lam_scalar, smoothing);
-  return prepare_loss_inputs(logits, target, target_b, lam, std::nullopt,
-                             cross_entropy_acc_type(logits.scalar_type()));
-}
-
-// Rows that are not ignored, as a device tensor (no host sync): the mean's denominator.
-at::Tensor valid_rows(const Prepared& in, int64_t ignore_index) {
-  at::Tensor valid = in.target.ne(ignore_index);
-  if (in.target_b.defined()) valid.logical_and_(in.target_b.ne(ignore_index));
-  return valid.sum();
-}
-
-std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& target_b,
-    const std::optional<at::Tensor>& lam, double lam_scalar, double label_smoothing,
-    int64_t ignore_index, int64_t reduction) {
-  check_cross_entropy_reduction(reduction);
-  Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing);
-  const gpu::DeviceGuard guard(logits);
-  const int64_t B = logits.size(0), C = logits.size(1);
-  const auto acc = cross_entropy_acc_type(logits.scalar_type());
-  at::Tensor loss = at::empty({B}, logits.options().dtype(acc));
-  at::Tensor stats = at::empty({B, 2}, logits.options().dtype(acc));
-  auto reduce = [&](const at::Tensor& rows) -> std::tuple<at::Tensor, at::Tensor> {
-    if (reduction == kReduceNone) return {rows, stats};
-    at::Tensor total = rows.sum();
-    // mean over rows not ignored; none at all gives 0/0 = NaN, as in torch
-    return {reduction == kReduceMean ? total.div(valid_rows(in, ignore_index)) : total, stats};
-  };
-  if (B == 0) return reduce(loss);
-  if (C == 0) {
-    // Degenerate, as on the CPU and in torch: every row must be ignored (any other target is
-    // out of range) and each gives 0 (the mean of none is NaN). A host check is fine here.
-    TORCH_CHECK_INDEX(valid_rows(in, ignore_index).item<int64_t>() == 0,
-                      "cross_entropy: a target is out of range for 0 classes");
-    loss.zero_();
-    stats.zero_();
-    return reduce(loss);
+  static void forward(const CrossEntropyArgs& a) {
+    const unsigned blocks = gpu::blocks_for_rows("cross_entropy", a.rows);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "cross_entropy_cuda", [&] {
+      using acc_t = gpu::acc_t<scalar_t>;
+      constexpr int VEC = 16 / sizeof(scalar_t);
+      const auto* x = static_cast<const scalar_t*>(a.logits);
+      const bool vec = gpu::rows_aligned<scalar_t>(x, a.row_stride);
+      const int threads = gpu::threads_for(a.classes, vec ? VEC : 1);
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks, threads, 0, stream>>>(
+            x, a.row_stride, a.classes, a.target, a.target_b, static_cast<const acc_t*>(a.lam),
+            static_cast<acc_t>(a.lam_scalar), static_cast<acc_t>(a.smoothing), a.ignore_index,
+            static_cast<acc_t*>(a.loss), static_cast<acc_t*>(a.stats));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (vec) {
+        launch(ce_forward_kernel<scalar_t, acc_t, VEC>);
+      } else {
+        launch(ce_forward_kernel<scalar_t, acc_t, 1>);
+      }
+    });
   }
-  const unsigned blocks = gpu::blocks_for_rows("cross_entropy", B);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "cross_entropy_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    constexpr int VEC = 16 / sizeof(scalar_t);
-    const auto* x = in.x.const_data_ptr<scalar_t>();
-    const int64_t* tb = in.target_b.defined() ? in.target_b.const_data_ptr<int64_t>() : nullptr;
-    const acc_t* lm = in.lam.defined() ? in.lam.const_data_ptr<acc_t>() : nullptr;
-    const bool vec = gpu::rows_aligned<scalar_t>(x, in.x.stride(0));
-    const int threads = gpu::threads_for(C, vec ? VEC : 1);
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks, threads, 0, stream>>>(x, in.x.stride(0), C,
-                                             in.target.const_data_ptr<int64_t>(), tb, lm,
-                                             static_cast<acc_t>(lam_scalar),
-                                             static_cast<acc_t>(label_smoothing), ignore_index,
-                                             loss.mutable_data_ptr<acc_t>(),
-                                             stats.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vec) {
-      launch(ce_forward_kernel<scalar_t, acc_t, VEC>);
-    } else {
-      launch(ce_forward_kernel<scalar_t, acc_t, 1>);
-    }
-  });
-  return reduce(loss);
-}
 
-at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                       const at::Tensor& target,
-                                       const std::optional<at::Tensor>& target_b,
-                                       const std::optional<at::Tensor>& lam, double lam_scalar,
-                                       const at::Tensor& stats, double label_smoothing,
-                                       int64_t ignore_index, int64_t reduction) {
-  check_cross_entropy_reduction(reduction);
-  Prepared in = prepare(logits, target, target_b, lam, lam_scalar, label_smoothing);
-  // prepare() checks the devices of target, target_b and lam; grad_loss and stats are read by
-  // the kernel too (a host pointer there is an illegal address), and a CPU logits would make
-  // the guard below throw an unhelpful error.
-  auto check_device = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_VALUE(t.device() == logits.device(), "cross_entropy_backward: ", name, " is on ",
-                      t.device(), " but logits is on ", logits.device());
-  };
-  check_device(grad_loss, "grad_loss");
-  check_device(stats, "stats");
-  const gpu::DeviceGuard guard(logits);
-  const int64_t B = logits.size(0), C = logits.size(1);
-  check_cross_entropy_backward_shapes(grad_loss, stats, B, reduction);
-  const auto acc = cross_entropy_acc_type(logits.scalar_type());
-  at::Tensor grad = at::empty({B, C}, logits.options());
-  if (grad.numel() == 0) return grad;
-  const unsigned blocks = gpu::blocks_for_rows("cross_entropy", B);
-  // Per-row upstream gradient, kept on the device; stride 0 when every row shares one value.
-  at::Tensor g = grad_loss.to(acc);
-  if (reduction == kReduceMean) g = g.div(valid_rows(in, ignore_index));
-  if (reduction != kReduceNone) g = g.reshape({1}).expand({B});
-  at::Tensor st = stats.to(acc).contiguous();
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "cross_entropy_backward_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    constexpr int VEC = 16 / sizeof(scalar_t);
-    const auto* x = in.x.const_data_ptr<scalar_t>();
-    auto* out = grad.mutable_data_ptr<scalar_t>();
-    const int64_t* tb = in.target_b.defined() ? in.target_b.const_data_ptr<int64_t>() : nullptr;
-    const acc_t* lm = in.lam.defined() ? in.lam.const_data_ptr<acc_t>() : nullptr;
-    const bool vec =
-        gpu::rows_aligned<scalar_t>(x, in.x.stride(0)) && gpu::rows_aligned<scalar_t>(out, C);
-    const int threads = gpu::threads_for(C, vec ? VEC : 1);
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks, threads, 0, stream>>>(g.const_data_ptr<acc_t>(), g.stride(0), x,
-                                             in.x.stride(0), C,
-                                             in.target.const_data_ptr<int64_t>(), tb, lm,
-                                             static_cast<acc_t>(lam_scalar),
-                                             st.const_data_ptr<acc_t>(),
-                                             static_cast<acc_t>(label_smoothing), ignore_index,
-                                             out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vec) {
-      launch(ce_backward_kernel<scalar_t, acc_t, VEC>);
-    } else {
-      launch(ce_backward_kernel<scalar_t, acc_t, 1>);
-    }
-  });
-  return grad;
-}
+  static void backward(const CrossEntropyArgs& a) {
+    const unsigned blocks = gpu::blocks_for_rows("cross_entropy", a.rows);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype,
+                                    "cross_entropy_backward_cuda", [&] {
+      using acc_t = gpu::acc_t<scalar_t>;
+      constexpr int VEC = 16 / sizeof(scalar_t);
+      const auto* x = static_cast<const scalar_t*>(a.logits);
+      auto* out = static_cast<scalar_t*>(a.grad_logits);
+      const bool vec = gpu::rows_aligned<scalar_t>(x, a.row_stride) &&
+                       gpu::rows_aligned<scalar_t>(out, a.classes);
+      const int threads = gpu::threads_for(a.classes, vec ? VEC : 1);
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks, threads, 0, stream>>>(
+            static_cast<const acc_t*>(a.grad_loss), a.grad_loss_stride, x, a.row_stride,
+            a.classes, a.target, a.target_b, static_cast<const acc_t*>(a.lam),
+            static_cast<acc_t>(a.lam_scalar), static_cast<const acc_t*>(a.stats_in),
+            static_cast<acc_t>(a.smoothing), a.ignore_index, out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (vec) {
+        launch(ce_backward_kernel<scalar_t, acc_t, VEC>);
+      } else {
+        launch(ce_backward_kernel<scalar_t, acc_t, 1>);
+      }
+    });
+  }
+};
+
+namespace impl = row_loss_impl;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcore_train, CUDA, m) {
-  m.impl("cross_entropy", &cross_entropy_cuda);
-  m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
+  m.impl("cross_entropy", &impl::cross_entropy<CudaCrossEntropy>);
+  m.impl("cross_entropy_backward", &impl::cross_entropy_backward<CudaCrossEntropy>);
 }
 
 }  // namespace fastcore_train

@@ -157,12 +157,12 @@ struct RowTargets {
 
 struct Smoothing {
   double off, on;
-  explicit Smoothing(const BceParams& p)
+  explicit Smoothing(const BceArgs& p)
       : off(p.classes > 0 ? p.smoothing / static_cast<double>(p.classes) : 0.0),
         on(1.0 - p.smoothing + off) {}
 };
 
-inline RowTargets row_targets(const BceParams& p, const Smoothing& sm, int64_t r) {
+inline RowTargets row_targets(const BceArgs& p, const Smoothing& sm, int64_t r) {
   RowTargets t;
   t.a = p.target[r];
   t.b = p.target_b ? p.target_b[r] : t.a;
@@ -181,7 +181,7 @@ inline RowTargets row_targets(const BceParams& p, const Smoothing& sm, int64_t r
 }
 
 template <typename acc_t>
-inline acc_t pw_at(const BceParams& p, int64_t j) {
+inline acc_t pw_at(const BceArgs& p, int64_t j) {
   return p.pos_weight ? static_cast<const acc_t*>(p.pos_weight)[j] : acc_t(1);
 }
 
@@ -245,7 +245,7 @@ inline void target_lanes(int64_t t, int64_t j, Vec& d0, Vec& d1) {
 }
 
 template <typename T, bool kPw>
-double row_loss_vec(const BceParams& p, const Smoothing& sm, const RowTargets& t, const T* x) {
+double row_loss_vec(const BceArgs& p, const Smoothing& sm, const RowTargets& t, const T* x) {
   const int64_t C = p.classes;
   const float* pw = static_cast<const float*>(p.pos_weight);
   const int64_t nv = C - C % kStep;
@@ -302,7 +302,7 @@ double row_loss_vec(const BceParams& p, const Smoothing& sm, const RowTargets& t
 }
 
 template <typename T, bool kPw>
-void forward_rows_vec(const BceParams& p) {
+void forward_rows_vec(const BceArgs& p) {
   const Smoothing sm(p);
   const T* logits = static_cast<const T*>(p.logits);
   float* loss = static_cast<float*>(p.loss);
@@ -317,7 +317,7 @@ void forward_rows_vec(const BceParams& p) {
 // ---- forward, reduction none: the (B, C) loss ---------------------------------------------------
 
 template <typename T, bool kPw>
-void forward_elementwise_vec(const BceParams& p) {
+void forward_elementwise_vec(const BceArgs& p) {
   const Smoothing sm(p);
   const T* logits = static_cast<const T*>(p.logits);
   float* loss = static_cast<float*>(p.loss);
@@ -368,7 +368,7 @@ void forward_elementwise_vec(const BceParams& p) {
 // file's header (which keeps 1 - q where torch's sigmoid(z) - q rounds it away).
 
 template <typename T, bool kPw, bool kPerElement>
-void backward_vec(const BceParams& p) {
+void backward_vec(const BceArgs& p) {
   const Smoothing sm(p);
   const T* logits = static_cast<const T*>(p.logits);
   T* grad = static_cast<T*>(p.grad_logits);
@@ -447,7 +447,7 @@ inline double q_at(const RowTargets& t, const Smoothing& sm, int64_t j) {
   return j == t.a ? t.qa : (j == t.b ? t.qb : sm.off);
 }
 
-void forward_f64(const BceParams& p, bool elementwise) {
+void forward_f64(const BceArgs& p, bool elementwise) {
   const Smoothing sm(p);
   const double* logits = static_cast<const double*>(p.logits);
   double* loss = static_cast<double*>(p.loss);
@@ -470,7 +470,7 @@ void forward_f64(const BceParams& p, bool elementwise) {
   });
 }
 
-void backward_f64(const BceParams& p) {
+void backward_f64(const BceArgs& p) {
   const Smoothing sm(p);
   const double* logits = static_cast<const double*>(p.logits);
   const double* gl = static_cast<const double*>(p.grad_loss);
@@ -489,7 +489,7 @@ void backward_f64(const BceParams& p) {
 }
 
 template <typename T>
-void backward_dispatch(const BceParams& p) {
+void backward_dispatch(const BceArgs& p) {
   const bool pw = p.pos_weight != nullptr, per_element = p.grad_loss != nullptr;
   if (pw && per_element) return backward_vec<T, true, true>(p);
   if (pw) return backward_vec<T, true, false>(p);
@@ -499,7 +499,7 @@ void backward_dispatch(const BceParams& p) {
 
 }  // namespace
 
-void bce_forward_rows_kernel(const BceParams& p) {
+void bce_forward_rows_kernel(const BceArgs& p) {
   const bool pw = p.pos_weight != nullptr;
   switch (p.dtype) {
     case c10::ScalarType::Float:
@@ -514,7 +514,7 @@ void bce_forward_rows_kernel(const BceParams& p) {
   }
 }
 
-void bce_forward_elementwise_kernel(const BceParams& p) {
+void bce_forward_elementwise_kernel(const BceArgs& p) {
   const bool pw = p.pos_weight != nullptr;
   switch (p.dtype) {
     case c10::ScalarType::Float:
@@ -531,7 +531,7 @@ void bce_forward_elementwise_kernel(const BceParams& p) {
   }
 }
 
-void bce_backward_kernel(const BceParams& p) {
+void bce_backward_kernel(const BceArgs& p) {
   switch (p.dtype) {
     case c10::ScalarType::Float: return backward_dispatch<float>(p);
     case c10::ScalarType::Half: return backward_dispatch<c10::Half>(p);

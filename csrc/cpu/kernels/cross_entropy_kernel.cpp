@@ -45,7 +45,7 @@ struct RowTargets {
   bool ignored;
 };
 
-inline RowTargets row_targets(const CrossEntropyParams& p, int64_t r) {
+inline RowTargets row_targets(const CrossEntropyArgs& p, int64_t r) {
   RowTargets t;
   t.a = p.target[r];
   t.b = p.target_b ? p.target_b[r] : t.a;
@@ -269,7 +269,7 @@ inline acc_t row_loss(const RowStats<acc_t>& st, acc_t za, acc_t zb, const RowTa
 }
 
 template <typename T>
-void forward_vec(const CrossEntropyParams& p) {
+void forward_vec(const CrossEntropyArgs& p) {
   const T* logits = static_cast<const T*>(p.logits);
   float* loss = static_cast<float*>(p.loss);
   float* stats = static_cast<float*>(p.stats);
@@ -295,7 +295,7 @@ void forward_vec(const CrossEntropyParams& p) {
 }
 
 template <typename T>
-void backward_vec(const CrossEntropyParams& p) {
+void backward_vec(const CrossEntropyArgs& p) {
   const T* logits = static_cast<const T*>(p.logits);
   T* grad = static_cast<T*>(p.grad_logits);
   const float* stats = static_cast<const float*>(p.stats_in);
@@ -369,7 +369,7 @@ void backward_vec(const CrossEntropyParams& p) {
 
 // ---- float64, scalar (gradcheck) ----
 
-void forward_f64(const CrossEntropyParams& p) {
+void forward_f64(const CrossEntropyArgs& p) {
   const double* logits = static_cast<const double*>(p.logits);
   double* loss = static_cast<double*>(p.loss);
   double* stats = static_cast<double*>(p.stats);
@@ -401,7 +401,7 @@ void forward_f64(const CrossEntropyParams& p) {
   });
 }
 
-void backward_f64(const CrossEntropyParams& p) {
+void backward_f64(const CrossEntropyArgs& p) {
   const double* logits = static_cast<const double*>(p.logits);
   double* grad = static_cast<double*>(p.grad_logits);
   const double* stats = static_cast<const double*>(p.stats_in);
@@ -428,7 +428,7 @@ void backward_f64(const CrossEntropyParams& p) {
 
 }  // namespace
 
-void cross_entropy_forward_kernel(const CrossEntropyParams& p) {
+void cross_entropy_forward_kernel(const CrossEntropyArgs& p) {
   switch (p.dtype) {
     case c10::ScalarType::Float: return forward_vec<float>(p);
     case c10::ScalarType::Half: return forward_vec<c10::Half>(p);
@@ -438,7 +438,7 @@ void cross_entropy_forward_kernel(const CrossEntropyParams& p) {
   }
 }
 
-void cross_entropy_backward_kernel(const CrossEntropyParams& p) {
+void cross_entropy_backward_kernel(const CrossEntropyArgs& p) {
   switch (p.dtype) {
     case c10::ScalarType::Float: return backward_vec<float>(p);
     case c10::ScalarType::Half: return backward_vec<c10::Half>(p);

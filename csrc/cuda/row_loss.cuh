@@ -1,0 +1,78 @@
+// What the CUDA cross-entropy and binary cross-entropy share under common/row_loss_launch.h:
+// allocation and the two reductions over rows, each one single-block kernel (a sum and a
+// division as torch ops, plus counting the rows not ignored, were 4-6 launches per call).
+// Both sum in float64 in a fixed order, as the CPU does: deterministic.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "common/row_loss_args.h"
+#include "cuda/common.cuh"
+
+namespace fastcore_train::gpu {
+
+constexpr int kReduceThreads = 1024;
+
+// count(c) over the block (every thread must call it; valid in thread 0).
+__device__ __forceinline__ double block_count(const RowCount& c) {
+  if (c.target == nullptr) return static_cast<double>(c.fixed);
+  const int64_t* b = c.target_b != nullptr ? c.target_b : c.target;
+  int64_t n = 0;
+  for (int64_t i = threadIdx.x; i < c.rows; i += blockDim.x) {
+    n += c.target[i] != c.ignore_index && b[i] != c.ignore_index;
+  }
+  return static_cast<double>(block_sum(n));
+}
+
+template <typename acc_t>
+__global__ void reduce_rows_kernel(const acc_t* __restrict__ rows, int64_t n, RowCount c,
+                                   bool mean, acc_t* __restrict__ out) {
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += static_cast<double>(rows[i]);
+  s = block_sum(s);
+  const double count = mean ? block_count(c) : 1.0;
+  // a mean of no rows is 0/0 = NaN, as in torch
+  if (threadIdx.x == 0) *out = static_cast<acc_t>(mean ? s / count : s);
+}
+
+template <typename acc_t>
+__global__ void scale_grad_kernel(const acc_t* __restrict__ grad, RowCount c,
+                                  acc_t* __restrict__ out) {
+  const double count = block_count(c);
+  if (threadIdx.x == 0) *out = static_cast<acc_t>(static_cast<double>(*grad) / count);
+}
+
+struct RowLossDevice {
+  using Guard = DeviceGuard;
+
+  static at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  }
+
+  static at::Tensor reduce(const at::Tensor& rows, const RowCount& c, bool mean) {
+    at::Tensor loss = at::empty({}, rows.options());
+    AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "row_loss_reduce", [&] {
+      reduce_rows_kernel<scalar_t><<<1, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          rows.const_data_ptr<scalar_t>(), rows.numel(), c, mean,
+          loss.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return loss;
+  }
+
+  static at::Tensor scale_grad(const at::Tensor& grad_loss, const RowCount& c,
+                               at::ScalarType acc) {
+    const at::Tensor g = grad_loss.to(acc);
+    at::Tensor out = at::empty({1}, g.options());
+    AT_DISPATCH_FLOATING_TYPES(acc, "row_loss_scale_grad", [&] {
+      scale_grad_kernel<scalar_t><<<1, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          g.const_data_ptr<scalar_t>(), c, out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return out;
+  }
+};
+
+}  // namespace fastcore_train::gpu

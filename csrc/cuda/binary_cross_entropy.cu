@@ -8,7 +8,7 @@
 // Here every element is evaluated with its own q (off, or q_a / q_b at the target columns), so
 // nothing is masked or written twice. One block per row: the reduced forward sums its row (block
 // reduction) and writes one value; reduction none and the backward write each element once.
-// 16-byte vector loads (and stores of the gradient) when the rows are aligned.
+// 16-byte vector loads (and stores of the gradient) after each row's misaligned head.
 //
 // Out-of-range targets and lam outside [0, 1] trigger a device-side assert, as torch's own CUDA
 // losses do: naming the bad value would need a host sync on every call.
@@ -115,16 +115,13 @@ __global__ void bce_forward_kernel(const scalar_t* __restrict__ logits, Args arg
       sum += v;
     }
   };
-  const int64_t nvec = C / VEC;
-  const auto* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x);
-  for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const Pack<scalar_t, VEC> p = xv[i];
+  gpu::for_each_in_row<VEC>(
+      x, C, [&](int64_t j) { visit(static_cast<acc_t>(x[j]), j); },
+      [&](int64_t j) {
+        const Pack<scalar_t, VEC> p = gpu::load_pack<VEC>(x + j);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) visit(static_cast<acc_t>(p.v[k]), i * VEC + k);
-  }
-  for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) {
-    visit(static_cast<acc_t>(x[j]), j);
-  }
+        for (int k = 0; k < VEC; ++k) visit(static_cast<acc_t>(p.v[k]), j + k);
+      });
   if constexpr (!kElementwise) {
     sum = gpu::block_sum(sum);
     if (threadIdx.x == 0) out[r] = sum;
@@ -141,35 +138,38 @@ __global__ void bce_backward_kernel(const acc_t* __restrict__ g, int64_t g_row_s
                                     scalar_t* __restrict__ grad) {
   const int64_t r = blockIdx.x, C = args.C;
   const RowQ<acc_t> t = load_row(args.target, args.target_b, lam, lam_scalar, r, C, off, on);
-  const scalar_t* x = logits + r * args.row_stride;
-  scalar_t* out = grad + r * C;
-  const acc_t* g_row = g + r * g_row_stride;
+  // block (r, s) writes slice s of row r (gridDim.y slices, usually 1); j counts from its start
+  const gpu::ColumnRange cols = gpu::slice_columns(C, gridDim.y, blockIdx.y);
+  const int64_t c0 = cols.begin;
+  const scalar_t* x = logits + r * args.row_stride + c0;
+  scalar_t* out = grad + r * C + c0;
+  const acc_t* g_row = g + r * g_row_stride + c0 * g_col_stride;
   auto value = [&](acc_t z, int64_t j) {
-    const acc_t v = g_row[j * g_col_stride] * elem_grad(z, t.at(j), pw_at(pos_weight, j));
+    const acc_t v =
+        g_row[j * g_col_stride] * elem_grad(z, t.at(j + c0), pw_at(pos_weight, j + c0));
     return static_cast<scalar_t>(v);
   };
-  const int64_t nvec = C / VEC;
-  const auto* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x);
-  auto* outv = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
-  for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const Pack<scalar_t, VEC> p = xv[i];
-    Pack<scalar_t, VEC> o;
+  // x's row and out's row are aligned alike (the launcher checks): the same columns are vectors
+  gpu::for_each_in_row<VEC>(
+      x, cols.end - c0, [&](int64_t j) { out[j] = value(static_cast<acc_t>(x[j]), j); },
+      [&](int64_t j) {
+        const Pack<scalar_t, VEC> p = gpu::load_pack<VEC>(x + j);
+        Pack<scalar_t, VEC> o;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) o.v[k] = value(static_cast<acc_t>(p.v[k]), i * VEC + k);
-    outv[i] = o;
-  }
-  for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) {
-    out[j] = value(static_cast<acc_t>(x[j]), j);
-  }
+        for (int k = 0; k < VEC; ++k) o.v[k] = value(static_cast<acc_t>(p.v[k]), j + k);
+        gpu::store_pack<VEC>(out + j, o);
+      });
 }
-
 
 template <typename acc_t>
 const acc_t* as_acc(const void* p) {
   return static_cast<const acc_t*>(p);
 }
 
-// The kernels of one call: 16-byte vectors when every row is aligned, else scalar accesses.
+// The kernels of one call. Rows are read (and the gradient written) with 16-byte vectors after
+// each row's misaligned head; the backward falls back to single elements only when its input
+// and output rows are not aligned alike (a strided logits view). The backward splits few long
+// rows across blocks (gpu::row_slices).
 struct CudaBce : gpu::RowLossDevice {
   // Target and lam values are checked by the kernels (device-side asserts, no host sync).
   static void check_values(const LossInputs&, int64_t) {}
@@ -189,9 +189,9 @@ struct CudaBce : gpu::RowLossDevice {
       using acc_t = gpu::acc_t<scalar_t>;
       constexpr int VEC = 16 / sizeof(scalar_t);
       const auto* x = static_cast<const scalar_t*>(a.logits);
-      const bool vec = gpu::rows_aligned<scalar_t>(x, a.row_stride);
+      // every row is read with 16-byte vectors after its misaligned head (for_each_in_row);
       // C == 0 (every target out of range) still runs one warp per row: its assert says so
-      const int threads = gpu::threads_for(std::max<int64_t>(a.classes, 1), vec ? VEC : 1);
+      const int threads = gpu::threads_for(std::max<int64_t>(a.classes, 1), VEC);
       auto launch = [&](auto kernel) {
         kernel<<<blocks, threads, 0, stream>>>(
             x, args, as_acc<acc_t>(a.lam), static_cast<acc_t>(a.lam_scalar),
@@ -200,11 +200,9 @@ struct CudaBce : gpu::RowLossDevice {
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (a.elementwise) {
-        vec ? launch(bce_forward_kernel<scalar_t, acc_t, VEC, true>)
-            : launch(bce_forward_kernel<scalar_t, acc_t, 1, true>);
+        launch(bce_forward_kernel<scalar_t, acc_t, VEC, true>);
       } else {
-        vec ? launch(bce_forward_kernel<scalar_t, acc_t, VEC, false>)
-            : launch(bce_forward_kernel<scalar_t, acc_t, 1, false>);
+        launch(bce_forward_kernel<scalar_t, acc_t, VEC, false>);
       }
     });
   }
@@ -223,11 +221,12 @@ struct CudaBce : gpu::RowLossDevice {
       constexpr int VEC = 16 / sizeof(scalar_t);
       const auto* x = static_cast<const scalar_t*>(a.logits);
       auto* out = static_cast<scalar_t*>(a.grad_logits);
-      const bool vec = gpu::rows_aligned<scalar_t>(x, a.row_stride) &&
-                       gpu::rows_aligned<scalar_t>(out, a.classes);
-      const int threads = gpu::threads_for(a.classes, vec ? VEC : 1);
+      const bool vec = gpu::rows_aligned_alike<scalar_t>(x, a.row_stride, out, a.classes);
+      // few long rows: each split across `slices` blocks (each element is independent)
+      const int slices = gpu::row_slices(a.rows, a.classes);
+      const int threads = gpu::threads_for((a.classes + slices - 1) / slices, vec ? VEC : 1);
       auto launch = [&](auto kernel) {
-        kernel<<<blocks, threads, 0, stream>>>(
+        kernel<<<dim3(blocks, slices), threads, 0, stream>>>(
             as_acc<acc_t>(a.grad_loss), g_row_stride, g_col_stride, x, args,
             as_acc<acc_t>(a.lam), static_cast<acc_t>(a.lam_scalar), static_cast<acc_t>(off),
             static_cast<acc_t>(on), as_acc<acc_t>(a.pos_weight), out);

@@ -53,10 +53,41 @@ inline int threads_for(int64_t C, int vec) {
   return threads;
 }
 
-// 16-byte vector accesses need every row of p 16-byte aligned.
+// Row r of a (row stride sa) and of b (row stride sb) have the same offset from a 16-byte
+// boundary for every r, so one for_each_in_row can read the one and write the other with
+// 16-byte vectors, whatever C (a C = 50257 vocabulary starts each row somewhere else).
 template <typename T>
-bool rows_aligned(const void* p, int64_t row_stride) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (row_stride * sizeof(T)) % 16 == 0;
+bool rows_aligned_alike(const void* a, int64_t sa, const void* b, int64_t sb) {
+  return reinterpret_cast<uintptr_t>(a) % 16 == reinterpret_cast<uintptr_t>(b) % 16 &&
+         ((sa - sb) * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+}
+
+// Visits the columns [0, C) of a row starting at `row`, spread over the block's threads: single
+// columns up to the first 16-byte boundary, then VEC columns at a time (at 16-byte aligned
+// addresses of `row` and of every row aligned alike), then single columns to the end. one(j)
+// handles column j, many(j) columns [j, j + VEC). VEC == 1: one column at a time throughout.
+template <int VEC, typename T, typename One, typename Many>
+__device__ __forceinline__ void for_each_in_row(const T* row, int64_t C, One one, Many many) {
+  int64_t head = 0;
+  if (VEC > 1) {
+    const unsigned mis = static_cast<unsigned>(reinterpret_cast<uintptr_t>(row) % 16);
+    head = mis == 0 ? 0 : static_cast<int64_t>((16 - mis) / sizeof(T));
+    if (head > C) head = C;
+  }
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) one(j);
+  const int64_t nvec = (C - head) / VEC;
+  for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) many(head + i * VEC);
+  for (int64_t j = head + nvec * VEC + threadIdx.x; j < C; j += blockDim.x) one(j);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& v) {
+  *reinterpret_cast<Pack<T, VEC>*>(p) = v;
 }
 
 // shfl_down for the reductions below; a struct state provides its own overload.

@@ -2,7 +2,7 @@
 // in common/row_loss_launch.h). Same maths as
 // cpu/kernels/cross_entropy_kernel.cpp: one block per row; forward is a single read of the row
 // with a per-thread online log-sum-exp merged across the block, backward one read and one write.
-// Memory-bound by design: 16-byte vector accesses when the rows are aligned.
+// Memory-bound by design: 16-byte vector accesses after each row's misaligned head.
 //
 // Out-of-range targets and lam outside [0, 1] trigger a device-side assert, as torch's own
 // CUDA losses do: naming the bad value would need a host sync on every call.
@@ -115,17 +115,47 @@ __device__ __forceinline__ acc_t load_lam(const acc_t* lam, acc_t lam_scalar, in
   return l;
 }
 
+template <typename acc_t>
+__device__ __forceinline__ LseState<acc_t> lse_identity() {
+  return {-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), 0};
+}
+
+// The loss and stats of row r from the state of its whole row (thread 0).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void finish_row(const LseState<acc_t>& st, const scalar_t* x,
+                                           const RowTarget& t, const acc_t* lam,
+                                           acc_t lam_scalar, acc_t eps, int64_t C, int64_t r,
+                                           acc_t* loss, acc_t* stats) {
+  // A NaN or +inf logit, or only -inf ones, make torch's log_softmax NaN across the row: a
+  // NaN second stat carries that into the loss and every gradient entry.
+  const acc_t L = (isfinite(st.m) && isfinite(st.s)) ? log(st.s) : static_cast<acc_t>(NAN);
+  const acc_t lm = load_lam(lam, lam_scalar, r);
+  const acc_t da = st.m - static_cast<acc_t>(x[t.a]);
+  const acc_t db = st.m - static_cast<acc_t>(x[t.b]);
+  // One target (b == a, lam == 1) must use m - z_a itself, as the CPU kernel and the reference
+  // do: the blend would be 1*inf + 0*inf, NaN for z_a = -inf where the loss is +inf.
+  const acc_t dt = t.a == t.b ? da : lm * da + (acc_t(1) - lm) * db;
+  stats[2 * r] = st.m;
+  stats[2 * r + 1] = L;
+  // Without smoothing the logit sum is not part of the loss (0 * -inf would be NaN).
+  const acc_t smooth = eps != acc_t(0) ? eps / static_cast<acc_t>(C) * st.t : acc_t(0);
+  loss[r] = L + (acc_t(1) - eps) * dt - smooth;
+}
+
+// Block (r, s) reads slice s of row r (gridDim.y slices, usually 1). With one slice it finishes
+// the row; with more it writes its state to partials[r * slices + s] for ce_merge_kernel.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits, int64_t row_stride,
                                   int64_t C, const int64_t* __restrict__ target,
                                   const int64_t* __restrict__ target_b,
                                   const acc_t* __restrict__ lam, acc_t lam_scalar, acc_t eps,
                                   int64_t ignore_index, acc_t* __restrict__ loss,
-                                  acc_t* __restrict__ stats) {
-  const int64_t r = blockIdx.x;
+                                  acc_t* __restrict__ stats,
+                                  LseState<acc_t>* __restrict__ partials) {
+  const int64_t r = blockIdx.x, slices = gridDim.y;
   const RowTarget t = load_targets(target, target_b, lam, r, C, ignore_index);
   if (t.ignored) {  // uniform across the block
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && blockIdx.y == 0) {
       loss[r] = 0;
       stats[2 * r] = 0;
       stats[2 * r + 1] = 0;
@@ -133,36 +163,43 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits, int64_t r
     return;
   }
   const scalar_t* x = logits + r * row_stride;
-  LseState<acc_t> st{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), 0};
-  const int64_t nvec = C / VEC;
-  const auto* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x);
-  for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const Pack<scalar_t, VEC> p = xv[i];
+  const gpu::ColumnRange cols = gpu::slice_columns(C, slices, blockIdx.y);
+  const scalar_t* xs = x + cols.begin;
+  LseState<acc_t> st = lse_identity<acc_t>();
+  gpu::for_each_in_row<VEC>(
+      xs, cols.end - cols.begin, [&](int64_t j) { lse_add(st, static_cast<acc_t>(xs[j])); },
+      [&](int64_t j) {
+        const Pack<scalar_t, VEC> p = gpu::load_pack<VEC>(xs + j);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) lse_add(st, static_cast<acc_t>(p.v[k]));
-  }
-  for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) {
-    lse_add(st, static_cast<acc_t>(x[j]));
-  }
+        for (int k = 0; k < VEC; ++k) lse_add(st, static_cast<acc_t>(p.v[k]));
+      });
   st = gpu::block_reduce(
       st, [](const LseState<acc_t>& a, const LseState<acc_t>& b) { return lse_merge(a, b); },
-      LseState<acc_t>{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), 0});
-  if (threadIdx.x == 0) {
-    // A NaN or +inf logit, or only -inf ones, make torch's log_softmax NaN across the row: a
-    // NaN second stat carries that into the loss and every gradient entry.
-    const acc_t L = (isfinite(st.m) && isfinite(st.s)) ? log(st.s) : static_cast<acc_t>(NAN);
-    const acc_t lm = load_lam(lam, lam_scalar, r);
-    const acc_t da = st.m - static_cast<acc_t>(x[t.a]);
-    const acc_t db = st.m - static_cast<acc_t>(x[t.b]);
-    // One target (b == a, lam == 1) must use m - z_a itself, as the CPU kernel and the reference
-    // do: the blend would be 1*inf + 0*inf, NaN for z_a = -inf where the loss is +inf.
-    const acc_t dt = t.a == t.b ? da : lm * da + (acc_t(1) - lm) * db;
-    stats[2 * r] = st.m;
-    stats[2 * r + 1] = L;
-    // Without smoothing the logit sum is not part of the loss (0 * -inf would be NaN).
-    const acc_t smooth = eps != acc_t(0) ? eps / static_cast<acc_t>(C) * st.t : acc_t(0);
-    loss[r] = L + (acc_t(1) - eps) * dt - smooth;
+      lse_identity<acc_t>());
+  if (threadIdx.x != 0) return;
+  if (slices > 1) {
+    partials[r * slices + blockIdx.y] = st;
+  } else {
+    finish_row(st, x, t, lam, lam_scalar, eps, C, r, loss, stats);
   }
+}
+
+// One thread per row merges its slices' states in slice order (deterministic) and finishes it.
+template <typename scalar_t, typename acc_t>
+__global__ void ce_merge_kernel(const scalar_t* __restrict__ logits, int64_t row_stride,
+                                int64_t rows, int64_t C, const int64_t* __restrict__ target,
+                                const int64_t* __restrict__ target_b,
+                                const acc_t* __restrict__ lam, acc_t lam_scalar, acc_t eps,
+                                int64_t ignore_index, acc_t* __restrict__ loss,
+                                acc_t* __restrict__ stats,
+                                const LseState<acc_t>* __restrict__ partials, int64_t slices) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  const RowTarget t = load_targets(target, target_b, lam, r, C, ignore_index);
+  if (t.ignored) return;  // written by the forward kernel
+  LseState<acc_t> st = partials[r * slices];
+  for (int64_t s = 1; s < slices; ++s) st = lse_merge(st, partials[r * slices + s]);
+  finish_row(st, logits + r * row_stride, t, lam, lam_scalar, eps, C, r, loss, stats);
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
@@ -175,16 +212,18 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss, int64_t 
                                    int64_t ignore_index, scalar_t* __restrict__ grad) {
   const int64_t r = blockIdx.x;
   const RowTarget t = load_targets(target, target_b, lam, r, C, ignore_index);
-  scalar_t* out = grad + r * C;
-  const scalar_t* x = logits + r * row_stride;
-  const int64_t nvec = C / VEC;
-  auto* outv = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
+  // block (r, s) writes slice s of row r (gridDim.y slices, usually 1); j counts from its start
+  const gpu::ColumnRange cols = gpu::slice_columns(C, gridDim.y, blockIdx.y);
+  const int64_t n = cols.end - cols.begin, c0 = cols.begin;
+  scalar_t* out = grad + r * C + c0;
+  const scalar_t* x = logits + r * row_stride + c0;
   if (t.ignored) {
     Pack<scalar_t, VEC> zero;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) zero.v[k] = scalar_t(0);
-    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) outv[i] = zero;
-    for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) out[j] = scalar_t(0);
+    gpu::for_each_in_row<VEC>(
+        out, n, [&](int64_t j) { out[j] = scalar_t(0); },
+        [&](int64_t j) { gpu::store_pack<VEC>(out + j, zero); });
     return;
   }
   const acc_t g = grad_loss[r * grad_loss_stride];
@@ -196,25 +235,27 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss, int64_t 
   const acc_t gb = g * (acc_t(1) - eps) * (acc_t(1) - lm);
   auto value = [&](acc_t z, int64_t j) {
     acc_t v = g * exp((z - m) - L) - off;  // softmax as torch's exp(log_softmax)
-    if (j == t.a) v -= ga;
-    if (j == t.b && t.b != t.a) v -= gb;
+    if (j + c0 == t.a) v -= ga;
+    if (j + c0 == t.b && t.b != t.a) v -= gb;
     return static_cast<scalar_t>(v);
   };
-  const auto* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x);
-  for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const Pack<scalar_t, VEC> p = xv[i];
-    Pack<scalar_t, VEC> o;
+  // x's row and out's row are aligned alike (the launcher checks): the same columns are vectors
+  gpu::for_each_in_row<VEC>(
+      x, n, [&](int64_t j) { out[j] = value(static_cast<acc_t>(x[j]), j); },
+      [&](int64_t j) {
+        const Pack<scalar_t, VEC> p = gpu::load_pack<VEC>(x + j);
+        Pack<scalar_t, VEC> o;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) o.v[k] = value(static_cast<acc_t>(p.v[k]), i * VEC + k);
-    outv[i] = o;
-  }
-  for (int64_t j = nvec * VEC + threadIdx.x; j < C; j += blockDim.x) {
-    out[j] = value(static_cast<acc_t>(x[j]), j);
-  }
+        for (int k = 0; k < VEC; ++k) o.v[k] = value(static_cast<acc_t>(p.v[k]), j + k);
+        gpu::store_pack<VEC>(out + j, o);
+      });
 }
 
 
-// The kernels of one call: 16-byte vectors when every row is aligned, else scalar accesses.
+// The kernels of one call. Rows are read (and the gradient written) with 16-byte vectors after
+// each row's misaligned head; the backward falls back to single elements only when its input
+// and output rows are not aligned alike (a strided logits view). Few long rows are split
+// across blocks (gpu::row_slices).
 struct CudaCrossEntropy : gpu::RowLossDevice {
   // Target and lam values are checked by the kernels (device-side asserts, no host sync).
   static void check_values(const LossInputs&, int64_t, int64_t) {}
@@ -226,19 +267,35 @@ struct CudaCrossEntropy : gpu::RowLossDevice {
       using acc_t = gpu::acc_t<scalar_t>;
       constexpr int VEC = 16 / sizeof(scalar_t);
       const auto* x = static_cast<const scalar_t*>(a.logits);
-      const bool vec = gpu::rows_aligned<scalar_t>(x, a.row_stride);
-      const int threads = gpu::threads_for(a.classes, vec ? VEC : 1);
-      auto launch = [&](auto kernel) {
-        kernel<<<blocks, threads, 0, stream>>>(
-            x, a.row_stride, a.classes, a.target, a.target_b, static_cast<const acc_t*>(a.lam),
+      const auto* lam = static_cast<const acc_t*>(a.lam);
+      auto* loss = static_cast<acc_t*>(a.loss);
+      auto* stats = static_cast<acc_t*>(a.stats);
+      // few long rows: each split across `slices` blocks, their states merged by a second kernel
+      const int slices = gpu::row_slices(a.rows, a.classes);
+      at::Tensor partials;
+      LseState<acc_t>* partials_ptr = nullptr;
+      if (slices > 1) {
+        partials = at::empty({a.rows * slices * static_cast<int64_t>(sizeof(LseState<acc_t>))},
+                             at::TensorOptions().dtype(at::kByte).device(
+                                 at::kCUDA, at::cuda::current_device()));
+        partials_ptr = reinterpret_cast<LseState<acc_t>*>(partials.mutable_data_ptr());
+      }
+      // every row is read with 16-byte vectors after its misaligned head (for_each_in_row)
+      const int threads = gpu::threads_for((a.classes + slices - 1) / slices, VEC);
+      ce_forward_kernel<scalar_t, acc_t, VEC><<<dim3(blocks, slices), threads, 0, stream>>>(
+          x, a.row_stride, a.classes, a.target, a.target_b, lam,
+          static_cast<acc_t>(a.lam_scalar), static_cast<acc_t>(a.smoothing), a.ignore_index,
+          loss, stats, partials_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (slices > 1) {
+        constexpr int kMergeThreads = 128;
+        const auto merge_blocks =
+            static_cast<unsigned>((a.rows + kMergeThreads - 1) / kMergeThreads);
+        ce_merge_kernel<scalar_t, acc_t><<<merge_blocks, kMergeThreads, 0, stream>>>(
+            x, a.row_stride, a.rows, a.classes, a.target, a.target_b, lam,
             static_cast<acc_t>(a.lam_scalar), static_cast<acc_t>(a.smoothing), a.ignore_index,
-            static_cast<acc_t*>(a.loss), static_cast<acc_t*>(a.stats));
+            loss, stats, partials_ptr, slices);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (vec) {
-        launch(ce_forward_kernel<scalar_t, acc_t, VEC>);
-      } else {
-        launch(ce_forward_kernel<scalar_t, acc_t, 1>);
       }
     });
   }
@@ -252,11 +309,12 @@ struct CudaCrossEntropy : gpu::RowLossDevice {
       constexpr int VEC = 16 / sizeof(scalar_t);
       const auto* x = static_cast<const scalar_t*>(a.logits);
       auto* out = static_cast<scalar_t*>(a.grad_logits);
-      const bool vec = gpu::rows_aligned<scalar_t>(x, a.row_stride) &&
-                       gpu::rows_aligned<scalar_t>(out, a.classes);
-      const int threads = gpu::threads_for(a.classes, vec ? VEC : 1);
+      const bool vec = gpu::rows_aligned_alike<scalar_t>(x, a.row_stride, out, a.classes);
+      // few long rows: each split across `slices` blocks (each element is independent)
+      const int slices = gpu::row_slices(a.rows, a.classes);
+      const int threads = gpu::threads_for((a.classes + slices - 1) / slices, vec ? VEC : 1);
       auto launch = [&](auto kernel) {
-        kernel<<<blocks, threads, 0, stream>>>(
+        kernel<<<dim3(blocks, slices), threads, 0, stream>>>(
             static_cast<const acc_t*>(a.grad_loss), a.grad_loss_stride, x, a.row_stride,
             a.classes, a.target, a.target_b, static_cast<const acc_t*>(a.lam),
             static_cast<acc_t>(a.lam_scalar), static_cast<const acc_t*>(a.stats_in),

@@ -151,13 +151,22 @@ __device__ __forceinline__ bool non_finite(float x) {
 
 // ---- pass 1 ----
 
+// 16-byte vector loads after the chunk's misaligned head (a read-only pass: nothing else to align).
 template <typename T>
 __device__ void stats_range(const T* x, int64_t begin, int64_t end, float& sq, bool& bad) {
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const float v = static_cast<float>(x[i]);
+  constexpr int VEC = 16 / sizeof(T);
+  const T* xs = x + begin;
+  auto add = [&](float v) {
     bad |= non_finite(v);
     sq += v * v;
-  }
+  };
+  gpu::for_each_in_row<VEC>(
+      xs, end - begin, [&](int64_t j) { add(static_cast<float>(xs[j])); },
+      [&](int64_t j) {
+        const gpu::Pack<T, VEC> p = gpu::load_pack<VEC>(xs + j);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) add(static_cast<float>(p.v[k]));
+      });
 }
 
 __global__ void grad_stats_kernel(const StatsPack pack, float* found_inf, float* partials,

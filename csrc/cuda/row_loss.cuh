@@ -8,6 +8,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
+
 #include "common/row_loss_args.h"
 #include "cuda/common.cuh"
 
@@ -42,6 +44,36 @@ __global__ void scale_grad_kernel(const acc_t* __restrict__ grad, RowCount c,
                                   acc_t* __restrict__ out) {
   const double count = block_count(c);
   if (threadIdx.x == 0) *out = static_cast<acc_t>(static_cast<double>(*grad) / count);
+}
+
+// ---- long rows: a row split across blocks --------------------------------------------------
+//
+// One block per row leaves most of the GPU idle when there are few rows (B = 8 rows of a
+// 256k vocabulary fill 8 of 132 SMs): the launcher then gives each row `slices` blocks along
+// gridDim.y, each taking a contiguous range of columns.
+
+constexpr int64_t kMinSliceColumns = 16384;  // below this a block's setup costs more than it saves
+
+// Blocks per row: enough for about two blocks per SM, none with fewer than kMinSliceColumns.
+inline int row_slices(int64_t rows, int64_t C) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = (2 * sms + rows - 1) / rows;
+  int64_t s = std::min(want, C / kMinSliceColumns);
+  s = std::min<int64_t>(s, 65535);  // gridDim.y
+  return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
+// Columns [begin, end) of slice `s` of `slices` (multiples of 64 apart; the last ones may be
+// empty).
+struct ColumnRange {
+  int64_t begin, end;
+};
+
+__device__ __forceinline__ ColumnRange slice_columns(int64_t C, int64_t slices, int64_t s) {
+  const int64_t len = ((C + slices - 1) / slices + 63) / 64 * 64;
+  const int64_t begin = s * len < C ? s * len : C;
+  const int64_t end = begin + len < C ? begin + len : C;
+  return {begin, end};
 }
 
 struct RowLossDevice {

@@ -96,27 +96,30 @@ struct Args {
   const int64_t* target_b;
 };
 
-// kElementwise: write each element's loss to out (B, C); else the row's sum to out[r].
+// kElementwise: write each element's loss to out (B, C); else the row's sum to out[r]. Block
+// (r, s) takes slice s of row r (gridDim.y slices, usually 1); with several, a row's sums go to
+// partials[r * slices + s] for bce_merge_kernel.
 template <typename scalar_t, typename acc_t, int VEC, bool kElementwise>
 __global__ void bce_forward_kernel(const scalar_t* __restrict__ logits, Args args,
                                    const acc_t* __restrict__ lam, acc_t lam_scalar, acc_t off,
                                    acc_t on, const acc_t* __restrict__ pos_weight,
-                                   acc_t* __restrict__ out) {
+                                   acc_t* __restrict__ out, acc_t* __restrict__ partials) {
   const int64_t r = blockIdx.x, C = args.C;
   const RowQ<acc_t> t = load_row(args.target, args.target_b, lam, lam_scalar, r, C, off, on);
-  const scalar_t* x = logits + r * args.row_stride;
-  acc_t* out_row = out + r * C;
+  const gpu::ColumnRange cols = gpu::slice_columns(C, gridDim.y, blockIdx.y);
+  const int64_t c0 = cols.begin;
+  const scalar_t* x = logits + r * args.row_stride + c0;
   acc_t sum = 0;
   auto visit = [&](acc_t z, int64_t j) {
-    const acc_t v = elem_loss(z, t.at(j), pw_at(pos_weight, j));
+    const acc_t v = elem_loss(z, t.at(j + c0), pw_at(pos_weight, j + c0));
     if constexpr (kElementwise) {
-      out_row[j] = v;
+      out[r * C + c0 + j] = v;
     } else {
       sum += v;
     }
   };
   gpu::for_each_in_row<VEC>(
-      x, C, [&](int64_t j) { visit(static_cast<acc_t>(x[j]), j); },
+      x, cols.end - c0, [&](int64_t j) { visit(static_cast<acc_t>(x[j]), j); },
       [&](int64_t j) {
         const Pack<scalar_t, VEC> p = gpu::load_pack<VEC>(x + j);
 #pragma unroll
@@ -124,8 +127,24 @@ __global__ void bce_forward_kernel(const scalar_t* __restrict__ logits, Args arg
       });
   if constexpr (!kElementwise) {
     sum = gpu::block_sum(sum);
-    if (threadIdx.x == 0) out[r] = sum;
+    if (threadIdx.x != 0) return;
+    if (gridDim.y > 1) {
+      partials[r * gridDim.y + blockIdx.y] = sum;
+    } else {
+      out[r] = sum;
+    }
   }
+}
+
+// One thread per row adds its slices' sums in slice order (deterministic).
+template <typename acc_t>
+__global__ void bce_merge_kernel(const acc_t* __restrict__ partials, int64_t rows,
+                                 int64_t slices, acc_t* __restrict__ out) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  acc_t sum = partials[r * slices];
+  for (int64_t s = 1; s < slices; ++s) sum += partials[r * slices + s];
+  out[r] = sum;
 }
 
 // g: the upstream gradient of element (r, j) is g[r * g_row_stride + j * g_col_stride] (strides
@@ -168,8 +187,8 @@ const acc_t* as_acc(const void* p) {
 
 // The kernels of one call. Rows are read (and the gradient written) with 16-byte vectors after
 // each row's misaligned head; the backward falls back to single elements only when its input
-// and output rows are not aligned alike (a strided logits view). The backward splits few long
-// rows across blocks (gpu::row_slices).
+// and output rows are not aligned alike (a strided logits view). Few long rows are split across
+// blocks (gpu::row_slices).
 struct CudaBce : gpu::RowLossDevice {
   // Target and lam values are checked by the kernels (device-side asserts, no host sync).
   static void check_values(const LossInputs&, int64_t) {}
@@ -189,20 +208,39 @@ struct CudaBce : gpu::RowLossDevice {
       using acc_t = gpu::acc_t<scalar_t>;
       constexpr int VEC = 16 / sizeof(scalar_t);
       const auto* x = static_cast<const scalar_t*>(a.logits);
+      auto* loss = static_cast<acc_t*>(a.loss);
+      // few long rows: each split across `slices` blocks; the row sums are then merged
+      const int slices = gpu::row_slices(a.rows, a.classes);
+      at::Tensor partials;
+      if (slices > 1 && !a.elementwise) {
+        partials = at::empty({a.rows * slices}, at::TensorOptions()
+                                                    .dtype(c10::CppTypeToScalarType<acc_t>::value)
+                                                    .device(at::kCUDA, at::cuda::current_device()));
+      }
+      acc_t* partials_ptr = partials.defined() ? partials.mutable_data_ptr<acc_t>() : nullptr;
       // every row is read with 16-byte vectors after its misaligned head (for_each_in_row);
       // C == 0 (every target out of range) still runs one warp per row: its assert says so
-      const int threads = gpu::threads_for(std::max<int64_t>(a.classes, 1), VEC);
+      const int threads =
+          gpu::threads_for(std::max<int64_t>((a.classes + slices - 1) / slices, 1), VEC);
       auto launch = [&](auto kernel) {
-        kernel<<<blocks, threads, 0, stream>>>(
+        kernel<<<dim3(blocks, slices), threads, 0, stream>>>(
             x, args, as_acc<acc_t>(a.lam), static_cast<acc_t>(a.lam_scalar),
-            static_cast<acc_t>(off), static_cast<acc_t>(on), as_acc<acc_t>(a.pos_weight),
-            static_cast<acc_t*>(a.loss));
+            static_cast<acc_t>(off), static_cast<acc_t>(on), as_acc<acc_t>(a.pos_weight), loss,
+            partials_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (a.elementwise) {
         launch(bce_forward_kernel<scalar_t, acc_t, VEC, true>);
       } else {
         launch(bce_forward_kernel<scalar_t, acc_t, VEC, false>);
+      }
+      if (partials_ptr != nullptr) {
+        constexpr int kMergeThreads = 128;
+        const auto merge_blocks =
+            static_cast<unsigned>((a.rows + kMergeThreads - 1) / kMergeThreads);
+        bce_merge_kernel<acc_t><<<merge_blocks, kMergeThreads, 0, stream>>>(
+            partials_ptr, a.rows, slices, loss);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   }

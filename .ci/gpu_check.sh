@@ -22,6 +22,15 @@ mkdir -p "$RES"
 LOG=$RES/gpu_check.log
 : >"$LOG"
 say() { echo "gpu-check: $*" | tee -a "$LOG"; }
+# Copies what exists so far to $OUT after every stage: a run killed at the device tool's limit
+# still brings back the logs of the stages it finished.
+save() {
+  [[ -n "${OUT:-}" ]] || return 0
+  for f in cuda.md gpu_check.log pytest_cuda.log pytest_all.log; do
+    [[ -f "$RES/$f" ]] && cp "$RES/$f" "$OUT/"
+  done
+  return 0
+}
 status=0
 t0=$(date +%s)
 "$PY" - <<'PY' | tee -a "$LOG"
@@ -38,10 +47,10 @@ fi
 export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 say "building for sm $TORCH_CUDA_ARCH_LIST with $MAX_JOBS jobs"
-if ! timeout 300 "$PY" setup.py -q build_ext --inplace --build-temp build/gpu >>"$LOG" 2>&1; then
+if ! timeout 200 "$PY" setup.py -q build_ext --inplace --build-temp build/gpu >>"$LOG" 2>&1; then
   tail -40 "$LOG"
   say "FAILED: the build (log: $LOG)"
-  [[ -n "${OUT:-}" ]] && cp "$LOG" "$OUT/"
+  save
   exit 1
 fi
 "$PY" -c "
@@ -51,31 +60,32 @@ assert ft.backend() == 'extension', ft.backend_reason()
 assert _backend._C.compiled_with_cuda(), 'the extension was built without CUDA'
 print('gpu-check: built;', _backend.built_against())" 2>&1 | tee -a "$LOG" || status=1
 say "build done in $(( $(date +%s) - t0 )) s"
+save
 
-# 2. the CUDA tests, then the whole suite (CPU tests too, under this machine's torch)
+# 2. the CUDA tests, then the whole suite (CPU tests too, under this machine's torch). Several
+# pytest workers share the GPU when pytest-xdist is there (the image has it). The stage limits
+# add up to under 9 minutes, so one device call of 600 s holds the worst case.
+xdist() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
 t1=$(date +%s)
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests -rfE \
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests -rfE $(xdist 4) \
   --junitxml="$RES/pytest_cuda.xml" >"$RES/pytest_cuda.log" 2>&1
 rc=$?; tail -25 "$RES/pytest_cuda.log"; [[ $rc == 0 ]] || { status=1; say "CUDA tests: exit $rc"; }
 say "CUDA tests done in $(( $(date +%s) - t1 )) s"
+save
 if [[ "${GPU_CHECK_QUICK:-0}" != 1 ]]; then
   t1=$(date +%s)
-  xdist=(); "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m "not cuda" tests "${xdist[@]}" -rfE \
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m "not cuda" tests $(xdist 8) -rfE \
     >"$RES/pytest_all.log" 2>&1
   rc=$?; tail -8 "$RES/pytest_all.log"; [[ $rc == 0 ]] || { status=1; say "whole suite: exit $rc"; }
   say "whole suite done in $(( $(date +%s) - t1 )) s"
+  save
 fi
 
 # 3. benchmarks, with the copy bandwidth of this run
 t1=$(date +%s)
-timeout 240 "$PY" benchmarks/gpu_report.py --out "$RES/cuda.md" \
+timeout 150 "$PY" benchmarks/gpu_report.py --out "$RES/cuda.md" \
   $([[ "${GPU_CHECK_QUICK:-0}" == 1 ]] && echo --quick) 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}; [[ $rc == 0 ]] || { status=1; say "benchmarks: exit $rc"; }
 say "benchmarks done in $(( $(date +%s) - t1 )) s; total $(( $(date +%s) - t0 )) s"
-
-if [[ -n "${OUT:-}" ]]; then
-  cp "$RES"/cuda.md "$RES"/gpu_check.log "$RES"/pytest_cuda.log "$OUT/" 2>/dev/null
-  cp "$RES"/pytest_all.log "$OUT/" 2>/dev/null
-fi
+save
 exit $status

@@ -103,19 +103,34 @@ def main(argv=None) -> int:
     bw = bench.copy_bandwidth("cuda", nbytes=1 << 30)
     print(f"gpu-check: {dev}: device-to-device copy {bw:.0f} GB/s", flush=True)
     case_list, has_liger = with_liger(cases(a.quick))
+    # the issue's target cases first: they matter most if the run is cut short
+    targets = {(op, name) for op, name in TARGET.items()}
+    case_list.sort(key=lambda c: (c.op, c.name) not in targets)
+
+    done = []
 
     def progress(r):
         pct = f", {r['pct_bandwidth']:.0f}% of copy" if r["pct_bandwidth"] else ""
         print(f"  {r['op']} {r['case']}: {r['ms']:.3f} ms{pct}, "
               + ", ".join(f"{v:.2f}x {k}" for k, v in r["speedup"].items()), flush=True)
+        # the report so far, rewritten after every case: a run stopped at its time limit still
+        # leaves the cases it finished
+        done.append(r)
+        write_report(a.out, done, dev, bw, has_liger, complete=False)
 
     rows = bench.run(case_list, bandwidth=bw, progress=progress)
+    print(write_report(a.out, rows, dev, bw, has_liger, complete=True))
+    return 0
+
+
+def write_report(path, rows, dev, bw, has_liger, complete):
     lines = [f"## CUDA, {datetime.date.today()}: {dev}", "",
              f"torch {torch.__version__} (CUDA {torch.version.cuda}); device-to-device copy "
              f"{bw:.0f} GB/s measured in this run (bytes read + written); peers: "
              f"{'Liger-Kernel CE' if has_liger else 'Liger-Kernel not installed'}, torch's fused "
-             "AdamW (the fp32 optimizer baseline). `make gpu-check`.", "",
-             bench.format_table(rows, bw), "", "### Targets (issue 15)", ""]
+             "AdamW (the fp32 optimizer baseline). `make gpu-check`."
+             + ("" if complete else " **Incomplete: the run stopped before its last case.**"),
+             "", bench.format_table(rows, bw), "", "### Targets (issue 15)", ""]
     for op, name in TARGET.items():
         r = next((r for r in rows if r["op"] == op and r["case"] == name), None)
         if r is None:
@@ -126,11 +141,10 @@ def main(argv=None) -> int:
                      f"({'met' if ok else 'NOT met'}: >= 85%); "
                      + ", ".join(f"{v:.2f}x {k}" for k, v in r["speedup"].items()))
     text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         f.write(text)
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":

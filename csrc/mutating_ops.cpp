@@ -18,6 +18,7 @@
 // written tensor's version goes up by one, after the write as in torch (an op that throws on
 // bad input leaves the versions alone). Under torch.compile the schema's (a!) is what makes the
 // mutation visible to the compiler; these kernels serve eager calls.
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>

@@ -1,7 +1,9 @@
 """Fused binary cross-entropy with label smoothing and mixup's two targets: parity with torch's
 F.binary_cross_entropy_with_logits on the dense targets timm builds (computed in float64),
 gradients (logits, lam, pos_weight; double backward), precision at large |logits|, NaN/inf like
-torch, bad input, torch.library and torch.compile integration."""
+torch, bad input, torch.library and torch.compile integration. Tests that take ``device`` run
+on the CPU and, with a GPU, on CUDA (conftest's device axis): inputs are made on the CPU and
+moved, results compared on the CPU."""
 import importlib
 
 import numpy as np
@@ -13,7 +15,7 @@ import fastcore_train as ft
 from fastcore_train import _backend
 from fastcore_train.ops.binary_cross_entropy import binary_cross_entropy_reference
 
-from conftest import TOL
+from conftest import TOL, on_device, to_cpu, to_device
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # odd and unaligned class counts: scalar tails only (1, 7), one vector step and a tail (33),
@@ -31,6 +33,8 @@ def _logits(B, C, dtype, layout="contiguous", seed=0, scale=3.0):
         return torch.randn(C, B, generator=g).mul_(scale).to(dtype).t()
     if layout == "row_slice":  # rows strided (a view into a wider tensor)
         return torch.randn(B, C + 3, generator=g).mul_(scale).to(dtype)[:, 1:C + 1]
+    if layout == "offset":  # one element into its storage: no row starts 16-byte aligned
+        return torch.randn(B * C + 1, generator=g).mul_(scale).to(dtype)[1:].view(B, C)
     return torch.randn(B, C, generator=g).mul_(scale).to(dtype)
 
 
@@ -76,10 +80,18 @@ def _exact_bce(x, y, *, label_smoothing=0.0, target_b=None, lam=None, reduction=
 
 
 def _loss_and_grad(fn, x, *args, **kw):
-    x = x.detach().clone().requires_grad_(True)
+    # a new leaf on x's memory (a clone would make a strided x contiguous before fn sees it)
+    x = x.detach().requires_grad_(True)
     loss = fn(x, *args, **kw)
     (loss.sum() if loss.dim() else loss).backward()
     return loss.detach(), x.grad
+
+
+def _on(device, fn, x, *args, **kw):
+    """``_loss_and_grad`` with x (in its own layout) and every tensor argument on ``device``;
+    the loss and gradient come back on the CPU."""
+    return to_cpu(_loss_and_grad(fn, on_device(x, device), *to_device(args, device),
+                                 **to_device(kw, device)))
 
 
 def _assert_close(actual, expected, dtype, scale=1.0):
@@ -95,12 +107,12 @@ def _scale(reduction, B, C):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_matches_torch(backend, dtype, shape, reduction):
+def test_matches_torch(backend, device, dtype, shape, reduction):
     B, C = shape
     x = _logits(B, C, dtype)
     y = _targets(B, C)
     kw = dict(label_smoothing=0.1, reduction=reduction)
-    loss, grad = _loss_and_grad(bce, x, y, **kw)
+    loss, grad = _on(device, bce, x, y, **kw)
     ref_loss, ref_grad = _loss_and_grad(_torch_bce, x, y, **kw)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert loss.dtype == acc and loss.shape == ref_loss.shape
@@ -113,7 +125,8 @@ def test_matches_torch(backend, dtype, shape, reduction):
 @pytest.mark.parametrize("lam_kind", ["float", "tensor", "zero_d", "same_targets", "lam_0", "lam_1"])
 @pytest.mark.parametrize("with_pw", [False, True], ids=["no_pw", "pw"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_two_targets_equal_timm_mixup_targets(backend, dtype, lam_kind, with_pw, reduction):
+def test_two_targets_equal_timm_mixup_targets(backend, device, dtype, lam_kind, with_pw,
+                                               reduction):
     B, C = 13, 301
     x = _logits(B, C, dtype)
     y_a = _targets(B, C, seed=2)
@@ -122,7 +135,7 @@ def test_two_targets_equal_timm_mixup_targets(backend, dtype, lam_kind, with_pw,
            "zero_d": torch.tensor(0.37), "lam_0": 0.0, "lam_1": 1.0}.get(lam_kind, 0.37)
     pw = torch.rand(C, generator=torch.Generator().manual_seed(4)) * 4 if with_pw else None
     kw = dict(target_b=y_b, lam=lam, label_smoothing=0.1, reduction=reduction, pos_weight=pw)
-    loss, grad = _loss_and_grad(bce, x, y_a, **kw)
+    loss, grad = _on(device, bce, x, y_a, **kw)
     ref_loss, ref_grad = _loss_and_grad(_torch_bce, x, y_a, **kw)
     _assert_close(loss, ref_loss, dtype, scale=_scale(reduction, B, C))
     _assert_close(grad, ref_grad.to(dtype), dtype)
@@ -130,13 +143,13 @@ def test_two_targets_equal_timm_mixup_targets(backend, dtype, lam_kind, with_pw,
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("C", [1, 7, 1000, 11821])
-def test_smoothing_values_and_class_counts(backend, smoothing, C):
+def test_smoothing_values_and_class_counts(backend, device, smoothing, C):
     B = 6
     x = _logits(B, C, torch.float32)
     y, y_b = _targets(B, C, seed=1), _targets(B, C, seed=2)
     for kw in ({}, {"target_b": y_b, "lam": 0.25}):
         for reduction in REDUCTIONS:
-            got = _loss_and_grad(bce, x, y, label_smoothing=smoothing, reduction=reduction, **kw)
+            got = _on(device, bce, x, y, label_smoothing=smoothing, reduction=reduction, **kw)
             want = _loss_and_grad(_torch_bce, x, y, label_smoothing=smoothing,
                                   reduction=reduction, **kw)
             _assert_close(got[0], want[0], torch.float32, scale=_scale(reduction, B, C))
@@ -145,7 +158,7 @@ def test_smoothing_values_and_class_counts(backend, smoothing, C):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("pw_shape", ["C", "scalar", "one", "1xC", "int", "float64"])
-def test_pos_weight_like_torch(backend, reduction, pw_shape):
+def test_pos_weight_like_torch(backend, device, reduction, pw_shape):
     """pos_weight in every shape torch broadcasts to one weight per class, integer weights
     included (as torch takes them)."""
     B, C = 9, 515
@@ -157,8 +170,8 @@ def test_pos_weight_like_torch(backend, reduction, pw_shape):
           "int": torch.randint(0, 5, (C,), generator=g),
           "float64": torch.rand(C, generator=g, dtype=torch.float64) * 5}[pw_shape]
     for kw in ({}, {"target_b": y_b, "lam": torch.rand(B, generator=g)}):
-        got = _loss_and_grad(bce, x, y, label_smoothing=0.2, reduction=reduction,
-                             pos_weight=pw, **kw)
+        got = _on(device, bce, x, y, label_smoothing=0.2, reduction=reduction,
+                  pos_weight=pw, **kw)
         # torch's op with the weight as given (broadcast by torch itself)
         q = _timm_targets(y, C, 0.2, kw.get("target_b"), kw.get("lam"))
         want = _loss_and_grad(lambda t: F.binary_cross_entropy_with_logits(
@@ -169,13 +182,13 @@ def test_pos_weight_like_torch(backend, reduction, pw_shape):
 
 @pytest.mark.parametrize("layout", ["transposed", "row_slice"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_non_contiguous(backend, layout, dtype):
+def test_non_contiguous(backend, device, layout, dtype):
     x = _logits(9, 515, dtype, layout=layout)
     assert not x.is_contiguous()
     y, y_b = _targets(9, 515), _targets(9, 515, seed=7)
     for reduction in REDUCTIONS:
         kw = dict(label_smoothing=0.2, target_b=y_b, lam=0.6, reduction=reduction)
-        got = _loss_and_grad(bce, x, y, **kw)
+        got = _on(device, bce, x, y, **kw)
         want = _loss_and_grad(_torch_bce, x.contiguous(), y, **kw)
         _assert_close(got[0], want[0], dtype, scale=_scale(reduction, 9, 515))
         _assert_close(got[1], want[1].to(dtype), dtype)
@@ -249,27 +262,29 @@ def test_every_cpu_build(extension, isa, dtype):
             _assert_close(got[1], want[1].to(dtype), dtype)
 
 
-def test_empty_batch(backend):
-    x = torch.zeros(0, 7, requires_grad=True)
-    y = torch.zeros(0, dtype=torch.long)
+def test_empty_batch(backend, device):
+    x = torch.zeros(0, 7, device=device, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=device)
     for reduction in REDUCTIONS:
-        for kw in ({}, {"target_b": y, "lam": torch.zeros(0)}, {"pos_weight": torch.ones(7)}):
+        for kw in ({}, {"target_b": y, "lam": torch.zeros(0, device=device)},
+                   {"pos_weight": torch.ones(7, device=device)}):
             got = bce(x, y, label_smoothing=0.1, reduction=reduction, **kw)
-            want = F.binary_cross_entropy_with_logits(x, torch.zeros(0, 7), reduction=reduction)
+            want = F.binary_cross_entropy_with_logits(x, torch.zeros(0, 7, device=device),
+                                                      reduction=reduction)
             torch.testing.assert_close(got, want, equal_nan=True)
             (got.sum() if got.dim() else got).backward()
             assert x.grad.shape == (0, 7)
             x.grad = None
 
 
-def test_uint8_targets_like_int64(backend):
+def test_uint8_targets_like_int64(backend, device):
     x = _logits(6, 200, torch.float32)
     y, y_b = _targets(6, 200).to(torch.uint8), _targets(6, 200, seed=3).to(torch.uint8)
     for reduction in REDUCTIONS:
-        got = _loss_and_grad(bce, x, y, target_b=y_b, lam=0.4, label_smoothing=0.1,
-                             reduction=reduction)
-        want = _loss_and_grad(bce, x, y.long(), target_b=y_b.long(), lam=0.4,
-                              label_smoothing=0.1, reduction=reduction)
+        got = _on(device, bce, x, y, target_b=y_b, lam=0.4, label_smoothing=0.1,
+                  reduction=reduction)
+        want = _on(device, bce, x, y.long(), target_b=y_b.long(), lam=0.4,
+                   label_smoothing=0.1, reduction=reduction)
         torch.testing.assert_close(got, want)
 
 
@@ -285,6 +300,46 @@ def test_extension_matches_reference_tightly(extension):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=2e-6)
         # entries of either sign that can cancel to ~0: a few float32 ulp of the largest ones
         torch.testing.assert_close(ga, gb, atol=4e-7 * float(gb.abs().max()), rtol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch limits and alignment, on every device. The CUDA kernels run one block per row (the
+# grid's x dimension: more than 65535 rows must all be written), read each row with 16-byte
+# vectors after its misaligned head (C = 50257: rows of 201028 bytes start anywhere; logits one
+# element into their storage), and split few long rows across blocks (2 rows of C = 262144,
+# and 3 of C = 50257, take several blocks each; the forward's row sums are then merged).
+
+LIMIT_CASES = {
+    "65543 rows": (65543, 4, "contiguous"),
+    "C=50257, unaligned rows": (3, 50257, "contiguous"),
+    "C=50256, aligned rows": (2, 50256, "contiguous"),
+    "C=50256, misaligned start": (2, 50256, "offset"),
+    "2 long rows": (2, 262144, "contiguous"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(LIMIT_CASES))
+def test_launch_limits_and_alignment(extension, device, case, dtype):
+    """Every element's loss (reduction none), the row sums (sum: the forward's reduced kernel)
+    and the gradient, with two targets, smoothing and pos_weight (every term of the kernels),
+    against torch on timm's dense targets in float64."""
+    B, C, layout = LIMIT_CASES[case]
+    x = _logits(B, C, dtype, layout=layout)
+    assert (x.storage_offset() == 1) == (layout == "offset")
+    g = torch.Generator().manual_seed(4)
+    y, y_b = _targets(B, C), _targets(B, C, seed=3)
+    lam, pw = torch.rand(B, generator=g), torch.rand(C, generator=g) * 2
+    for reduction in ("none", "sum"):
+        kw = dict(target_b=y_b, lam=lam, label_smoothing=0.1, pos_weight=pw, reduction=reduction)
+        loss, grad = _on(device, bce, x, y, **kw)
+        want_loss, want_grad = _loss_and_grad(_torch_bce, x, y, **kw)
+        _assert_close(loss, want_loss, dtype, scale=_scale(reduction, B, C))
+        _assert_close(grad, want_grad.to(dtype), dtype)
+    # each row's sum on its own (a batch sum could hide one wrong row)
+    rows = _on(device, bce, x, y, **dict(kw, reduction="none"))[0].double().sum(1)
+    want_rows = _torch_bce(x, y, **dict(kw, reduction="none")).sum(1)
+    torch.testing.assert_close(rows, want_rows, rtol=1e-4, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,13 +429,13 @@ ULP_FLOOR = 8 * 2.0 ** -24
 @pytest.mark.parametrize("with_pw", [False, True], ids=["no_pw", "pw"])
 @pytest.mark.parametrize("case", ["randn3", "scale30", "scale300", "neg_offset", "pos_offset",
                                   "huge"])
-def test_precision_against_float64(backend, case, with_pw, eps, reduction):
+def test_precision_against_float64(backend, device, case, with_pw, eps, reduction):
     """float32 logits over every magnitude, against the exact loss (float64, a form without
     cancellation): the elementwise loss within a few ulp of each value -- tiny losses of large
     |z| included, which torch's own form gets to the last digit at targets (exp(-50) for
     z = 50, q = 1) and loses elsewhere (z << 0 with q = off) -- and within twice torch's own
     fp32 error; the gradient's absolute error within twice torch's (or a few ulp); on every
-    CPU build and the reference."""
+    CPU build, the reference, and the CUDA kernels."""
     g = torch.Generator().manual_seed(11)
     B, C = 8, 1037
     base = torch.randn(B, C, generator=g)
@@ -393,8 +448,9 @@ def test_precision_against_float64(backend, case, with_pw, eps, reduction):
     truth = _loss_and_grad(_exact_bce, x, y, **kw)
     fp32 = _loss_and_grad(_torch_bce, x, y, dtype=torch.float32, **kw)
     (_, t_rel), (tg_abs, _) = _errors(fp32, truth)
-    for label, isa in _variants(backend):
-        got = _run_on(isa, lambda: _loss_and_grad(bce, x, y, **kw))
+    variants = _variants(backend) if device == "cpu" else [(f"{backend} on {device}", None)]
+    for label, isa in variants:
+        got = _run_on(isa, lambda: _on(device, bce, x, y, **kw))
         (_, l_rel), (g_abs, _) = _errors(got, truth)
         where = (f"{label}: loss rel {l_rel:.3g} (torch {t_rel:.3g}); grad abs {g_abs:.3g} "
                  f"(torch {tg_abs:.3g})")
@@ -444,7 +500,7 @@ def test_exact_where_torch_is_exact(backend, dtype):
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("two", [False, True], ids=["one_target", "two_targets"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_nonfinite_like_torch(backend, dtype, eps, two, reduction):
+def test_nonfinite_like_torch(backend, device, dtype, eps, two, reduction):
     """NaN, +inf and -inf logits at target columns and elsewhere, in the vector body and in
     the scalar tail: torch's loss (NaN at -inf whatever q, inf at +inf, NaN at NaN) and
     gradient (finite at +-inf: 1 - q and -pw q). For the reduced forms each row is checked
@@ -465,7 +521,7 @@ def test_nonfinite_like_torch(backend, dtype, eps, two, reduction):
         for r in rows:
             kw = dict(label_smoothing=eps, reduction=reduction, pos_weight=pw,
                       **({"target_b": y_b[r], "lam": lam[r]} if two else {}))
-            got = _loss_and_grad(bce, x[r], y[r], **kw)
+            got = _on(device, bce, x[r], y[r], **kw)
             want = _loss_and_grad(_torch_bce, x[r], y[r], **kw)
             assert torch.equal(torch.isnan(got[0]), torch.isnan(want[0])), (r, got[0], want[0])
             assert torch.equal(torch.isinf(got[0]), torch.isinf(want[0])), (r, got[0], want[0])
@@ -473,13 +529,13 @@ def test_nonfinite_like_torch(backend, dtype, eps, two, reduction):
             _assert_close(got[1], want[1].to(dtype), dtype)
 
 
-def test_large_negative_logits_do_not_overflow_the_sum(backend):
+def test_large_negative_logits_do_not_overflow_the_sum(backend, device):
     """Logits near -FLT_MAX: off * |z| per element is finite and so is torch's row (its form
     subtracts two numbers near 3e38); the kernel's sum of off * relu(-z) must not overflow."""
     x = torch.full((2, 100), -3e38)
     x[:, 50:] = torch.randn(2, 50)
     y = torch.tensor([1, 60])
-    got = bce(x, y, label_smoothing=0.1, reduction="sum")
+    got = bce(x.to(device), y.to(device), label_smoothing=0.1, reduction="sum").cpu()
     want = _torch_bce(x, y, label_smoothing=0.1, reduction="sum")
     assert torch.isfinite(got)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
@@ -511,7 +567,8 @@ def _grads(fn, x, lam=None, pw=None):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("with_pw", [False, True], ids=["no_pw", "pw"])
 @pytest.mark.parametrize("lam_shape", ["rows", "zero_d"])
-def test_lam_and_pos_weight_gradients_match_torch(backend, reduction, with_pw, lam_shape):
+def test_lam_and_pos_weight_gradients_match_torch(backend, device, reduction, with_pw,
+                                                  lam_shape):
     """dloss/dlam and dloss/dpos_weight against torch's autograd: through
     F.binary_cross_entropy_with_logits on the dense targets (which it differentiates w.r.t. the
     target, not w.r.t. pos_weight), with pos_weight through the formula torch documents and
@@ -526,9 +583,11 @@ def test_lam_and_pos_weight_gradients_match_torch(backend, reduction, with_pw, l
         torch.tensor(0.3, dtype=torch.float64)
     pw = torch.rand(C, dtype=torch.float64, generator=g) * 3 if with_pw else None
     kw = dict(label_smoothing=0.2, reduction=reduction)
-    ours = _grads(lambda t, l, p: bce(t, y_a, target_b=y_b, lam=l, pos_weight=p, **kw), x, lam, pw)
     ref = _grads(lambda t, l, p: _torch_formula(t, y_a, target_b=y_b, lam=l, pos_weight=p, **kw),
                  x, lam, pw)
+    x, y_a, y_b, lam, pw = to_device((x, y_a, y_b, lam, pw), device)
+    ours = to_cpu(_grads(lambda t, l, p: bce(t, y_a, target_b=y_b, lam=l, pos_weight=p, **kw),
+                         x, lam, pw))
     for a, b in zip(ours, ref):
         if b is None:
             assert a is None
@@ -573,18 +632,19 @@ def _second_order_cases():
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", list(_second_order_cases()))
-def test_gradgradcheck(backend, case, reduction):
+def test_gradgradcheck(backend, device, case, reduction):
     """Double backward is correct (gradgradcheck in float64 w.r.t. the logits, lam, pos_weight
     and the incoming gradient) for one and two targets, smoothing, every reduction."""
-    y, kw = _second_order_cases()[case]
-    x = _logits(6, 9, torch.float64).requires_grad_(True)
+    y, kw = to_device(_second_order_cases()[case], device)
+    x = _logits(6, 9, torch.float64).to(device).requires_grad_(True)
     g = torch.Generator().manual_seed(3)
     inputs = [x]
     if case.startswith("lam"):
         inputs.append((torch.rand(6, dtype=torch.float64, generator=g) * 0.8 + 0.1)
-                      .requires_grad_(True))
+                      .to(device).requires_grad_(True))
     if case == "lam_and_pw_tensors":
-        inputs.append((torch.rand(9, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True))
+        inputs.append((torch.rand(9, dtype=torch.float64, generator=g) + 0.5)
+                      .to(device).requires_grad_(True))
 
     def fn(t, *rest):
         extra = {}
@@ -709,11 +769,34 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("make,kw,exc,msg", BAD, ids=[str(i) for i in range(len(BAD))])
-def test_bad_input(backend, make, kw, exc, msg):
-    x, y = make()
+# the cases whose values only the device reads on CUDA (targets in range, a lam tensor in
+# [0, 1]): a device-side assert there, as in torch's own CUDA losses, with no host sync
+DEVICE_SIDE = {i for i, (_, _, exc, msg) in enumerate(BAD)
+               if "out of range" in msg or msg.endswith("(row 1)") and exc is ValueError}
+
+
+def call_bad_case(i, device):
+    """Runs BAD[i] on ``device`` (also the code of the child processes on CUDA)."""
+    make, kw, _, _ = BAD[i]
+    bce(*to_device(make(), device), **to_device(kw, device))
+
+
+CUDA_ASSERTS_PRELUDE = "import test_bce as T"
+CUDA_ASSERTS = {f"bad: {i}": f"T.call_bad_case({i}, 'cuda')" for i in sorted(DEVICE_SIDE)}
+
+
+def test_device_side_cases_are_the_value_checks():
+    assert len(DEVICE_SIDE) == 5, DEVICE_SIDE  # targets 4, -100, 255, target_b 9, lam -0.1
+
+
+@pytest.mark.parametrize("i", range(len(BAD)), ids=[str(i) for i in range(len(BAD))])
+def test_bad_input(backend, device, device_asserts, i):
+    if device == "cuda" and backend == "extension" and i in DEVICE_SIDE:
+        device_asserts.expect(CUDA_ASSERTS, f"bad: {i}", prelude=CUDA_ASSERTS_PRELUDE)
+        return
+    _, _, exc, msg = BAD[i]
     with pytest.raises(exc) as info:
-        bce(x, y, **kw)
+        call_bad_case(i, device)
     assert str(info.value) == msg
 
 
@@ -791,11 +874,12 @@ def test_argument_types_accepted(backend, name, value):
 # ---------------------------------------------------------------------------------------------
 # integration with torch.library and torch.compile
 
-def test_opcheck(extension):
-    x = _logits(6, 37, torch.float32).requires_grad_(True)
-    y, y_b = _targets(6, 37), _targets(6, 37, seed=3)
-    lam, lam_g = torch.rand(6), torch.rand(6, requires_grad=True)
-    pw, pw_g = torch.rand(37) + 0.5, (torch.rand(37) + 0.5).requires_grad_(True)
+def test_opcheck(extension, device):
+    x = _logits(6, 37, torch.float32).to(device).requires_grad_(True)
+    y, y_b = to_device((_targets(6, 37), _targets(6, 37, seed=3)), device)
+    lam, lam_g = torch.rand(6, device=device), torch.rand(6, device=device, requires_grad=True)
+    pw = torch.rand(37, device=device) + 0.5
+    pw_g = (torch.rand(37, device=device) + 0.5).requires_grad_(True)
     op = torch.ops.fastcore_train.binary_cross_entropy.default
     for reduction in (0, 1, 2):
         torch.library.opcheck(op, (x, y, None, None, 1.0, 0.1, None, reduction))
@@ -804,10 +888,12 @@ def test_opcheck(extension):
                                    pw_g, reduction))
         torch.library.opcheck(op, (x.detach().double(), y, y_b, None, 0.3, 0.2, None, reduction))
     back = torch.ops.fastcore_train.binary_cross_entropy_backward.default
-    torch.library.opcheck(back, (torch.rand(6, 37), x.detach(), y, y_b, lam, 1.0, 0.1, pw, 0))
-    torch.library.opcheck(back, (torch.rand(()), x.detach(), y, y_b, None, 0.3, 0.1, None, 1))
-    torch.library.opcheck(back, (torch.rand(()), x.detach().bfloat16(), y, None, None, 1.0, 0.1,
-                                 pw, 2))
+    torch.library.opcheck(back, (torch.rand(6, 37, device=device), x.detach(), y, y_b, lam, 1.0,
+                                 0.1, pw, 0))
+    torch.library.opcheck(back, (torch.rand((), device=device), x.detach(), y, y_b, None, 0.3,
+                                 0.1, None, 1))
+    torch.library.opcheck(back, (torch.rand((), device=device), x.detach().bfloat16(), y, None,
+                                 None, 1.0, 0.1, pw, 2))
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
@@ -835,22 +921,24 @@ def test_eager_autograd_matches_registered_autograd(extension, reduction):
         assert a is not None and torch.equal(a, b)
 
 
-def test_torch_compile_fullgraph(extension):
+def test_torch_compile_fullgraph(extension, device):
     """The op traces under torch.compile(fullgraph=True) with lam and pos_weight requiring grad,
     with eager mode's loss and gradients."""
-    model = torch.nn.Linear(16, 11)
+    model = torch.nn.Linear(16, 11).to(device)
 
     def step(inp, y, y_b, lam, pw):
         return bce(model(inp), y, target_b=y_b, lam=lam, pos_weight=pw, label_smoothing=0.1)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    inp = torch.randn(8, 16)
-    y, y_b = _targets(8, 11), _targets(8, 11, seed=7).to(torch.uint8)
+    inp = torch.randn(8, 16).to(device)
+    y, y_b = to_device((_targets(8, 11), _targets(8, 11, seed=7).to(torch.uint8)), device)
     results = []
     for fn in (compiled, step):
         model.zero_grad()
-        lam = torch.rand(8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-        pw = (torch.rand(11, generator=torch.Generator().manual_seed(1)) + 0.5).requires_grad_(True)
+        lam = torch.rand(8, generator=torch.Generator().manual_seed(0)).to(device)
+        lam.requires_grad_(True)
+        pw = (torch.rand(11, generator=torch.Generator().manual_seed(1)) + 0.5).to(device)
+        pw.requires_grad_(True)
         loss = fn(inp, y, y_b, lam, pw)
         loss.backward()
         results.append((loss.detach(), model.weight.grad.clone(), lam.grad, pw.grad))

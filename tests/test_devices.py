@@ -71,7 +71,8 @@ def test_device_asserts_pass_only_on_a_device_side_assert():
         runner.expect(given, "not in the batch")
 
 
-@pytest.mark.parametrize("module", ["test_cross_entropy", "test_mixup"])
+@pytest.mark.parametrize("module", ["test_cross_entropy", "test_mixup", "test_bce",
+                                    "test_normalize_mixup"])
 def test_device_assert_snippets_are_the_bad_cases(module):
     """Each snippet the CUDA children run is a bad call: on the CPU the same code raises the
     error that names the value (so on CUDA it reaches the device with that bad value)."""

@@ -5,12 +5,14 @@
 // 16 bytes per thread access when the rows are aligned. In place, the block of the pair's
 // leader (i <= perm[i]) reads both rows and writes both, so no element is read after its
 // partner overwrote it; the other block of the pair has nothing to do.
-// Cutmix: blockIdx.y walks the rows of all planes of all samples, threads the elements of a
-// row; only per-row index arithmetic, no per-element division.
+// Cutmix: one warp per image row (of all planes of all samples), its lanes the elements of the
+// row; the row's index arithmetic (a division, 32-bit when the sizes allow) once per warp and
+// row. A paste copies each row as up to three segments (outside, inside, outside the box), each
+// in 16-byte words when its source and destination are aligned alike.
 //
-// The permutation and the boxes are checked on the host before any kernel runs (for CUDA
-// tensors a B-int copy to the host, hence a stream sync): an index out of range must never
-// reach a kernel, and the errors are the same as on the CPU.
+// The permutation, lam and the boxes are checked on the device before any kernel reads through
+// them (common/mixup_launch.h: device-side asserts, no host sync); the kernels clamp box columns
+// to the row all the same, so nothing is written outside a row.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -135,9 +137,17 @@ struct RowPos {
 __device__ __forceinline__ RowPos row_pos(const CutmixArgs& a, int64_t r) {
   const int64_t per_sample = a.planes * a.rows;
   RowPos p;
-  p.i = r / per_sample;
-  const int64_t pr = r - p.i * per_sample;  // plane * rows + h
-  p.h = pr % a.rows;
+  int64_t pr;  // plane * rows + h
+  if (r <= UINT32_MAX && per_sample <= UINT32_MAX) {  // the usual case: 32-bit divisions
+    const auto r32 = static_cast<uint32_t>(r), ps32 = static_cast<uint32_t>(per_sample);
+    p.i = r32 / ps32;
+    pr = r32 - static_cast<uint32_t>(p.i) * ps32;
+    p.h = static_cast<uint32_t>(pr) % static_cast<uint32_t>(a.rows);
+  } else {
+    p.i = r / per_sample;
+    pr = r - p.i * per_sample;
+    p.h = pr % a.rows;
+  }
   p.base = pr * a.row_len;
   return p;
 }
@@ -146,25 +156,72 @@ __device__ __forceinline__ const int64_t* box_of(const CutmixArgs& a, int64_t i)
   return a.boxes ? a.boxes + 4 * i : a.box;
 }
 
+// The box's columns [c0, c1) in elements of a row, clamped to the row.
+struct Cols {
+  int64_t c0, c1;
+};
+
+__device__ __forceinline__ Cols box_cols(const CutmixArgs& a, const int64_t* b) {
+  int64_t c0 = b[2] * a.col_unit, c1 = b[3] * a.col_unit;
+  c0 = c0 < 0 ? 0 : (c0 > a.row_len ? a.row_len : c0);
+  c1 = c1 < c0 ? c0 : (c1 > a.row_len ? a.row_len : c1);
+  return {c0, c1};
+}
+
+constexpr int kWarps = kThreads / 32;  // rows in flight per block
+
+// Rows of all planes of all samples, one per warp; `body(r, lane)` for each.
+template <typename Body>
+__device__ __forceinline__ void for_each_row(const CutmixArgs& a, Body body) {
+  const int64_t nrows = a.batch * a.planes * a.rows;
+  const int lane = threadIdx.x & 31;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); r < nrows;
+       r += static_cast<int64_t>(gridDim.x) * kWarps) {
+    body(r, lane);
+  }
+}
+
+// dst[0, n) = src[0, n) by one warp: 16-byte words between the first and last 16-byte
+// boundaries when src and dst are aligned alike, element words elsewhere.
+template <typename U>
+__device__ __forceinline__ void warp_copy(const U* __restrict__ src, U* __restrict__ dst,
+                                          int64_t n, int lane) {
+  int64_t done = 0;
+  const auto ms = reinterpret_cast<uintptr_t>(src) % 16;
+  if (sizeof(U) < 16 && ms == reinterpret_cast<uintptr_t>(dst) % 16) {
+    int64_t head = ms == 0 ? 0 : static_cast<int64_t>((16 - ms) / sizeof(U));
+    head = head < n ? head : n;
+    for (int64_t j = lane; j < head; j += 32) dst[j] = src[j];
+    const int64_t words = (n - head) * static_cast<int64_t>(sizeof(U)) / 16;
+    const auto* s4 = reinterpret_cast<const uint4*>(src + head);
+    auto* d4 = reinterpret_cast<uint4*>(dst + head);
+    for (int64_t k = lane; k < words; k += 32) d4[k] = s4[k];
+    done = head + words * 16 / static_cast<int64_t>(sizeof(U));
+  }
+  for (int64_t j = done + lane; j < n; j += 32) dst[j] = src[j];
+}
+
 // out = x outside the box, x[src] inside: every element written once (U: element-sized word).
+// out != x (and does not overlap it): each element read once, from the sample it comes from.
 template <typename U>
 __global__ void cutmix_paste_kernel(const CutmixArgs a) {
   const U* x = static_cast<const U*>(a.x);
   U* out = static_cast<U*>(a.out);
-  const int64_t nrows = a.batch * a.planes * a.rows;
-  for (int64_t r = blockIdx.y; r < nrows; r += gridDim.y) {
+  for_each_row(a, [&](int64_t r, int lane) {
     const RowPos p = row_pos(a, r);
     const int64_t* b = box_of(a, p.i);
-    const bool row_in = p.h >= b[0] && p.h < b[1];
-    const int64_t c0 = b[2] * a.col_unit, c1 = b[3] * a.col_unit;
     const U* xi = x + p.i * a.x_stride + p.base;
-    const U* xs = x + a.src[p.i] * a.x_stride + p.base;
     U* o = out + p.i * a.out_stride + p.base;
-    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < a.row_len;
-         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      o[c] = (row_in && c >= c0 && c < c1) ? xs[c] : xi[c];
+    if (!(p.h >= b[0] && p.h < b[1])) {
+      warp_copy(xi, o, a.row_len, lane);
+      return;
     }
-  }
+    const Cols c = box_cols(a, b);
+    const U* xs = x + a.src[p.i] * a.x_stride + p.base;
+    warp_copy(xi, o, c.c0, lane);
+    warp_copy(xs + c.c0, o + c.c0, c.c1 - c.c0, lane);
+    warp_copy(xi + c.c1, o + c.c1, a.row_len - c.c1, lane);
+  });
 }
 
 // In place, pairs (i, j = src[i]): the thread of an element reads it from both samples and
@@ -172,30 +229,30 @@ __global__ void cutmix_paste_kernel(const CutmixArgs a) {
 template <typename U>
 __global__ void cutmix_swap_kernel(const CutmixArgs a) {
   U* out = static_cast<U*>(a.out);
-  const int64_t nrows = a.batch * a.planes * a.rows;
-  for (int64_t r = blockIdx.y; r < nrows; r += gridDim.y) {
+  for_each_row(a, [&](int64_t r, int lane) {
     const RowPos p = row_pos(a, r);
     const int64_t j = a.src[p.i];
-    if (j <= p.i) continue;  // the pair's leader does the work; fixed points stay
+    if (j <= p.i) return;  // the pair's leader does the work; fixed points stay
     const int64_t* bi = box_of(a, p.i);
     const int64_t* bj = box_of(a, j);
     const bool row_i = p.h >= bi[0] && p.h < bi[1];
     const bool row_j = p.h >= bj[0] && p.h < bj[1];
-    if (!row_i && !row_j) continue;
-    const int64_t ci0 = bi[2] * a.col_unit, ci1 = bi[3] * a.col_unit;
-    const int64_t cj0 = bj[2] * a.col_unit, cj1 = bj[3] * a.col_unit;
+    if (!row_i && !row_j) return;
+    const Cols ci = box_cols(a, bi), cj = box_cols(a, bj);
     U* ri = out + p.i * a.out_stride + p.base;
     U* rj = out + j * a.out_stride + p.base;
-    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < a.row_len;
-         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const bool in_i = row_i && c >= ci0 && c < ci1;
-      const bool in_j = row_j && c >= cj0 && c < cj1;
+    // only the union of the two boxes' columns in this row
+    const int64_t lo = !row_j ? ci.c0 : (!row_i ? cj.c0 : (ci.c0 < cj.c0 ? ci.c0 : cj.c0));
+    const int64_t hi = !row_j ? ci.c1 : (!row_i ? cj.c1 : (ci.c1 > cj.c1 ? ci.c1 : cj.c1));
+    for (int64_t c = lo + lane; c < hi; c += 32) {
+      const bool in_i = row_i && c >= ci.c0 && c < ci.c1;
+      const bool in_j = row_j && c >= cj.c0 && c < cj.c1;
       if (!in_i && !in_j) continue;
       const U vi = ri[c], vj = rj[c];
       if (in_i) ri[c] = vj;
       if (in_j) rj[c] = vi;
     }
-  }
+  });
 }
 
 // d x[j] = g[j] outside box_j + g[s] inside box_s, s = src[j] = inverse(perm)[j].
@@ -204,23 +261,24 @@ __global__ void cutmix_backward_kernel(const CutmixArgs a) {
   using A = acc_t<T>;
   const T* g = static_cast<const T*>(a.x);
   T* out = static_cast<T*>(a.out);
-  const int64_t nrows = a.batch * a.planes * a.rows;
-  for (int64_t r = blockIdx.y; r < nrows; r += gridDim.y) {
+  for_each_row(a, [&](int64_t r, int lane) {
     const RowPos p = row_pos(a, r);
     const int64_t s = a.src[p.i];
     const int64_t* bj = box_of(a, p.i);
     const int64_t* bs = box_of(a, s);
     const bool row_j = p.h >= bj[0] && p.h < bj[1];
     const bool row_s = p.h >= bs[0] && p.h < bs[1];
-    const int64_t cj0 = bj[2] * a.col_unit, cj1 = bj[3] * a.col_unit;
-    const int64_t cs0 = bs[2] * a.col_unit, cs1 = bs[3] * a.col_unit;
     const T* gj = g + p.i * a.x_stride + p.base;
-    const T* gs = g + s * a.x_stride + p.base;
     T* o = out + p.i * a.out_stride + p.base;
-    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < a.row_len;
-         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const bool in_j = row_j && c >= cj0 && c < cj1;
-      const bool in_s = row_s && c >= cs0 && c < cs1;
+    if (!row_j && !row_s) {  // the row passes through unchanged
+      warp_copy(gj, o, a.row_len, lane);
+      return;
+    }
+    const Cols cj = box_cols(a, bj), cs = box_cols(a, bs);
+    const T* gs = g + s * a.x_stride + p.base;
+    for (int64_t c = lane; c < a.row_len; c += 32) {
+      const bool in_j = row_j && c >= cj.c0 && c < cj.c1;
+      const bool in_s = row_s && c >= cs.c0 && c < cs.c1;
       if (!in_s) {
         o[c] = in_j ? T(0) : gj[c];
       } else {
@@ -228,7 +286,7 @@ __global__ void cutmix_backward_kernel(const CutmixArgs a) {
         o[c] = static_cast<T>(v);
       }
     }
-  }
+  });
 }
 
 template <typename U>
@@ -243,9 +301,9 @@ void launch_cutmix_words(const CutmixArgs& a, const dim3& grid, cudaStream_t str
 void launch_cutmix(const CutmixArgs& a) {
   const int64_t nrows = a.batch * a.planes * a.rows;
   if (nrows == 0 || a.row_len == 0) return;
-  const dim3 grid(
-      static_cast<unsigned>(std::min<int64_t>(kMaxGridX, (a.row_len + kThreads - 1) / kThreads)),
-      static_cast<unsigned>(std::min(kMaxGridY, nrows)));
+  // one warp per row, kWarps rows per block; more rows than the grid holds loop
+  constexpr int64_t kMaxRowBlocks = int64_t(1) << 20;
+  const dim3 grid(static_cast<unsigned>(std::min(kMaxRowBlocks, (nrows + kWarps - 1) / kWarps)));
   auto stream = at::cuda::getCurrentCUDAStream();
   if (a.mode == CutmixMode::kBackward) {
     switch (a.dtype) {

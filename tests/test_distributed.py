@@ -119,6 +119,18 @@ def test_cli_rejects_bad_usage(capsys):
 
 # --- multi-process (gloo, loopback) ------------------------------------------------------------
 
+def assert_ran(rc, out, out_dir, nproc=2):
+    """The launch succeeded: exit 0, or gloo's teardown race and nothing else -- every rank wrote
+    its results (before the script's final barrier) and the only failure is a rank aborting in
+    the teardown after that ("terminate called without an active exception", SIGABRT), seen
+    once in CI under load; the lr_finder DDP test tolerates the same race the same way."""
+    if rc == 0:
+        return
+    wrote = all((Path(out_dir) / f"history{r}.json").exists() for r in range(nproc))
+    teardown = "terminate called without an active exception" in out and "SIGABRT" in out
+    assert wrote and teardown, out
+
+
 def _load(out, rank):
     with open(out / f"history{rank}.json") as f:
         meta = json.load(f)
@@ -142,7 +154,7 @@ def test_two_process_training_matches_one_process(tmp_path, monkeypatch):
     # DDP: 2 ranks x 2 accumulated micro-batches of 4 = global batch 16, as the single run's 16.
     rc, out = run_bounded(launch_cmd("--out", str(tmp_path / "ddp"), "--grad-accum", "2",
                                      "--es-check"))
-    assert rc == 0, out
+    assert_ran(rc, out, tmp_path / "ddp")
     run_single_process(monkeypatch, "--out", str(tmp_path / "one"))
 
     w0, m0 = _load(tmp_path / "ddp", 0)
@@ -183,7 +195,7 @@ def test_ddp_run_killed_and_resumed_is_bit_identical(tmp_path):
     # dropout draws from each rank's own stream: the checkpoint must carry both ranks' states
     common = ("--dropout", "0.3", "--epochs", "4")
     rc, out = run_bounded(launch_cmd("--out", str(tmp_path / "ref"), *common))
-    assert rc == 0, out
+    assert_ran(rc, out, tmp_path / "ref")
     ckpt = str(tmp_path / "ckpt")
     rc, out = run_bounded(launch_cmd("--out", str(tmp_path / "run"), "--ckpt", ckpt,
                                      "--kill-epoch", "2", *common))
@@ -193,7 +205,8 @@ def test_ddp_run_killed_and_resumed_is_bit_identical(tmp_path):
     assert not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
     rc, out = run_bounded(launch_cmd("--out", str(tmp_path / "run"), "--ckpt", ckpt,
                                      "--resume", *common))
-    assert rc == 0, out  # rank 1's atomic_save raises if it is ever called
+    # rank 1's atomic_save raises if it is ever called (that failure writes no history)
+    assert_ran(rc, out, tmp_path / "run")
     timing = ("epoch_time_s", "ms_per_step")
     for rank in (0, 1):
         ref_w, ref_m = _load(tmp_path / "ref", rank)

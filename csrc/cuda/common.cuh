@@ -71,7 +71,13 @@ __device__ __forceinline__ void for_each_in_row(const T* row, int64_t C, One one
   int64_t head = 0;
   if (VEC > 1) {
     const unsigned mis = static_cast<unsigned>(reinterpret_cast<uintptr_t>(row) % 16);
-    head = mis == 0 ? 0 : static_cast<int64_t>((16 - mis) / sizeof(T));
+    // a row not even aligned to its element size (memory from outside torch) never reaches
+    // a 16-byte boundary in whole elements: single columns throughout
+    if (mis % sizeof(T) != 0) {
+      head = C;
+    } else if (mis != 0) {
+      head = static_cast<int64_t>((16 - mis) / sizeof(T));
+    }
     if (head > C) head = C;
   }
   for (int64_t j = threadIdx.x; j < head; j += blockDim.x) one(j);

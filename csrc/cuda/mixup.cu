@@ -188,7 +188,7 @@ __device__ __forceinline__ void warp_copy(const U* __restrict__ src, U* __restri
                                           int64_t n, int lane) {
   int64_t done = 0;
   const auto ms = reinterpret_cast<uintptr_t>(src) % 16;
-  if (sizeof(U) < 16 && ms == reinterpret_cast<uintptr_t>(dst) % 16) {
+  if (sizeof(U) < 16 && ms % sizeof(U) == 0 && ms == reinterpret_cast<uintptr_t>(dst) % 16) {
     int64_t head = ms == 0 ? 0 : static_cast<int64_t>((16 - ms) / sizeof(U));
     head = head < n ? head : n;
     for (int64_t j = lane; j < head; j += 32) dst[j] = src[j];

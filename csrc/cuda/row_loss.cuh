@@ -56,6 +56,7 @@ constexpr int64_t kMinSliceColumns = 16384;  // below this a block's setup costs
 
 // Blocks per row: enough for about two blocks per SM, none with fewer than kMinSliceColumns.
 inline int row_slices(int64_t rows, int64_t C) {
+  if (rows <= 0) return 1;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = (2 * sms + rows - 1) / rows;
   int64_t s = std::min(want, C / kMinSliceColumns);

@@ -286,6 +286,32 @@ def _adamw_maths(params, grads, masters, exp_avgs, exp_avg_sqs, step, inv_scale,
     found_inf.copy_(found)
 
 
+def _torch_master_pipeline(params, grads, masters, device):
+    """The mixed-precision step users run today, as a function: torch's unscale/check pass over
+    the half grads, the grads copied to the fp32 ``masters``, AdamW(fused=True) on the masters
+    with the found-inf flag (GradScaler's no-sync protocol), the masters copied back into the
+    half ``params``, the scale update."""
+    for m in masters:
+        m.grad = torch.empty_like(m)
+    topt = torch.optim.AdamW(masters, **OPTIM_HPARAMS, fused=True)
+    mgrads = [m.grad for m in masters]
+    scale = torch.ones((), device=device)
+    tracker = torch.zeros((), dtype=torch.int32, device=device)
+    inv_scale = torch.ones((), device=device)
+    found = torch.zeros((), device=device)
+    topt.grad_scale, topt.found_inf = None, found
+
+    def pipeline():
+        found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
+        torch._foreach_copy_(mgrads, grads)
+        topt.step()
+        with torch.no_grad():
+            torch._foreach_copy_(params, masters)
+        torch._amp_update_scale_(scale, tracker, found, 2.0, 0.5, 2000)
+    return pipeline
+
+
 def _optim_case(total: int, dtype, device, compile_baseline: bool) -> Case:
     """fp16/bf16 params: FusedAdamW + LossScaler against the pipeline users run today (fp16
     model + fp32 master copy: torch's unscale/check pass, grads copied to fp32, AdamW(fused=True)
@@ -307,8 +333,6 @@ def _optim_case(total: int, dtype, device, compile_baseline: bool) -> Case:
         grads = [p.grad for p in params]
         ours = FusedAdamW(params, **OPTIM_HPARAMS)
         steps = {}
-        scale = torch.ones((), device=device)
-        tracker = torch.zeros((), dtype=torch.int32, device=device)
         if half:
             scaler = LossScaler(init_scale=1.0)
             scaler.scale(torch.ones((), device=device))  # puts the scale on the device
@@ -319,23 +343,7 @@ def _optim_case(total: int, dtype, device, compile_baseline: bool) -> Case:
             steps["fastcore_train"] = fused
 
             masters = [torch.nn.Parameter(p.detach().float()) for p in params]
-            for m in masters:
-                m.grad = torch.empty_like(m)
-            topt = torch.optim.AdamW(masters, **OPTIM_HPARAMS, fused=True)
-            mgrads = [m.grad for m in masters]
-            inv_scale = torch.ones((), device=device)
-            found = torch.zeros((), device=device)
-            topt.grad_scale, topt.found_inf = None, found  # GradScaler's no-sync protocol
-
-            def pipeline():
-                found.zero_()
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
-                torch._foreach_copy_(mgrads, grads)
-                topt.step()
-                with torch.no_grad():
-                    torch._foreach_copy_(params, masters)
-                torch._amp_update_scale_(scale, tracker, found, 2.0, 0.5, 2000)
-            steps["pipeline"] = pipeline
+            steps["pipeline"] = _torch_master_pipeline(params, grads, masters, device)
         else:
             topt = torch.optim.AdamW(params, **OPTIM_HPARAMS, fused=True)
             steps["fastcore_train"] = ours.step
@@ -412,27 +420,9 @@ def _optim_ema_case(total: int, device) -> Case:
         holder = torch.nn.Module()
         holder.masters = torch.nn.ParameterList(
             [torch.nn.Parameter(p.detach().float()) for p in params])
-        masters = list(holder.masters)
-        for m in masters:
-            m.grad = torch.empty_like(m)
-        topt = torch.optim.AdamW(masters, **OPTIM_HPARAMS, fused=True)
-        mgrads = [m.grad for m in masters]
+        pipeline = _torch_master_pipeline(params, grads, list(holder.masters), device)
         averaged = AveragedModel(holder, multi_avg_fn=get_ema_multi_avg_fn(OPTIM_EMA_DECAY))
         averaged.update_parameters(holder)  # past its first (copying) update
-        scale = torch.ones((), device=device)
-        tracker = torch.zeros((), dtype=torch.int32, device=device)
-        inv_scale = torch.ones((), device=device)
-        found = torch.zeros((), device=device)
-        topt.grad_scale, topt.found_inf = None, found
-
-        def pipeline():
-            found.zero_()
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
-            torch._foreach_copy_(mgrads, grads)
-            topt.step()
-            with torch.no_grad():
-                torch._foreach_copy_(params, masters)
-            torch._amp_update_scale_(scale, tracker, found, 2.0, 0.5, 2000)
 
         def pipeline_ema():
             pipeline()

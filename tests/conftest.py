@@ -142,6 +142,22 @@ def to_cpu(obj):
     return to_device(obj, "cpu")
 
 
+def loss_and_grad(fn, x, *args, **kw):
+    """fn(x, ...) and its gradient w.r.t. x (a reduced loss, or the sum of an unreduced one)."""
+    # a new leaf on x's memory (a clone would make a strided x contiguous before fn sees it)
+    x = x.detach().requires_grad_(True)
+    loss = fn(x, *args, **kw)
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach(), x.grad
+
+
+def loss_and_grad_on(device, fn, x, *args, **kw):
+    """``loss_and_grad`` with x (in its own layout) and every tensor argument on ``device``;
+    the loss and gradient come back on the CPU."""
+    return to_cpu(loss_and_grad(fn, on_device(x, device), *to_device(args, device),
+                                **to_device(kw, device)))
+
+
 def on_device(t, device):
     """``t`` (a CPU tensor of any layout) on ``device`` with the same strides and storage
     offset: the non-contiguous and misaligned layouts of a test reach the kernels as they are.

@@ -16,6 +16,7 @@ from fastcore_train import _backend
 from fastcore_train.ops.binary_cross_entropy import binary_cross_entropy_reference
 
 from conftest import TOL, on_device, to_cpu, to_device
+from conftest import loss_and_grad as _loss_and_grad, loss_and_grad_on as _on
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # odd and unaligned class counts: scalar tails only (1, 7), one vector step and a tail (33),
@@ -77,21 +78,6 @@ def _exact_bce(x, y, *, label_smoothing=0.0, target_b=None, lam=None, reduction=
     pw = 1.0 if pos_weight is None else pos_weight.double()
     loss = -(pw * q * F.logsigmoid(z) + (1.0 - q) * F.logsigmoid(-z))
     return {"none": loss, "sum": loss.sum(), "mean": loss.mean()}[reduction]
-
-
-def _loss_and_grad(fn, x, *args, **kw):
-    # a new leaf on x's memory (a clone would make a strided x contiguous before fn sees it)
-    x = x.detach().requires_grad_(True)
-    loss = fn(x, *args, **kw)
-    (loss.sum() if loss.dim() else loss).backward()
-    return loss.detach(), x.grad
-
-
-def _on(device, fn, x, *args, **kw):
-    """``_loss_and_grad`` with x (in its own layout) and every tensor argument on ``device``;
-    the loss and gradient come back on the CPU."""
-    return to_cpu(_loss_and_grad(fn, on_device(x, device), *to_device(args, device),
-                                 **to_device(kw, device)))
 
 
 def _assert_close(actual, expected, dtype, scale=1.0):

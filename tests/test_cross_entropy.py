@@ -13,6 +13,7 @@ from fastcore_train import _backend
 from fastcore_train.ops.cross_entropy import cross_entropy_reference
 
 from conftest import TOL, on_device, to_cpu, to_device
+from conftest import loss_and_grad as _loss_and_grad, loss_and_grad_on as _on
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(0, 5), (1, 1), (1, 7), (5, 1), (7, 33), (16, 1000), (3, 4099), (2, 10007)]
@@ -42,21 +43,6 @@ def _targets(B, C, seed=1, ignore_every=0, ignore_index=-100):
 def _torch_ce(x, y, **kw):
     """torch's own op, computed in float64 so it serves as the ground truth for every dtype."""
     return F.cross_entropy(x.double(), y, **kw)
-
-
-def _loss_and_grad(fn, x, *args, **kw):
-    # a new leaf on x's memory (a clone would make a strided x contiguous before fn sees it)
-    x = x.detach().requires_grad_(True)
-    loss = fn(x, *args, **kw)
-    (loss.sum() if loss.dim() else loss).backward()
-    return loss.detach(), x.grad
-
-
-def _on(device, fn, x, *args, **kw):
-    """``_loss_and_grad`` with x (in its own layout) and every tensor argument on ``device``;
-    the loss and gradient come back on the CPU."""
-    return to_cpu(_loss_and_grad(fn, on_device(x, device), *to_device(args, device),
-                                 **to_device(kw, device)))
 
 
 def _assert_close(actual, expected, dtype, scale=1.0):

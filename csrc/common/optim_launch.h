@@ -71,6 +71,13 @@ inline const float* scalar_ptr(const Opt& t) {
   return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
+// A staged float32 tensor's data for a kernel; null when the update does not use it.
+inline float* float_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+inline const float* const_float_ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<float>() : nullptr;
+}
+
 // Stages every non-empty parameter with the named lists (an empty list: not used).
 struct ParamLists {
   at::TensorList params, grads, masters, state0, state1, state2, steps, emas, ema_steps;

@@ -13,17 +13,21 @@
 
 namespace fastcore_train {
 
-struct CrossEntropyArgs {
+// What both losses read: the logits, one or two targets per row and mixup's lam.
+struct RowLossInputs {
   const void* logits = nullptr;  // (rows, classes), classes contiguous, dtype `dtype`
   int64_t row_stride = 0;        // in elements
   int64_t rows = 0;
   int64_t classes = 0;
   c10::ScalarType dtype = c10::ScalarType::Float;  // logits dtype; acc is float64 iff Double
-  const int64_t* target = nullptr;
+  const int64_t* target = nullptr;    // (rows,)
   const int64_t* target_b = nullptr;  // null: one target
   const void* lam = nullptr;          // acc dtype, (rows,), contiguous; null: lam_scalar
   double lam_scalar = 1.0;
   double smoothing = 0.0;
+};
+
+struct CrossEntropyArgs : RowLossInputs {
   int64_t ignore_index = -100;
   // forward outputs, acc dtype: loss (rows,); stats (rows, 2) contiguous, per row the max m and
   // log(sum_j exp(z_j - m)), kept apart (m + log s rounds log s away once |m| >> 1)
@@ -37,17 +41,7 @@ struct CrossEntropyArgs {
   bool stream_stores = false;       // CPU: write grad_logits with non-temporal stores
 };
 
-struct BceArgs {
-  const void* logits = nullptr;  // (rows, classes), classes contiguous, dtype `dtype`
-  int64_t row_stride = 0;        // in elements
-  int64_t rows = 0;
-  int64_t classes = 0;
-  c10::ScalarType dtype = c10::ScalarType::Float;  // logits dtype; acc is float64 iff Double
-  const int64_t* target = nullptr;    // (rows,), each in [0, classes)
-  const int64_t* target_b = nullptr;  // null: one target
-  const void* lam = nullptr;          // acc dtype, (rows,), contiguous; null: lam_scalar
-  double lam_scalar = 1.0;
-  double smoothing = 0.0;
+struct BceArgs : RowLossInputs {  // targets each in [0, classes)
   const void* pos_weight = nullptr;   // acc dtype, (classes,), contiguous; null: all 1
   // forward output, acc dtype: the loss of each row (rows,), or with `elementwise` the loss of
   // each element (rows, classes) contiguous

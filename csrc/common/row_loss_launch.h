@@ -85,9 +85,9 @@ inline LossInputs prepare_ce(const at::Tensor& logits, const at::Tensor& target,
                              cross_entropy_acc_type(logits.scalar_type()));
 }
 
-inline CrossEntropyArgs ce_args(const LossInputs& in, double lam_scalar, double smoothing,
-                                int64_t ignore_index) {
-  CrossEntropyArgs a;
+// The inputs both losses read, as their kernels take them.
+inline void set_row_inputs(RowLossInputs& a, const LossInputs& in, double lam_scalar,
+                           double smoothing) {
   a.logits = in.x.const_data_ptr();
   a.row_stride = in.x.stride(0);
   a.rows = in.x.size(0);
@@ -98,6 +98,12 @@ inline CrossEntropyArgs ce_args(const LossInputs& in, double lam_scalar, double 
   a.lam = in.lam.defined() ? in.lam.const_data_ptr() : nullptr;
   a.lam_scalar = lam_scalar;
   a.smoothing = smoothing;
+}
+
+inline CrossEntropyArgs ce_args(const LossInputs& in, double lam_scalar, double smoothing,
+                                int64_t ignore_index) {
+  CrossEntropyArgs a;
+  set_row_inputs(a, in, lam_scalar, smoothing);
   a.ignore_index = ignore_index;
   return a;
 }
@@ -186,16 +192,7 @@ inline LossInputs prepare_bce(const at::Tensor& logits, const at::Tensor& target
 
 inline BceArgs bce_args(const LossInputs& in, double lam_scalar, double smoothing) {
   BceArgs a;
-  a.logits = in.x.const_data_ptr();
-  a.row_stride = in.x.stride(0);
-  a.rows = in.x.size(0);
-  a.classes = in.x.size(1);
-  a.dtype = in.x.scalar_type();
-  a.target = in.target.const_data_ptr<int64_t>();
-  a.target_b = in.target_b.defined() ? in.target_b.const_data_ptr<int64_t>() : nullptr;
-  a.lam = in.lam.defined() ? in.lam.const_data_ptr() : nullptr;
-  a.lam_scalar = lam_scalar;
-  a.smoothing = smoothing;
+  set_row_inputs(a, in, lam_scalar, smoothing);
   a.pos_weight = in.pos_weight.defined() ? in.pos_weight.const_data_ptr() : nullptr;
   return a;
 }

@@ -22,7 +22,7 @@ using optim_impl::Opt;
 using optim_impl::ParamTensors;
 using optim_impl::UpdateCall;
 
-float* float_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+using optim_impl::float_ptr;
 
 // The kernel's view of one staged parameter; the EMA constants from its update count.
 cpu::ParamSlot make_slot(const ParamTensors& t, const UpdateCall& call) {

@@ -24,7 +24,6 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <limits>
 
 #include "common/row_loss_launch.h"
@@ -199,7 +198,6 @@ struct CudaBce : gpu::RowLossDevice {
   }
 
   static void forward(const BceArgs& a) {
-    const unsigned blocks = gpu::blocks_for_rows("binary_cross_entropy", a.rows);
     const double off = off_value(a), on = 1.0 - a.smoothing + off;
     const Args args{a.classes, a.row_stride, a.target, a.target_b};
     auto stream = at::cuda::getCurrentCUDAStream();
@@ -209,8 +207,11 @@ struct CudaBce : gpu::RowLossDevice {
       constexpr int VEC = 16 / sizeof(scalar_t);
       const auto* x = static_cast<const scalar_t*>(a.logits);
       auto* loss = static_cast<acc_t*>(a.loss);
-      // few long rows: each split across `slices` blocks; the row sums are then merged
-      const int slices = gpu::row_slices(a.rows, a.classes);
+      // every row is read with 16-byte vectors after its misaligned head (for_each_in_row);
+      // few long rows are split across slices, their row sums then merged; C == 0 (every
+      // target out of range) still runs one warp per row: its assert says so
+      const gpu::RowLaunch l = gpu::row_launch("binary_cross_entropy", a.rows, a.classes, VEC);
+      const int slices = l.slices;
       at::Tensor partials;
       if (slices > 1 && !a.elementwise) {
         partials = at::empty({a.rows * slices}, at::TensorOptions()
@@ -218,12 +219,8 @@ struct CudaBce : gpu::RowLossDevice {
                                                     .device(at::kCUDA, at::cuda::current_device()));
       }
       acc_t* partials_ptr = partials.defined() ? partials.mutable_data_ptr<acc_t>() : nullptr;
-      // every row is read with 16-byte vectors after its misaligned head (for_each_in_row);
-      // C == 0 (every target out of range) still runs one warp per row: its assert says so
-      const int threads =
-          gpu::threads_for(std::max<int64_t>((a.classes + slices - 1) / slices, 1), VEC);
       auto launch = [&](auto kernel) {
-        kernel<<<dim3(blocks, slices), threads, 0, stream>>>(
+        kernel<<<l.grid, l.threads, 0, stream>>>(
             x, args, as_acc<acc_t>(a.lam), static_cast<acc_t>(a.lam_scalar),
             static_cast<acc_t>(off), static_cast<acc_t>(on), as_acc<acc_t>(a.pos_weight), loss,
             partials_ptr);
@@ -235,10 +232,7 @@ struct CudaBce : gpu::RowLossDevice {
         launch(bce_forward_kernel<scalar_t, acc_t, VEC, false>);
       }
       if (partials_ptr != nullptr) {
-        constexpr int kMergeThreads = 128;
-        const auto merge_blocks =
-            static_cast<unsigned>((a.rows + kMergeThreads - 1) / kMergeThreads);
-        bce_merge_kernel<acc_t><<<merge_blocks, kMergeThreads, 0, stream>>>(
+        bce_merge_kernel<acc_t><<<gpu::merge_blocks(a.rows), gpu::kMergeThreads, 0, stream>>>(
             partials_ptr, a.rows, slices, loss);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
@@ -246,7 +240,6 @@ struct CudaBce : gpu::RowLossDevice {
   }
 
   static void backward(const BceArgs& a) {
-    const unsigned blocks = gpu::blocks_for_rows("binary_cross_entropy", a.rows);
     const double off = off_value(a), on = 1.0 - a.smoothing + off;
     const Args args{a.classes, a.row_stride, a.target, a.target_b};
     // (B, C) upstream gradient for reduction none, else one value: strides 0
@@ -260,11 +253,11 @@ struct CudaBce : gpu::RowLossDevice {
       const auto* x = static_cast<const scalar_t*>(a.logits);
       auto* out = static_cast<scalar_t*>(a.grad_logits);
       const bool vec = gpu::rows_aligned_alike<scalar_t>(x, a.row_stride, out, a.classes);
-      // few long rows: each split across `slices` blocks (each element is independent)
-      const int slices = gpu::row_slices(a.rows, a.classes);
-      const int threads = gpu::threads_for((a.classes + slices - 1) / slices, vec ? VEC : 1);
+      // few long rows: each split across slices (each element is independent)
+      const gpu::RowLaunch l =
+          gpu::row_launch("binary_cross_entropy", a.rows, a.classes, vec ? VEC : 1);
       auto launch = [&](auto kernel) {
-        kernel<<<dim3(blocks, slices), threads, 0, stream>>>(
+        kernel<<<l.grid, l.threads, 0, stream>>>(
             as_acc<acc_t>(a.grad_loss), g_row_stride, g_col_stride, x, args,
             as_acc<acc_t>(a.lam), static_cast<acc_t>(a.lam_scalar), static_cast<acc_t>(off),
             static_cast<acc_t>(on), as_acc<acc_t>(a.pos_weight), out);

@@ -261,7 +261,6 @@ struct CudaCrossEntropy : gpu::RowLossDevice {
   static void check_values(const LossInputs&, int64_t, int64_t) {}
 
   static void forward(const CrossEntropyArgs& a) {
-    const unsigned blocks = gpu::blocks_for_rows("cross_entropy", a.rows);
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "cross_entropy_cuda", [&] {
       using acc_t = gpu::acc_t<scalar_t>;
@@ -270,8 +269,10 @@ struct CudaCrossEntropy : gpu::RowLossDevice {
       const auto* lam = static_cast<const acc_t*>(a.lam);
       auto* loss = static_cast<acc_t*>(a.loss);
       auto* stats = static_cast<acc_t*>(a.stats);
-      // few long rows: each split across `slices` blocks, their states merged by a second kernel
-      const int slices = gpu::row_slices(a.rows, a.classes);
+      // every row is read with 16-byte vectors after its misaligned head (for_each_in_row);
+      // few long rows are split across slices, their states then merged by a second kernel
+      const gpu::RowLaunch l = gpu::row_launch("cross_entropy", a.rows, a.classes, VEC);
+      const int slices = l.slices;
       at::Tensor partials;
       LseState<acc_t>* partials_ptr = nullptr;
       if (slices > 1) {
@@ -280,18 +281,14 @@ struct CudaCrossEntropy : gpu::RowLossDevice {
                                  at::kCUDA, at::cuda::current_device()));
         partials_ptr = reinterpret_cast<LseState<acc_t>*>(partials.mutable_data_ptr());
       }
-      // every row is read with 16-byte vectors after its misaligned head (for_each_in_row)
-      const int threads = gpu::threads_for((a.classes + slices - 1) / slices, VEC);
-      ce_forward_kernel<scalar_t, acc_t, VEC><<<dim3(blocks, slices), threads, 0, stream>>>(
+      ce_forward_kernel<scalar_t, acc_t, VEC><<<l.grid, l.threads, 0, stream>>>(
           x, a.row_stride, a.classes, a.target, a.target_b, lam,
           static_cast<acc_t>(a.lam_scalar), static_cast<acc_t>(a.smoothing), a.ignore_index,
           loss, stats, partials_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (slices > 1) {
-        constexpr int kMergeThreads = 128;
-        const auto merge_blocks =
-            static_cast<unsigned>((a.rows + kMergeThreads - 1) / kMergeThreads);
-        ce_merge_kernel<scalar_t, acc_t><<<merge_blocks, kMergeThreads, 0, stream>>>(
+        ce_merge_kernel<scalar_t, acc_t>
+            <<<gpu::merge_blocks(a.rows), gpu::kMergeThreads, 0, stream>>>(
             x, a.row_stride, a.rows, a.classes, a.target, a.target_b, lam,
             static_cast<acc_t>(a.lam_scalar), static_cast<acc_t>(a.smoothing), a.ignore_index,
             loss, stats, partials_ptr, slices);
@@ -301,7 +298,6 @@ struct CudaCrossEntropy : gpu::RowLossDevice {
   }
 
   static void backward(const CrossEntropyArgs& a) {
-    const unsigned blocks = gpu::blocks_for_rows("cross_entropy", a.rows);
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype,
                                     "cross_entropy_backward_cuda", [&] {
@@ -310,11 +306,10 @@ struct CudaCrossEntropy : gpu::RowLossDevice {
       const auto* x = static_cast<const scalar_t*>(a.logits);
       auto* out = static_cast<scalar_t*>(a.grad_logits);
       const bool vec = gpu::rows_aligned_alike<scalar_t>(x, a.row_stride, out, a.classes);
-      // few long rows: each split across `slices` blocks (each element is independent)
-      const int slices = gpu::row_slices(a.rows, a.classes);
-      const int threads = gpu::threads_for((a.classes + slices - 1) / slices, vec ? VEC : 1);
+      // few long rows: each split across slices (each element is independent)
+      const gpu::RowLaunch l = gpu::row_launch("cross_entropy", a.rows, a.classes, vec ? VEC : 1);
       auto launch = [&](auto kernel) {
-        kernel<<<dim3(blocks, slices), threads, 0, stream>>>(
+        kernel<<<l.grid, l.threads, 0, stream>>>(
             static_cast<const acc_t*>(a.grad_loss), a.grad_loss_stride, x, a.row_stride,
             a.classes, a.target, a.target_b, static_cast<const acc_t*>(a.lam),
             static_cast<acc_t>(a.lam_scalar), static_cast<const acc_t*>(a.stats_in),

@@ -349,11 +349,8 @@ int8_t dtype_code(at::ScalarType t) {
 
 int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
-float* float_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
-const float* const_float_ptr(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<float>() : nullptr;
-}
+using optim_impl::const_float_ptr;
+using optim_impl::float_ptr;
 
 UpdateScalars scalars_of(const UpdateCall& call) {
   UpdateScalars s{};

@@ -64,6 +64,27 @@ inline int row_slices(int64_t rows, int64_t C) {
   return static_cast<int>(std::max<int64_t>(s, 1));
 }
 
+// The launch of a row kernel: blockIdx.x the row, blockIdx.y its slice (usually 1), threads
+// for a slice's columns read `vec` at a time (a warp at least, also for C == 0).
+struct RowLaunch {
+  dim3 grid;
+  int threads;
+  int slices;
+};
+
+inline RowLaunch row_launch(const char* op, int64_t rows, int64_t C, int vec) {
+  const int slices = row_slices(rows, C);
+  return {dim3(blocks_for_rows(op, rows), static_cast<unsigned>(slices)),
+          threads_for((C + slices - 1) / slices, vec), slices};
+}
+
+// The kernels that merge a split row's slices run one thread per row.
+constexpr int kMergeThreads = 128;
+
+inline unsigned merge_blocks(int64_t rows) {
+  return static_cast<unsigned>((rows + kMergeThreads - 1) / kMergeThreads);
+}
+
 // Columns [begin, end) of slice `s` of `slices` (multiples of 64 apart; the last ones may be
 // empty).
 struct ColumnRange {
